@@ -1,0 +1,178 @@
+"""Command lines: ``edged`` (serve, infer, config check) and ``edgectl`` (operator commands).
+
+Argument parsing only; the work happens in the modules it calls. Exit codes: 0 success,
+1 failure (an error reply, a timeout, a failed start), 2 usage, 78 invalid configuration
+(sysexits EX_CONFIG, which the systemd unit tells systemd not to restart on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged import __version__
+from edged.config import find_config_file, load_config
+from edged.errors import ConfigError, EdgedError
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edged", description="Edge-device inference daemon")
+    parser.add_argument("--version", action="version", version=f"edged {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("-c", "--config", help="config file (default: lookup order in CONFIG.md)")
+
+    infer = commands.add_parser("infer", help="send one inference request and print the reply")
+    infer.add_argument("model")
+    infer.add_argument(
+        "--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input tensor"
+    )
+    infer.add_argument("--random", action="store_true", help="random inputs from the signature")
+    infer.add_argument("--repeat", type=int, default=1, help="send N times, report median timings")
+    infer.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_socket_options(infer)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate a config file without starting")
+    check.add_argument("file")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args.config)
+        if args.command == "infer":
+            return _infer(args)
+        return _config_check(Path(args.file))
+    except ConfigError as exc:
+        print(f"edged: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (EdgedError, OSError) as exc:
+        print(f"edged: {_describe_error(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def edgectl_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="edgectl", description="Operate a running edged")
+    _add_socket_options(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("status", help="is the daemon up, and what does it serve")
+    args = parser.parse_args(argv)
+    from edged.client import Client
+
+    try:
+        with Client(args.socket, timeout=args.timeout) as client:
+            status = client.ping()
+    except EdgedError as exc:
+        print(f"edgectl: {_describe_error(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.json:
+        print(json.dumps(status, sort_keys=True))
+    else:
+        print(f"edged {status['version']} pid {status['pid']}: {status['state']}")
+        print(f"models: {', '.join(status['models'])}")
+    return 0
+
+
+def _add_socket_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", help="daemon endpoint (default: $EDGED_SOCKET or the local IPC)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+
+
+def _describe_error(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    return f"{code}: {exc}" if isinstance(exc, EdgedError) and code else str(exc)
+
+
+def _serve(config_arg: str | None) -> int:
+    from edged.daemon import Daemon
+
+    config = load_config(find_config_file(config_arg))
+    logging.basicConfig(
+        level=config.daemon.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger(__name__).info("edged %s starting with config %s", __version__, config.source)
+    Daemon(config).run()
+    return 0
+
+
+def _config_check(path: Path) -> int:
+    config = load_config(path)
+    print(f"{path}: ok ({len(config.models) or 'no'} model(s) declared)")
+    return 0
+
+
+def _infer(args: argparse.Namespace) -> int:
+    from edged.client import Client
+
+    with Client(args.socket, timeout=args.timeout) as client:
+        inputs = _load_inputs(args.input)
+        if args.random:
+            signature = client.describe(args.model)["signature"]
+            inputs = {**_random_inputs(signature["inputs"]), **inputs}
+        timings = []
+        for _ in range(max(1, args.repeat)):
+            result = client.infer(args.model, inputs)
+            timings.append(result.timing)
+    timing = {key: statistics.median(t[key] for t in timings) for key in timings[0]}
+    if args.json:
+        outputs = {
+            name: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.tolist()}
+            for name, a in result.outputs.items()
+        }
+        report = {"model": result.model, "version": result.version, "outputs": outputs}
+        print(json.dumps({**report, "timing": timing, "requests": len(timings)}))
+        return 0
+    print(f"{result.model} v{result.version}")
+    with np.printoptions(precision=4, suppress=True, threshold=64):
+        for name, array in result.outputs.items():
+            print(f"  {name} {array.dtype.name}{list(array.shape)}: {array}")
+    label = "median of %d: " % len(timings) if len(timings) > 1 else ""
+    print(
+        f"  timing {label}round trip {timing['rtt_us']:.0f} us "
+        f"(queue {timing['queue_us']:.0f} us, run {timing['run_us']:.0f} us, "
+        f"batch {timing['batch']:.0f})"
+    )
+    return 0
+
+
+def _load_inputs(specs: list[str]) -> dict[str, np.ndarray[Any, Any]]:
+    inputs = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep or not name:
+            raise EdgedError(f"--input takes NAME=FILE.npy, got {spec!r}")
+        inputs[name] = np.load(file, allow_pickle=False)
+    return inputs
+
+
+def _random_inputs(specs: list[dict[str, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+    """Inputs matching a described signature; dynamic dimensions become 1."""
+    rng = np.random.default_rng()
+    inputs = {}
+    for spec in specs:
+        shape = [1 if d is None else d for d in spec["shape"]]
+        dtype = np.dtype(spec["dtype"])
+        if dtype.kind == "f":
+            array = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            array = rng.integers(0, 2, shape).astype(dtype)
+        else:
+            array = rng.integers(0, 10, shape).astype(dtype)
+        inputs[spec["name"]] = array
+    return inputs

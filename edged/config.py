@@ -1,0 +1,192 @@
+"""Typed configuration: one frozen dataclass tree, loaded from TOML and validated in one step.
+
+Every default lives here and only here (docs/CONFIG.md lists them). An unknown key, a wrong type
+or a value out of range is a ``ConfigError`` naming the file and the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edged.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 (JetPack 6)
+    import tomli as tomllib
+
+SYSTEM_CONFIG = Path("/etc/edged/edged.toml")
+DEFAULTS_SOURCE = "<defaults>"
+MIB = 1024 * 1024
+
+
+def _choice(default: str, *choices: str) -> Any:
+    return field(default=default, metadata={"choices": choices})
+
+
+def _at_least(default: float, minimum: float) -> Any:
+    return field(default=default, metadata={"min": minimum})
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """onnxruntime session settings for one model."""
+
+    intra_op_threads: int = _at_least(1, 0)  # 0 lets onnxruntime pick (all cores)
+    inter_op_threads: int = _at_least(1, 0)
+    graph_optimization: str = _choice("all", "disable", "basic", "extended", "all")
+    #: execution providers in order of preference; unavailable ones are skipped (logged)
+    providers: tuple[str, ...] = ("cpu",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str
+    backend: str = _choice("onnx", "onnx")
+    #: requests waiting for a run beyond this many get BUSY at once
+    queue_depth: int = _at_least(64, 1)
+    #: rows per run when the model has a dynamic batch dimension; 1 disables batching
+    max_batch: int = _at_least(1, 1)
+    #: how long a partial batch may wait for more rows
+    max_delay_us: int = _at_least(0, 0)
+    #: run on the event-loop thread while recent runs took less than this; 0 always uses a thread
+    inline_max_us: int = _at_least(100, 0)
+    onnx: OnnxOptions = field(default_factory=OnnxOptions)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    #: extra inference endpoints besides ipc://<runtime>/infer.sock, e.g. "tcp://127.0.0.1:5555"
+    tcp: tuple[str, ...] = ()
+    #: largest accepted request (whole message; the socket also drops any larger frame)
+    max_message_bytes: int = _at_least(64 * MIB, 1024)
+    #: ZeroMQ high-water marks (messages) on the inference socket
+    send_hwm: int = _at_least(1000, 1)
+    recv_hwm: int = _at_least(1000, 1)
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    #: sockets live here; "" means $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/edged or /tmp/edged-$UID
+    runtime_dir: str = ""
+    #: models and state live here; "" means $STATE_DIRECTORY, $EDGED_HOME or ./var/edged
+    state_dir: str = ""
+    log_level: str = _choice("info", "debug", "info", "warning", "error")
+    #: on SIGTERM, how long in-flight and queued requests may take to finish
+    drain_timeout_s: float = _at_least(10.0, 0.0)
+    event_loop: str = _choice("auto", "auto", "uvloop", "asyncio")
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    #: model name -> declaration; empty means "serve the built-in demo model"
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    #: where this config came from (a path or "<defaults>"), for messages
+    source: str = field(default=DEFAULTS_SOURCE, metadata={"internal": True})
+
+
+def find_config_file(explicit: str | None) -> Path | None:
+    """Lookup order: -c, $EDGED_CONFIG, ./edged.toml, /etc/edged/edged.toml, else none."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("EDGED_CONFIG")
+    if env:
+        return Path(env)
+    for candidate in (Path("edged.toml"), SYSTEM_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: Path | None) -> Config:
+    if path is None:
+        return Config()
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=path.parent)
+
+
+def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
+    config = _build(Config, data, source, "")
+    models = {
+        name: dataclasses.replace(model, path=str(base_dir / model.path))
+        for name, model in config.models.items()
+    }
+    return dataclasses.replace(config, models=models, source=source)
+
+
+# A small hand-written mapper rather than pydantic or dacite: it keeps start-up import cost near
+# zero on the device and lets every message carry the file name, the dotted key and a suggestion.
+def _build(cls: type[Any], data: Any, source: str, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: '{where}' must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    for key in data:
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean '{_join(where, close[0])}'?)" if close else ""
+            raise ConfigError(f"{source}: unknown key '{_join(where, key)}'{hint}")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{source}: missing key '{_join(where, missing[0])}'")
+    values = {
+        key: _convert(hints[key], value, fields[key].metadata, source, _join(where, key))
+        for key, value in data.items()
+    }
+    return cls(**values)
+
+
+def _convert(hint: Any, value: Any, meta: Any, source: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(typing.cast(type, hint), value, source, where)
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: '{where}' must be a table")
+        return {k: _convert(item, v, {}, source, _join(where, k)) for k, v in value.items()}
+    if origin is tuple:
+        (item, _) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{source}: '{where}' must be an array")
+        return tuple(_convert(item, v, {}, source, f"{where}[{i}]") for i, v in enumerate(value))
+    return _scalar(hint, value, meta, source, where)
+
+
+def _scalar(kind: type, value: Any, meta: Any, source: str, where: str) -> Any:
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+        got = type(value).__name__
+        raise ConfigError(f"{source}: '{where}' must be {kind.__name__}, got {got} {value!r}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{source}: '{where}' must be one of {', '.join(choices)}, got {value!r}")
+    minimum = meta.get("min")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{source}: '{where}' must be >= {minimum}, got {value!r}")
+    return kind(value)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key

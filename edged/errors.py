@@ -1,0 +1,145 @@
+"""One error hierarchy for the daemon and its clients.
+
+Every error that can reach a client carries a stable wire ``code``; the daemon turns errors into
+replies in exactly one place (``server``), and the client turns error replies back into the same
+classes, so ``except BusyError`` works on both sides of the socket.
+"""
+
+from __future__ import annotations
+
+
+class EdgedError(Exception):
+    """Base of all edged errors; ``code`` is the stable identifier sent on the wire."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(EdgedError):
+    """The message is not a valid request: not msgpack, missing fields, bad types, limits."""
+
+    code = "BAD_REQUEST"
+
+
+class UnsupportedVersion(EdgedError):
+    """The request speaks a protocol version this daemon does not."""
+
+    code = "UNSUPPORTED_VERSION"
+
+
+class UnknownOp(EdgedError):
+    code = "UNKNOWN_OP"
+
+
+class FrameMismatch(EdgedError):
+    """Tensor frames disagree with the header: count, or byte length vs dtype and shape."""
+
+    code = "FRAME_MISMATCH"
+
+
+class TooLarge(EdgedError):
+    code = "TOO_LARGE"
+
+
+class UnknownModel(EdgedError):
+    code = "UNKNOWN_MODEL"
+
+
+class InputMismatch(EdgedError):
+    """Input names differ from the model's: one is missing or one is not the model's."""
+
+    code = "INPUT_MISMATCH"
+
+
+class DtypeMismatch(EdgedError):
+    code = "DTYPE_MISMATCH"
+
+
+class ShapeMismatch(EdgedError):
+    code = "SHAPE_MISMATCH"
+
+
+class BusyError(EdgedError):
+    """The model's admission queue is full; retry later."""
+
+    code = "BUSY"
+
+
+class DeadlineExceeded(EdgedError):
+    """The request's deadline passed before its run could start."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class RunFailed(EdgedError):
+    """The backend raised while running the model (bad values, not bad shapes)."""
+
+    code = "RUN_FAILED"
+
+
+class ShuttingDown(EdgedError):
+    code = "SHUTTING_DOWN"
+
+
+class InternalError(EdgedError):
+    code = "INTERNAL"
+
+
+class ModelLoadError(EdgedError):
+    """A model file could not be loaded (missing, corrupt, unsupported operator)."""
+
+    code = "LOAD_FAILED"
+
+
+class AlreadyRunning(EdgedError):
+    """Another daemon holds this runtime directory's sockets."""
+
+    code = "ALREADY_RUNNING"
+
+
+class ClientTimeout(EdgedError):
+    """Raised by the client alone: no reply within the timeout (daemon down or message refused)."""
+
+    code = "TIMEOUT"
+
+
+class ConfigError(EdgedError):
+    """The configuration is invalid; the message names the file and the key."""
+
+    code = "CONFIG"
+
+
+ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
+    cls.code: cls
+    for cls in (
+        BadRequest,
+        UnsupportedVersion,
+        UnknownOp,
+        FrameMismatch,
+        TooLarge,
+        UnknownModel,
+        InputMismatch,
+        DtypeMismatch,
+        ShapeMismatch,
+        BusyError,
+        DeadlineExceeded,
+        RunFailed,
+        ShuttingDown,
+        InternalError,
+        ModelLoadError,
+        ClientTimeout,
+    )
+}
+
+
+def error_from_code(code: str, message: str) -> EdgedError:
+    """Rebuild the typed error for a wire code; unknown codes (a newer daemon) stay generic."""
+    cls = ERRORS_BY_CODE.get(code)
+    if cls is None:
+        err = EdgedError(message)
+        err.code = code
+        return err
+    return cls(message)

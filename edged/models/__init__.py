@@ -1,0 +1,1 @@
+"""Model backends, their signatures and the per-model scheduling around them."""

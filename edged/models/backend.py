@@ -1,0 +1,83 @@
+"""The backend interface every model format implements, and input checks against a signature.
+
+Kept tiny on purpose: the scheduler, batcher and registry only need a signature to check
+requests against and a blocking ``run`` they call off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from edged.errors import DtypeMismatch, InputMismatch, ShapeMismatch
+
+Arrays = Mapping[str, np.ndarray[Any, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One input or output: ``None`` in ``shape`` is a dynamic dimension."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int | None, ...]
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype.name}{format_shape(self.shape)}"
+
+
+def format_shape(shape: tuple[int | None, ...]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def batchable(self) -> bool:
+        """True when every input and output has a dynamic leading (batch) dimension."""
+        return all(spec.shape and spec.shape[0] is None for spec in self.inputs + self.outputs)
+
+    def check(self, model: str, inputs: Arrays) -> None:
+        """Raise the specific mismatch error, naming the input and expected vs received."""
+        expected = {spec.name: spec for spec in self.inputs}
+        missing = [name for name in expected if name not in inputs]
+        extra = [name for name in inputs if name not in expected]
+        if missing or extra:
+            parts = [f"missing input {name!r}" for name in missing]
+            parts += [f"unexpected input {name!r}" for name in extra]
+            takes = "; ".join(str(spec) for spec in self.inputs)
+            raise InputMismatch(f"model {model!r}: {', '.join(parts)}; it takes {takes}")
+        for spec in self.inputs:
+            array = inputs[spec.name]
+            if array.dtype != spec.dtype:
+                raise DtypeMismatch(
+                    f"model {model!r} input {spec.name!r}: expected {spec.dtype.name}, "
+                    f"got {array.dtype.name}"
+                )
+            if len(array.shape) != len(spec.shape) or any(
+                want is not None and want != got for want, got in zip(spec.shape, array.shape)
+            ):
+                raise ShapeMismatch(
+                    f"model {model!r} input {spec.name!r}: expected shape "
+                    f"{format_shape(spec.shape)}, got {format_shape(array.shape)}"
+                )
+
+
+class Backend(Protocol):
+    """A loaded model. ``run`` blocks and is called from one thread at a time per model."""
+
+    @property
+    def signature(self) -> Signature: ...
+
+    def run(self, inputs: Arrays) -> dict[str, np.ndarray[Any, Any]]: ...
+
+    def close(self) -> None: ...

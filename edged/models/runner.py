@@ -1,0 +1,289 @@
+"""Per-model scheduling: a bounded admission queue, dynamic batching, and where runs happen.
+
+Each model gets one dedicated run thread (onnxruntime releases the GIL while it computes), so a
+slow model never blocks the event loop or another model. A model whose recent runs took less
+than ``inline_max_us`` runs on the event-loop thread instead: for tiny models the thread hop
+costs more than the run. Every job is answered exactly once (``Job.replied`` guards it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edged import protocol
+from edged.config import ModelConfig
+from edged.errors import BusyError, DeadlineExceeded, EdgedError, RunFailed
+from edged.models import batching
+from edged.models.backend import Arrays, Backend
+
+log = logging.getLogger(__name__)
+
+ReplySink = Callable[[list[Any]], None]
+Outputs = dict[str, np.ndarray[Any, Any]]
+EWMA_WEIGHT = 0.2
+
+
+@dataclass(slots=True, eq=False)
+class Job:
+    """One admitted request waiting for, or in, a run."""
+
+    request_id: int
+    trace: str | None
+    inputs: Arrays
+    send: ReplySink
+    arrived_ns: int
+    deadline_ns: int | None
+    key: Hashable | None
+    rows: int
+    replied: bool = False
+
+    def fail(self, error: EdgedError) -> None:
+        if not self.replied:
+            self.replied = True
+            self.send(protocol.encode_error(self.request_id, error, self.trace))
+
+
+@dataclass(frozen=True)
+class RunnerStatistics:
+    queued: int
+    in_flight: int
+    requests: int
+    busy_rejections: int
+    deadline_misses: int
+    failures: int
+    runs: int
+    rows: int
+    inline_runs: int
+    recent_run_us: float | None
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    busy_rejections: int = 0
+    deadline_misses: int = 0
+    failures: int = 0
+    runs: int = 0
+    rows: int = 0
+    inline_runs: int = 0
+
+
+@dataclass(slots=True)
+class _Run:
+    jobs: list[Job]
+    started_ns: int
+    outputs: Outputs | None = None
+    error: EdgedError | None = None
+    ended_ns: int = 0
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        backend: Backend,
+        config: ModelConfig,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.backend = backend
+        self.config = config
+        self.batching = config.max_batch > 1 and backend.signature.batchable
+        self._loop = loop
+        self._queue: deque[Job] = deque()
+        self._in_flight: list[Job] = []
+        self._inbox: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"run-{name}", daemon=True)
+        self._timer: asyncio.TimerHandle | None = None
+        self._recent_run_us: float | None = None
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._counters = _Counters()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Admit a job or refuse it at once; runs start on the next ``pump``."""
+        self._counters.requests += 1
+        if len(self._queue) >= self.config.queue_depth:
+            self._counters.busy_rejections += 1
+            raise BusyError(
+                f"model {self.name!r} has {len(self._queue)} requests queued "
+                f"(queue_depth {self.config.queue_depth}); retry later"
+            )
+        self._queue.append(job)
+        self._idle.clear()
+
+    def pump(self) -> None:
+        """Start runs while the model is free and a batch is ready."""
+        while not self._in_flight and self._queue:
+            jobs = self._take_batch()
+            if jobs is None:
+                break
+            run = _Run(jobs, time.monotonic_ns())
+            if self._runs_inline():
+                self._counters.inline_runs += 1
+                self._execute(run)
+                self._finish(run)
+            else:
+                self._in_flight = jobs
+                self._inbox.put(run)
+        if not self._in_flight and not self._queue:
+            self._idle.set()
+
+    async def drained(self) -> None:
+        """Return once nothing is queued or running; delays stop holding partial batches."""
+        self._draining = True
+        self.pump()
+        await self._idle.wait()
+
+    def abort(self, error: EdgedError) -> None:
+        """Answer every queued and running job with ``error`` (after a drain timed out)."""
+        if self._timer is not None:
+            self._timer.cancel()
+        for job in [*self._queue, *self._in_flight]:
+            job.fail(error)
+        self._queue.clear()
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=1.0)
+        self.backend.close()
+
+    def statistics(self) -> RunnerStatistics:
+        c = self._counters
+        return RunnerStatistics(
+            queued=len(self._queue),
+            in_flight=len(self._in_flight),
+            requests=c.requests,
+            busy_rejections=c.busy_rejections,
+            deadline_misses=c.deadline_misses,
+            failures=c.failures,
+            runs=c.runs,
+            rows=c.rows,
+            inline_runs=c.inline_runs,
+            recent_run_us=self._recent_run_us,
+        )
+
+    # -- batching --------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[Job] | None:
+        """Pop the next batch, or ``None`` while a partial batch may still wait for rows."""
+        now = time.monotonic_ns()
+        self._expire(now)
+        if not self._queue:
+            return None
+        first = self._queue[0]
+        if not self.batching or first.key is None:
+            return [self._queue.popleft()]
+        chosen: list[Job] = []
+        rows = 0
+        for job in self._queue:
+            if job.key == first.key and (not chosen or rows + job.rows <= self.config.max_batch):
+                chosen.append(job)
+                rows += job.rows
+        wait_until = first.arrived_ns + self.config.max_delay_us * 1000
+        if rows < self.config.max_batch and now < wait_until and not self._draining:
+            if self._timer is None:
+                self._timer = self._loop.call_later((wait_until - now) / 1e9, self._on_timer)
+            return None
+        for job in chosen:
+            self._queue.remove(job)
+        return chosen
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.pump()
+
+    def _expire(self, now: int) -> None:
+        for job in [j for j in self._queue if j.deadline_ns is not None and j.deadline_ns <= now]:
+            self._queue.remove(job)
+            self._counters.deadline_misses += 1
+            waited_ms = (now - job.arrived_ns) / 1e6
+            job.fail(DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms in the queue"))
+
+    # -- running ---------------------------------------------------------------------------
+
+    def _runs_inline(self) -> bool:
+        recent = self._recent_run_us
+        return recent is not None and recent < self.config.inline_max_us
+
+    def _work(self) -> None:
+        while (run := self._inbox.get()) is not None:
+            self._execute(run)
+            try:
+                self._loop.call_soon_threadsafe(self._finish_threaded, run)
+            except RuntimeError:  # the loop closed under us during shutdown
+                return
+
+    def _execute(self, run: _Run) -> None:
+        merged = batching.merge([job.inputs for job in run.jobs])
+        try:
+            run.outputs = self.backend.run(merged)
+        except Exception as exc:  # any backend failure becomes this batch's error reply
+            log.warning("model %s run failed: %s", self.name, exc)
+            run.error = RunFailed(f"model {self.name!r} failed to run: {str(exc).strip()[:500]}")
+        run.ended_ns = time.monotonic_ns()
+
+    def _finish_threaded(self, run: _Run) -> None:
+        self._in_flight = []
+        self._finish(run)
+        self.pump()
+
+    def _finish(self, run: _Run) -> None:
+        run_us = (run.ended_ns - run.started_ns) / 1000
+        recent = self._recent_run_us
+        self._recent_run_us = run_us if recent is None else recent + EWMA_WEIGHT * (run_us - recent)
+        c = self._counters
+        c.runs += 1
+        c.rows += sum(job.rows for job in run.jobs)
+        parts: list[Outputs] = []
+        if run.outputs is not None:
+            try:
+                parts = batching.split(run.outputs, [job.rows for job in run.jobs])
+            except ValueError as exc:
+                run.error = RunFailed(f"model {self.name!r}: cannot split batch: {exc}")
+        if run.error is not None:
+            c.failures += len(run.jobs)
+            for job in run.jobs:
+                job.fail(run.error)
+            return
+        for job, outputs in zip(run.jobs, parts):
+            self._reply(job, outputs, run)
+
+    def _reply(self, job: Job, outputs: Outputs, run: _Run) -> None:
+        if job.replied:
+            return
+        fields: dict[str, Any] = {
+            "model": self.name,
+            "version": self.version,
+            "timing": {
+                "queue_us": (run.started_ns - job.arrived_ns) // 1000,
+                "run_us": (run.ended_ns - run.started_ns) // 1000,
+                "batch": len(run.jobs),
+            },
+        }
+        if job.trace is not None:
+            fields["trace"] = job.trace
+        try:
+            frames = protocol.encode_reply(job.request_id, fields, outputs)
+        except EdgedError as exc:
+            job.fail(exc)
+            return
+        job.replied = True
+        job.send(frames)

@@ -1,0 +1,74 @@
+"""Where the daemon keeps its sockets and state, with no root and no /etc needed.
+
+systemd's RuntimeDirectory/StateDirectory (exported as $RUNTIME_DIRECTORY/$STATE_DIRECTORY) win
+over the per-user defaults, so the same binary works from a checkout and as a service.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edged.config import Config
+from edged.errors import ConfigError
+
+#: sun_path is 108 bytes on Linux including the terminating NUL
+MAX_IPC_PATH = 107
+
+
+@dataclass(frozen=True)
+class Paths:
+    runtime: Path
+    state: Path
+
+    @property
+    def infer_socket(self) -> Path:
+        return self.runtime / "infer.sock"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.runtime / "edged.lock"
+
+    @property
+    def models(self) -> Path:
+        return self.state / "models"
+
+    @property
+    def infer_endpoint(self) -> str:
+        return f"ipc://{self.infer_socket}"
+
+
+def default_runtime_dir() -> Path:
+    systemd = os.environ.get("RUNTIME_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "edged"
+    return Path(f"/tmp/edged-{os.getuid()}")
+
+
+def default_state_dir() -> Path:
+    for var in ("STATE_DIRECTORY", "EDGED_HOME"):
+        value = os.environ.get(var)
+        if value:
+            return Path(value.split(":")[0])
+    return Path("var/edged").absolute()
+
+
+def resolve_paths(config: Config) -> Paths:
+    runtime = Path(config.daemon.runtime_dir) if config.daemon.runtime_dir else default_runtime_dir()
+    state = Path(config.daemon.state_dir) if config.daemon.state_dir else default_state_dir()
+    paths = Paths(runtime=runtime.absolute(), state=state.absolute())
+    if len(os.fsencode(paths.infer_socket)) > MAX_IPC_PATH:
+        raise ConfigError(
+            f"{config.source}: socket path {paths.infer_socket} is longer than the "
+            f"{MAX_IPC_PATH} bytes a Unix socket allows; set daemon.runtime_dir to a shorter path"
+        )
+    return paths
+
+
+def default_infer_endpoint() -> str:
+    """The endpoint a client on this machine uses when none is given ($EDGED_SOCKET overrides)."""
+    return os.environ.get("EDGED_SOCKET") or f"ipc://{default_runtime_dir() / 'infer.sock'}"

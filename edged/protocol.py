@@ -1,0 +1,330 @@
+"""Wire protocol v1: pure encode/decode of multipart messages (docs/PROTOCOL.md is the spec).
+
+A message is ``[header, tensor_0, ..., tensor_n]``: the header a msgpack map, each tensor frame
+the raw C-contiguous little-endian bytes of one array described in the header. This module
+imports no socket or event loop so it can be tested and fuzzed on bytes alone; everything is
+validated here before any model is touched. Tensors are views on the received buffers (no copy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+import numpy as np
+
+from edged.errors import (
+    BadRequest,
+    EdgedError,
+    FrameMismatch,
+    TooLarge,
+    UnknownOp,
+    UnsupportedVersion,
+    error_from_code,
+)
+
+PROTOCOL_VERSION = 1
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+#: dtype names accepted on the wire, all little-endian.
+DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(name).newbyteorder("<")
+    for name in (
+        "bool",
+        "int8",
+        "uint8",
+        "int16",
+        "uint16",
+        "int32",
+        "uint32",
+        "int64",
+        "uint64",
+        "float16",
+        "float32",
+        "float64",
+    )
+}
+
+#: header keys each op accepts besides the common ones; anything else is a BAD_REQUEST.
+COMMON_KEYS = frozenset({"v", "id", "op", "trace"})
+OP_KEYS: dict[str, frozenset[str]] = {
+    "ping": frozenset(),
+    "describe": frozenset({"model", "version"}),
+    "infer": frozenset({"model", "version", "deadline_ms", "inputs"}),
+}
+MODEL_OPS = frozenset({"describe", "infer"})
+MAX_ID = 2**64 - 1
+MAX_TRACE_LEN = 128
+MAX_NAME_LEN = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds enforced while decoding; the socket enforces ``max_message_bytes`` per frame too."""
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_tensors: int = 64
+    max_dims: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    op: str
+    model: str | None = None
+    version: int | None = None
+    deadline_ms: float | None = None
+    trace: str | None = None
+    inputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A decoded reply: ``fields`` holds the op's result keys, ``tensors`` the outputs."""
+
+    id: int | None
+    fields: dict[str, Any]
+    tensors: dict[str, np.ndarray[Any, Any]]
+    error: EdgedError | None = None
+
+    def raise_for_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class RequestRejected(Exception):
+    """Decoding failed: ``error`` is what to send back, ``request_id`` the id if it was readable."""
+
+    def __init__(self, error: EdgedError, request_id: int | None) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.request_id = request_id
+
+
+# -- decoding ---------------------------------------------------------------------------------
+
+
+def unpack_header(frame: Buffer, limits: Limits) -> dict[str, Any]:
+    """Parse frame 0 as a msgpack map within the header size limit."""
+    if len(frame) > limits.max_header_bytes:
+        raise TooLarge(f"header is {len(frame)} bytes, limit {limits.max_header_bytes}")
+    try:
+        header = msgpack.unpackb(frame, raw=False)
+    # msgpack raises a zoo of types (ExtraData, FormatError, StackError, ValueError, TypeError
+    # for unhashable keys, UnicodeDecodeError): all mean the same thing to a client.
+    except Exception as exc:
+        raise BadRequest(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise BadRequest(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
+    """Validate and decode a request; raise ``RequestRejected`` with the error to reply."""
+    request_id: int | None = None
+    try:
+        if not frames or (len(frames) == 1 and len(frames[0]) == 0):
+            raise BadRequest("empty message")
+        total = sum(len(f) for f in frames)
+        if total > limits.max_message_bytes:
+            raise TooLarge(f"message is {total} bytes, limit {limits.max_message_bytes}")
+        header = unpack_header(frames[0], limits)
+        raw_id = header.get("id")
+        if _is_int(raw_id) and 0 <= raw_id <= MAX_ID:
+            request_id = raw_id
+        return _parse_request(header, frames[1:], limits)
+    except EdgedError as exc:
+        raise RequestRejected(exc, request_id) from None
+
+
+def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Limits) -> Request:
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(
+            f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}"
+        )
+    request_id = header.get("id")
+    if not (_is_int(request_id) and 0 <= request_id <= MAX_ID):
+        raise BadRequest("'id' must be an unsigned 64-bit integer")
+    op = header.get("op")
+    if not isinstance(op, str):
+        raise BadRequest("'op' must be a string")
+    allowed = OP_KEYS.get(op)
+    if allowed is None:
+        raise UnknownOp(f"unknown op {op!r}; known: {', '.join(sorted(OP_KEYS))}")
+    extra = set(header) - COMMON_KEYS - allowed
+    if extra:
+        raise BadRequest(f"unknown header key(s) for op {op!r}: {', '.join(map(repr, extra))}")
+    trace = _optional(header, "trace", str)
+    if trace is not None and len(trace) > MAX_TRACE_LEN:
+        raise BadRequest(f"'trace' is longer than {MAX_TRACE_LEN} characters")
+    model = _optional(header, "model", str)
+    if op in MODEL_OPS and not model:
+        raise BadRequest(f"op {op!r} needs a 'model'")
+    pinned = header.get("version")
+    if pinned is not None and not (_is_int(pinned) and pinned >= 0):
+        raise BadRequest("'version' must be a non-negative integer")
+    deadline = header.get("deadline_ms")
+    if deadline is not None and not (
+        isinstance(deadline, (int, float))
+        and not isinstance(deadline, bool)
+        and math.isfinite(deadline)
+        and deadline > 0
+    ):
+        raise BadRequest("'deadline_ms' must be a positive number")
+    specs = header.get("inputs", [])
+    if op != "infer" and tensors:
+        raise FrameMismatch(f"op {op!r} takes no tensor frames, got {len(tensors)}")
+    inputs = _decode_tensors(specs, tensors, limits) if op == "infer" else {}
+    return Request(
+        id=request_id,
+        op=op,
+        model=model,
+        version=pinned,
+        deadline_ms=float(deadline) if deadline is not None else None,
+        trace=trace,
+        inputs=inputs,
+    )
+
+
+def _decode_tensors(
+    specs: Any, frames: Sequence[Buffer], limits: Limits
+) -> dict[str, np.ndarray[Any, Any]]:
+    if not isinstance(specs, list):
+        raise BadRequest("'inputs' must be an array of tensor descriptions")
+    if len(specs) > limits.max_tensors:
+        raise TooLarge(f"{len(specs)} tensors, limit {limits.max_tensors}")
+    if len(specs) != len(frames):
+        raise FrameMismatch(f"header declares {len(specs)} tensor(s) but {len(frames)} frame(s) follow")
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    for index, (spec, frame) in enumerate(zip(specs, frames)):
+        name, dtype, shape = _tensor_spec(spec, index, limits)
+        if name in arrays:
+            raise BadRequest(f"tensor {name!r} is declared twice")
+        expected = math.prod(shape) * dtype.itemsize
+        if len(frame) != expected:
+            raise FrameMismatch(
+                f"tensor {name!r}: {dtype.name}{list(shape)} needs {expected} bytes, "
+                f"frame {index + 1} has {len(frame)}"
+            )
+        arrays[name] = np.frombuffer(frame, dtype=dtype).reshape(shape)
+    return arrays
+
+
+def _tensor_spec(spec: Any, index: int, limits: Limits) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
+    where = f"inputs[{index}]"
+    if not isinstance(spec, dict):
+        raise BadRequest(f"{where} must be a map with name, dtype, shape")
+    if set(spec) != {"name", "dtype", "shape"}:
+        raise BadRequest(f"{where} must have exactly the keys name, dtype, shape")
+    name, dtype_name, shape = spec["name"], spec["dtype"], spec["shape"]
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+        raise BadRequest(f"{where}.name must be a non-empty string")
+    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise BadRequest(f"{where} ({name!r}): dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+    if not isinstance(shape, list) or len(shape) > limits.max_dims:
+        raise BadRequest(f"{where} ({name!r}): shape must be an array of at most {limits.max_dims} dims")
+    if not all(_is_int(d) and 0 <= d <= limits.max_message_bytes for d in shape):
+        raise BadRequest(f"{where} ({name!r}): shape dims must be non-negative integers")
+    return name, dtype, tuple(shape)
+
+
+def _optional(header: Mapping[str, Any], key: str, kind: type) -> Any:
+    value = header.get(key)
+    if value is not None and not isinstance(value, kind):
+        raise BadRequest(f"{key!r} must be a {kind.__name__}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# -- encoding ---------------------------------------------------------------------------------
+
+
+def tensor_frames(
+    arrays: Mapping[str, np.ndarray[Any, Any]],
+) -> tuple[list[dict[str, Any]], list[np.ndarray[Any, Any]]]:
+    """Describe arrays for a header and return them C-contiguous little-endian (copy only if not)."""
+    specs: list[dict[str, Any]] = []
+    frames: list[np.ndarray[Any, Any]] = []
+    for name, array in arrays.items():
+        arr = np.asarray(array)
+        wire = DTYPES.get(arr.dtype.name)
+        if wire is None:
+            raise BadRequest(f"tensor {name!r}: dtype {arr.dtype} cannot be sent")
+        arr = np.ascontiguousarray(arr, dtype=wire)
+        specs.append({"name": name, "dtype": wire.name, "shape": list(arr.shape)})
+        frames.append(arr)
+    return specs, frames
+
+
+def encode_request(
+    request_id: int,
+    op: str,
+    *,
+    model: str | None = None,
+    inputs: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    version: int | None = None,
+    deadline_ms: float | None = None,
+    trace: str | None = None,
+) -> list[Any]:
+    """Frames of a request, as a client sends them."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+    for key, value in (("model", model), ("version", version), ("deadline_ms", deadline_ms)):
+        if value is not None:
+            header[key] = value
+    if trace is not None:
+        header["trace"] = trace
+    frames: list[Any] = []
+    if inputs is not None:
+        header["inputs"], frames = tensor_frames(inputs)
+    return [msgpack.packb(header), *frames]
+
+
+def encode_reply(
+    request_id: int | None,
+    fields: Mapping[str, Any],
+    outputs: Mapping[str, np.ndarray[Any, Any]] | None = None,
+) -> list[Any]:
+    """Frames of a success reply: ``fields`` are the op's result keys."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **fields}
+    frames: list[Any] = []
+    if outputs is not None:
+        header["outputs"], frames = tensor_frames(outputs)
+    return [msgpack.packb(header), *frames]
+
+
+def encode_error(request_id: int | None, error: EdgedError, trace: str | None = None) -> list[Any]:
+    header: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "id": request_id,
+        "ok": False,
+        "error": {"code": error.code, "message": error.message},
+    }
+    if trace is not None:
+        header["trace"] = trace
+    return [msgpack.packb(header)]
+
+
+def decode_reply(frames: Sequence[Buffer], limits: Limits | None = None) -> Reply:
+    """Decode a reply; an error reply carries the matching typed ``EdgedError`` in ``error``."""
+    limits = limits or Limits()
+    header = unpack_header(frames[0], limits)
+    raw_id = header.get("id")
+    request_id = raw_id if _is_int(raw_id) else None
+    if not header.get("ok"):
+        error = header.get("error")
+        if not isinstance(error, dict):
+            error = {}
+        exc = error_from_code(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
+        return Reply(id=request_id, fields=header, tensors={}, error=exc)
+    tensors = _decode_tensors(header.pop("outputs", []), frames[1:], limits)
+    return Reply(id=request_id, fields=header, tensors=tensors)

@@ -1,0 +1,132 @@
+"""The inference endpoint: one ZeroMQ ROUTER socket bound on IPC (and TCP if configured).
+
+The socket is driven straight from the event loop's reader callback rather than through
+zmq.asyncio futures: each wake-up drains every ready message without blocking, admits them, then
+starts runs, which is where most of the round-trip time of a naive asyncio server goes. ZeroMQ's
+FD is edge-triggered, so after any send the socket is re-checked for input that arrived meanwhile.
+
+Replies are addressed by the ROUTER identity; a REQ-style empty delimiter frame, if the client
+sent one, is echoed back, so REQ, DEALER and raw libzmq clients all work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import zmq
+
+from edged import protocol
+from edged.config import ServerConfig
+from edged.errors import EdgedError, InternalError
+from edged.protocol import Limits, RequestRejected
+from edged.service import InferenceService
+
+log = logging.getLogger(__name__)
+
+#: messages handled per wake-up before yielding to other callbacks (fairness with timers, signals)
+BURST = 256
+#: how long close() may spend flushing final replies
+LINGER_MS = 500
+
+
+class InferenceEndpoint:
+    def __init__(
+        self,
+        context: zmq.Context[Any],
+        endpoints: list[str],
+        config: ServerConfig,
+        service: InferenceService,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.endpoints = endpoints
+        self._context = context
+        self._config = config
+        self._service = service
+        self._loop = loop
+        self._limits = Limits(max_message_bytes=config.max_message_bytes)
+        self._socket: zmq.Socket[Any] | None = None
+        self._drain_scheduled = False
+        self._draining_input = False
+
+    def start(self) -> None:
+        sock = self._context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.MAXMSGSIZE, self._config.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, self._config.send_hwm)
+        sock.setsockopt(zmq.RCVHWM, self._config.recv_hwm)
+        try:
+            for endpoint in self.endpoints:
+                sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise OSError(f"cannot bind {endpoint}: {exc}") from None
+        self._socket = sock
+        self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable)
+        self._on_readable()  # edge-triggered: pick up anything queued before the reader existed
+
+    def stop(self) -> None:
+        sock, self._socket = self._socket, None
+        if sock is None:
+            return
+        self._loop.remove_reader(sock.getsockopt(zmq.FD))
+        sock.close()
+
+    def _on_readable(self) -> None:
+        self._drain_scheduled = False
+        sock = self._socket
+        if sock is None:
+            return
+        self._draining_input = True
+        try:
+            for _ in range(BURST):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._handle(frames)
+            self._service.pump()
+        finally:
+            self._draining_input = False
+        self._check_input()
+
+    def _check_input(self) -> None:
+        sock = self._socket
+        if sock is not None and not self._drain_scheduled and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._on_readable)
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        envelope = [frames[0].bytes]
+        body = frames[1:]
+        if body and len(body[0]) == 0:  # REQ delimiter
+            envelope.append(b"")
+            body = body[1:]
+
+        def send(reply: list[Any]) -> None:
+            self._send(envelope, reply)
+
+        try:
+            request = protocol.decode_request([f.buffer for f in body], self._limits)
+        except RequestRejected as rejected:
+            send(protocol.encode_error(rejected.request_id, rejected.error))
+            return
+        try:
+            self._service.handle(request, send)
+        except EdgedError as exc:
+            send(protocol.encode_error(request.id, exc, request.trace))
+        except Exception:  # the one place a bug becomes a reply; the traceback stays in the log
+            log.exception("request %s (op %s) failed", request.id, request.op)
+            error = InternalError("internal error; the daemon log has the details")
+            send(protocol.encode_error(request.id, error, request.trace))
+
+    def _send(self, envelope: list[bytes], reply: list[Any]) -> None:
+        sock = self._socket
+        if sock is None:  # stopped: the peer is gone with the socket
+            return
+        # A ROUTER never blocks: a reply to a vanished peer, or to one whose queue is at the
+        # high-water mark because it stopped reading, is dropped by ZeroMQ itself.
+        sock.send_multipart(envelope + reply, zmq.NOBLOCK, copy=False)
+        if not self._draining_input:
+            self._check_input()
