@@ -138,12 +138,14 @@ class Client:
         sock.send_multipart(frames, copy=False)
         deadline = time.monotonic() + timeout
         while True:
-            remaining_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            if not sock.poll(remaining_ms, zmq.POLLIN):
+            # RCVTIMEO rather than poll(): one system call less per request on the hot path
+            sock.rcvtimeo = max(0, int((deadline - time.monotonic()) * 1000))
+            try:
+                parts = sock.recv_multipart()
+            except zmq.Again:
                 self.close()  # drop whatever is queued for a daemon that may be gone
-                raise _timeout_error(self.endpoint, timeout)
-            parts = sock.recv_multipart(copy=False)
-            reply = protocol.decode_reply([part.buffer for part in parts])
+                raise _timeout_error(self.endpoint, timeout) from None
+            reply = protocol.decode_reply(parts)
             if reply.id == request_id:
                 reply.raise_for_error()
                 return reply
