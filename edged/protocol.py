@@ -130,13 +130,13 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
     try:
         if not frames or (len(frames) == 1 and len(frames[0]) == 0):
             raise BadRequest("empty message")
-        total = sum(len(f) for f in frames)
-        if total > limits.max_message_bytes:
-            raise TooLarge(f"message is {total} bytes, limit {limits.max_message_bytes}")
         header = unpack_header(frames[0], limits)
         raw_id = header.get("id")
         if _is_int(raw_id) and 0 <= raw_id <= MAX_ID:
-            request_id = raw_id
+            request_id = raw_id  # read first so that every later error reaches its caller
+        total = sum(len(f) for f in frames)
+        if total > limits.max_message_bytes:
+            raise TooLarge(f"message is {total} bytes, limit {limits.max_message_bytes}")
         return _parse_request(header, frames[1:], limits)
     except EdgedError as exc:
         raise RequestRejected(exc, request_id) from None

@@ -1,0 +1,66 @@
+"""Shared fixtures: models built once per session, and real daemons in subprocesses."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+from edged.demo import build_demo_model, build_image_model
+from edged.testing import DaemonProcess
+from tests.models import build_slow_model
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    build_demo_model(root / "demo.onnx")
+    build_image_model(root / "image.onnx")
+    build_slow_model(root / "slow.onnx")
+    return root
+
+
+@pytest.fixture(scope="session")
+def silero_model() -> Path:
+    import silero_vad
+
+    path = Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+    assert path.is_file(), f"silero-vad ships no {path}"
+    return path
+
+
+DaemonFactory = Callable[..., DaemonProcess]
+
+
+@pytest.fixture
+def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonFactory]:
+    """Start daemons on short IPC paths; every one is stopped (then killed) at teardown."""
+    started: list[DaemonProcess] = []
+
+    def start(config: dict[str, Any] | None = None, **kwargs: Any) -> DaemonProcess:
+        daemon = DaemonProcess(tmp_path_factory.mktemp("d"), config, **kwargs)
+        started.append(daemon)
+        return daemon.start()
+
+    yield start
+    for daemon in started:
+        try:
+            daemon.stop()
+        finally:
+            daemon.kill()
+
+
+@pytest.fixture
+def demo_daemon(start_daemon: DaemonFactory, models_dir: Path) -> DaemonProcess:
+    return start_daemon({"models": {"demo": {"path": str(models_dir / "demo.onnx")}}})
+
+
+@pytest.fixture
+def zmq_context() -> Iterator[zmq.Context[Any]]:
+    """A context whose sockets tests close with linger 0; term() fails the test on a leak."""
+    context: zmq.Context[Any] = zmq.Context()
+    yield context
+    context.destroy(linger=0)

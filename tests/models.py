@@ -1,0 +1,33 @@
+"""ONNX models the tests build for themselves (besides edged.demo's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper, save
+
+SLOW_WIDTH = 512
+
+
+def build_slow_model(path: Path, layers: int = 24) -> Path:
+    """x float32[batch, 512] -> y: a chain of MatMul+Tanh, slow enough to hold a queue."""
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((SLOW_WIDTH, SLOW_WIDTH)) / SLOW_WIDTH).astype(np.float32)
+    nodes, previous = [], "x"
+    for i in range(layers):
+        nodes.append(helper.make_node("MatMul", [previous, "w"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]))
+        previous = f"t{i}"
+    nodes.append(helper.make_node("Identity", [previous], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "slow",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, path)
+    return path

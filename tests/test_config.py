@@ -1,0 +1,105 @@
+"""config: typed, validated, and every error names the file and the dotted key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edged.config import Config, find_config_file, load_config
+from edged.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "edged.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_embedded_defaults() -> None:
+    config = load_config(None)
+    assert config == Config()
+    assert config.models == {}
+    assert config.server.max_message_bytes == 64 * 1024 * 1024
+
+
+def test_full_model_declaration_is_typed_and_paths_are_relative_to_the_file(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """
+[server]
+tcp = ["tcp://127.0.0.1:5555"]
+[models.vad]
+path = "models/vad.onnx"
+max_batch = 8
+max_delay_us = 500
+[models.vad.onnx]
+providers = ["tensorrt", "cuda", "cpu"]
+intra_op_threads = 2
+""",
+    )
+    config = load_config(path)
+    vad = config.models["vad"]
+    assert vad.path == str(tmp_path / "models" / "vad.onnx")
+    assert (vad.max_batch, vad.max_delay_us, vad.queue_depth) == (8, 500, 64)
+    assert vad.onnx.providers == ("tensorrt", "cuda", "cpu")
+    assert vad.onnx.intra_op_threads == 2
+    assert config.server.tcp == ("tcp://127.0.0.1:5555",)
+    assert config.source == str(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nmax_mesage_bytes = 1\n", "unknown key 'server.max_mesage_bytes' (did you mean 'server.max_message_bytes'?)"),
+        ("[models.a]\npath = 'a.onnx'\nqueue_depht = 3\n", "unknown key 'models.a.queue_depht'"),
+        ("[models.a]\npath = 'a.onnx'\nmax_batch = '8'\n", "'models.a.max_batch' must be int, got str '8'"),
+        ("[models.a]\npath = 'a.onnx'\nmax_batch = true\n", "'models.a.max_batch' must be int, got bool"),
+        ("[models.a]\npath = 'a.onnx'\nmax_batch = 0\n", "'models.a.max_batch' must be >= 1"),
+        ("[models.a]\nbackend = 'onnx'\n", "missing key 'models.a.path'"),
+        ("[models.a]\npath = 'a'\n[models.a.onnx]\ngraph_optimization = 'max'\n", "must be one of disable, basic, extended, all"),
+        ("[daemon]\ndrain_timeout_s = 'soon'\n", "'daemon.drain_timeout_s' must be float"),
+        ("[server]\ntcp = 'tcp://x:1'\n", "'server.tcp' must be an array"),
+        ("server = 3\n", "'server' must be a table"),
+        ("[daemon\n", "not valid TOML"),
+    ],
+)
+def test_invalid_config_names_file_and_key(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_integers_are_accepted_for_float_keys(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "[daemon]\ndrain_timeout_s = 3\n")).daemon.drain_timeout_s == 3.0
+
+
+def test_lookup_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EDGED_CONFIG", raising=False)
+    local = write(tmp_path, "")
+    assert find_config_file("explicit.toml") == Path("explicit.toml")
+    assert find_config_file(None) == Path("edged.toml")
+    monkeypatch.setenv("EDGED_CONFIG", "/elsewhere.toml")
+    assert find_config_file(None) == Path("/elsewhere.toml")
+    assert local.exists()
+
+
+def run_edged(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edged", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_config_check_command(tmp_path: Path) -> None:
+    good = write(tmp_path, "[models.a]\npath = 'a.onnx'\n")
+    result = run_edged("config", "check", str(good))
+    assert result.returncode == 0 and "ok (1 model(s) declared)" in result.stdout
+    good.write_text("[models.a]\npath = 'a.onnx'\nbatch = 2\n")
+    result = run_edged("config", "check", str(good))
+    assert result.returncode == 78
+    assert "unknown key 'models.a.batch'" in result.stderr

@@ -1,0 +1,93 @@
+"""Model layer units: signature checks, provider fallback, batching merge/split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edged.config import OnnxOptions
+from edged.errors import DtypeMismatch, InputMismatch, ShapeMismatch
+from edged.models import batching
+from edged.models.backend import Signature, TensorSpec
+from edged.models.onnx import OnnxBackend, choose_providers
+
+SIGNATURE = Signature(
+    inputs=(TensorSpec("x", np.dtype("float32"), (None, 16)),),
+    outputs=(TensorSpec("probs", np.dtype("float32"), (None, 4)),),
+)
+
+
+def test_signature_accepts_matching_inputs_and_any_dynamic_dim() -> None:
+    SIGNATURE.check("m", {"x": np.zeros((5, 16), np.float32)})
+
+
+@pytest.mark.parametrize(
+    ("inputs", "error", "message"),
+    [
+        ({}, InputMismatch, "missing input 'x'; it takes x: float32[?, 16]"),
+        (
+            {"x": np.zeros((1, 16), np.float32), "y": np.zeros(1)},
+            InputMismatch,
+            "unexpected input 'y'",
+        ),
+        ({"x": np.zeros((1, 16), np.float64)}, DtypeMismatch, "expected float32, got float64"),
+        ({"x": np.zeros((1, 15), np.float32)}, ShapeMismatch, "expected shape [?, 16], got [1, 15]"),
+        ({"x": np.zeros(16, np.float32)}, ShapeMismatch, "got [16]"),
+    ],
+)
+def test_signature_mismatch_names_input_and_shapes(
+    inputs: dict[str, np.ndarray], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as info:
+        SIGNATURE.check("m", inputs)
+    assert "model 'm'" in str(info.value)
+    assert message in str(info.value)
+
+
+def test_batchable_needs_a_dynamic_leading_dim_everywhere() -> None:
+    assert SIGNATURE.batchable
+    fixed = Signature(SIGNATURE.inputs, (TensorSpec("p", np.dtype("float32"), (1, 4)),))
+    assert not fixed.batchable
+
+
+def test_provider_preference_falls_back_to_what_is_available(caplog: pytest.LogCaptureFixture) -> None:
+    available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with caplog.at_level(logging.INFO):
+        chosen = choose_providers(("tensorrt", "cuda", "cpu"), available)
+    assert chosen == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert "TensorrtExecutionProvider is not available" in caplog.text
+    assert choose_providers(("tensorrt",), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_onnx_backend_reports_signature_and_runs(models_dir: Path) -> None:
+    backend = OnnxBackend.load(models_dir / "demo.onnx", OnnxOptions(providers=("cuda", "cpu")))
+    assert backend.providers == ["CPUExecutionProvider"]
+    assert [str(s) for s in backend.signature.inputs] == ["x: float32[?, 16]"]
+    probs = backend.run({"x": np.ones((3, 16), np.float32)})["probs"]
+    assert probs.shape == (3, 4)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=0.02)
+
+
+def test_merge_and_split_round_trip_per_request_rows() -> None:
+    requests = [{"x": np.full((n, 2), n, np.float32)} for n in (1, 3, 2)]
+    merged = batching.merge(requests)
+    assert merged["x"].shape == (6, 2)
+    parts = batching.split({"y": merged["x"] * 10}, [1, 3, 2])
+    for request, part in zip(requests, parts):
+        np.testing.assert_array_equal(part["y"], request["x"] * 10)
+
+
+def test_split_refuses_outputs_that_lost_the_batch_dim() -> None:
+    with pytest.raises(ValueError, match="rows for a batch of 3"):
+        batching.split({"y": np.zeros((2, 1))}, [1, 2])
+
+
+def test_batch_key_separates_shapes_and_refuses_ragged_leading_dims() -> None:
+    a = {"x": np.zeros((1, 16)), "m": np.zeros((1, 2))}
+    b = {"x": np.zeros((4, 16)), "m": np.zeros((4, 2))}
+    c = {"x": np.zeros((1, 8)), "m": np.zeros((1, 2))}
+    assert batching.batch_key(a) == batching.batch_key(b) != batching.batch_key(c)
+    assert batching.batch_key({"x": np.zeros((1, 16)), "m": np.zeros((2, 2))}) is None
