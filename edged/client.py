@@ -143,6 +143,8 @@ class Client:
             try:
                 parts = sock.recv_multipart()
             except zmq.Again:
+                if time.monotonic() < deadline:  # woken early (the peer went away): keep waiting
+                    continue
                 self.close()  # drop whatever is queued for a daemon that may be gone
                 raise _timeout_error(self.endpoint, timeout) from None
             reply = protocol.decode_reply(parts)

@@ -100,6 +100,8 @@ class Daemon:
         loop = asyncio.get_running_loop()
         self.paths.runtime.mkdir(parents=True, exist_ok=True)
         stack.enter_context(instance_lock(self.paths.lock_file, self.paths.infer_endpoint))
+        # first in, last out: a SIGTERM during loading or teardown is still a graceful stop
+        stack.enter_context(stop_signals(loop, self.request_stop))
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
         for name, model_config in self._model_configs().items():
@@ -112,7 +114,6 @@ class Daemon:
         stack.callback(self.paths.infer_socket.unlink, missing_ok=True)
         endpoint.start()
         stack.callback(endpoint.stop)
-        stack.enter_context(stop_signals(loop, self.request_stop))
         names = ", ".join(runner.name for runner in self.registry)
         log.info("serving %s on %s", names, ", ".join(endpoints))
         log.info("try: edged infer %s --random%s", next(iter(self.registry)).name, self._socket_hint())

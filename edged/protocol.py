@@ -260,7 +260,7 @@ def tensor_frames(
         wire = DTYPES.get(arr.dtype.name)
         if wire is None:
             raise BadRequest(f"tensor {name!r}: dtype {arr.dtype} cannot be sent")
-        arr = np.ascontiguousarray(arr, dtype=wire)
+        arr = np.asarray(arr, dtype=wire, order="C")  # (ascontiguousarray would make 0-d 1-d)
         specs.append({"name": name, "dtype": wire.name, "shape": list(arr.shape)})
         frames.append(arr)
     return specs, frames

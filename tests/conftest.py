@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,9 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def silero_model() -> Path:
-    import silero_vad
-
-    path = Path(silero_vad.__file__).parent / "data" / "silero_vad.onnx"
+    spec = importlib.util.find_spec("silero_vad")  # locate without importing (it imports torch)
+    assert spec is not None and spec.origin is not None, "silero-vad is not installed"
+    path = Path(spec.origin).parent / "data" / "silero_vad.onnx"
     assert path.is_file(), f"silero-vad ships no {path}"
     return path
 

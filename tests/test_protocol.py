@@ -181,3 +181,9 @@ def test_arbitrary_headers_only_raise_request_rejected(
         protocol.decode_request([msgpack.packb(header), *tensors], LIMITS)
     except RequestRejected as rejection:
         assert isinstance(rejection.error, EdgedError)
+
+
+def test_zero_dimensional_tensor_keeps_its_shape() -> None:
+    frames = protocol.encode_request(1, "infer", model="m", inputs={"sr": np.array(16000)})
+    request = protocol.decode_request([bytes(memoryview(f)) for f in frames], LIMITS)
+    assert request.inputs["sr"].shape == ()
