@@ -88,7 +88,9 @@ def edgectl_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _add_socket_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--socket", help="daemon endpoint (default: $EDGED_SOCKET or the local IPC)")
+    parser.add_argument(
+        "--socket", help="daemon endpoint (default: $EDGED_SOCKET or the local IPC)"
+    )
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
 
 
@@ -142,7 +144,7 @@ def _infer(args: argparse.Namespace) -> int:
     with np.printoptions(precision=4, suppress=True, threshold=64):
         for name, array in result.outputs.items():
             print(f"  {name} {array.dtype.name}{list(array.shape)}: {array}")
-    label = "median of %d: " % len(timings) if len(timings) > 1 else ""
+    label = f"median of {len(timings)}: " if len(timings) > 1 else ""
     print(
         f"  timing {label}round trip {timing['rtt_us']:.0f} us "
         f"(queue {timing['queue_us']:.0f} us, run {timing['run_us']:.0f} us, "

@@ -121,7 +121,7 @@ def load_config(path: Path | None) -> Config:
 
 
 def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
-    config = _build(Config, data, source, "")
+    config: Config = _build(Config, data, source, "")
     models = {
         name: dataclasses.replace(model, path=str(base_dir / model.path))
         for name, model in config.models.items()

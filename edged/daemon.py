@@ -48,7 +48,9 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
             import uvloop
         except ImportError:
             if kind == "uvloop":
-                raise ConfigError("daemon.event_loop is 'uvloop' but uvloop is not installed") from None
+                raise ConfigError(
+                    "daemon.event_loop is 'uvloop' but uvloop is not installed"
+                ) from None
         else:
             loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
             return loop
@@ -105,7 +107,8 @@ class Daemon:
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
         for name, model_config in self._model_configs().items():
-            runner = await self._load(name, model_config, loop)
+            backend = await loop.run_in_executor(None, self._open_backend, name, model_config)
+            runner = ModelRunner(name, 1, backend, model_config, loop)
             stack.callback(runner.close)
             runner.start()
             self.registry.add(runner)
@@ -116,7 +119,9 @@ class Daemon:
         stack.callback(endpoint.stop)
         names = ", ".join(runner.name for runner in self.registry)
         log.info("serving %s on %s", names, ", ".join(endpoints))
-        log.info("try: edged infer %s --random%s", next(iter(self.registry)).name, self._socket_hint())
+        log.info(
+            "try: edged infer %s --random%s", next(iter(self.registry)).name, self._socket_hint()
+        )
 
     async def drain(self) -> None:
         """Refuse new work, let queued and running requests finish, answer the rest."""
@@ -137,20 +142,18 @@ class Daemon:
         path = self.paths.models / DEMO_MODEL / "1" / "model.onnx"
         return {DEMO_MODEL: ModelConfig(path=str(path), max_batch=8)}
 
-    async def _load(
-        self, name: str, config: ModelConfig, loop: asyncio.AbstractEventLoop
-    ) -> ModelRunner:
+    def _open_backend(self, name: str, config: ModelConfig) -> Backend:
+        """Load one model (blocking: runs in an executor); builds the demo on first start."""
         path = Path(config.path)
         if name == DEMO_MODEL and not self.config.models and not path.is_file():
             log.info("building the demo model at %s (first start)", path)
-            await loop.run_in_executor(None, ensure_demo_model, path)
+            ensure_demo_model(path)
         if not path.is_file():
             raise ModelLoadError(f"model {name!r}: no file at {path}")
         try:
-            backend = await loop.run_in_executor(None, BACKENDS[config.backend], config)
+            return BACKENDS[config.backend](config)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelLoadError(f"model {name!r}: cannot load {path}: {exc}") from None
-        return ModelRunner(name, 1, backend, config, loop)
 
     def _socket_hint(self) -> str:
         endpoint = self.paths.infer_endpoint

@@ -86,7 +86,9 @@ def _tensor(name: str, array: np.ndarray[Any, Any]) -> Any:
     return numpy_helper.from_array(array, name)
 
 
-def _quantize_to(path: Path, graph: Any, input_name: str, calibration: np.ndarray[Any, Any]) -> Path:
+def _quantize_to(
+    path: Path, graph: Any, input_name: str, calibration: np.ndarray[Any, Any]
+) -> Path:
     """Quantize the float graph and move the result to ``path`` atomically."""
     import onnx
     from onnx import helper

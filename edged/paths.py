@@ -58,7 +58,9 @@ def default_state_dir() -> Path:
 
 
 def resolve_paths(config: Config) -> Paths:
-    runtime = Path(config.daemon.runtime_dir) if config.daemon.runtime_dir else default_runtime_dir()
+    runtime = (
+        Path(config.daemon.runtime_dir) if config.daemon.runtime_dir else default_runtime_dir()
+    )
     state = Path(config.daemon.state_dir) if config.daemon.state_dir else default_state_dir()
     paths = Paths(runtime=runtime.absolute(), state=state.absolute())
     if len(os.fsencode(paths.infer_socket)) > MAX_IPC_PATH:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -28,7 +28,7 @@ from edged.errors import (
 
 PROTOCOL_VERSION = 1
 
-Buffer = Union[bytes, bytearray, memoryview]
+Buffer = bytes | bytearray | memoryview
 
 #: dtype names accepted on the wire, all little-endian.
 DTYPES: dict[str, np.dtype[Any]] = {
@@ -131,9 +131,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
         if not frames or (len(frames) == 1 and len(frames[0]) == 0):
             raise BadRequest("empty message")
         header = unpack_header(frames[0], limits)
-        raw_id = header.get("id")
-        if _is_int(raw_id) and 0 <= raw_id <= MAX_ID:
-            request_id = raw_id  # read first so that every later error reaches its caller
+        request_id = _valid_id(header.get("id"))  # first, so every later error reaches its caller
         total = sum(len(f) for f in frames)
         if total > limits.max_message_bytes:
             raise TooLarge(f"message is {total} bytes, limit {limits.max_message_bytes}")
@@ -148,8 +146,8 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
         raise UnsupportedVersion(
             f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}"
         )
-    request_id = header.get("id")
-    if not (_is_int(request_id) and 0 <= request_id <= MAX_ID):
+    request_id = _valid_id(header.get("id"))
+    if request_id is None:
         raise BadRequest("'id' must be an unsigned 64-bit integer")
     op = header.get("op")
     if not isinstance(op, str):
@@ -200,9 +198,11 @@ def _decode_tensors(
     if len(specs) > limits.max_tensors:
         raise TooLarge(f"{len(specs)} tensors, limit {limits.max_tensors}")
     if len(specs) != len(frames):
-        raise FrameMismatch(f"header declares {len(specs)} tensor(s) but {len(frames)} frame(s) follow")
+        raise FrameMismatch(
+            f"header declares {len(specs)} tensor(s) but {len(frames)} frame(s) follow"
+        )
     arrays: dict[str, np.ndarray[Any, Any]] = {}
-    for index, (spec, frame) in enumerate(zip(specs, frames)):
+    for index, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
         name, dtype, shape = _tensor_spec(spec, index, limits)
         if name in arrays:
             raise BadRequest(f"tensor {name!r} is declared twice")
@@ -216,7 +216,9 @@ def _decode_tensors(
     return arrays
 
 
-def _tensor_spec(spec: Any, index: int, limits: Limits) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
+def _tensor_spec(
+    spec: Any, index: int, limits: Limits
+) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
     where = f"inputs[{index}]"
     if not isinstance(spec, dict):
         raise BadRequest(f"{where} must be a map with name, dtype, shape")
@@ -227,9 +229,13 @@ def _tensor_spec(spec: Any, index: int, limits: Limits) -> tuple[str, np.dtype[A
         raise BadRequest(f"{where}.name must be a non-empty string")
     dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
-        raise BadRequest(f"{where} ({name!r}): dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+        raise BadRequest(
+            f"{where} ({name!r}): dtype {dtype_name!r} is not one of {', '.join(DTYPES)}"
+        )
     if not isinstance(shape, list) or len(shape) > limits.max_dims:
-        raise BadRequest(f"{where} ({name!r}): shape must be an array of at most {limits.max_dims} dims")
+        raise BadRequest(
+            f"{where} ({name!r}): shape must be an array of at most {limits.max_dims} dims"
+        )
     if not all(_is_int(d) and 0 <= d <= limits.max_message_bytes for d in shape):
         raise BadRequest(f"{where} ({name!r}): shape dims must be non-negative integers")
     return name, dtype, tuple(shape)
@@ -242,6 +248,10 @@ def _optional(header: Mapping[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+def _valid_id(value: Any) -> int | None:
+    return value if _is_int(value) and 0 <= value <= MAX_ID else None
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -252,7 +262,7 @@ def _is_int(value: Any) -> bool:
 def tensor_frames(
     arrays: Mapping[str, np.ndarray[Any, Any]],
 ) -> tuple[list[dict[str, Any]], list[np.ndarray[Any, Any]]]:
-    """Describe arrays for a header and return them C-contiguous little-endian (copy only if not)."""
+    """Describe arrays for a header; return them C-contiguous little-endian (copied only if not)."""
     specs: list[dict[str, Any]] = []
     frames: list[np.ndarray[Any, Any]] = []
     for name, array in arrays.items():
@@ -260,7 +270,7 @@ def tensor_frames(
         wire = DTYPES.get(arr.dtype.name)
         if wire is None:
             raise BadRequest(f"tensor {name!r}: dtype {arr.dtype} cannot be sent")
-        arr = np.asarray(arr, dtype=wire, order="C")  # (ascontiguousarray would make 0-d 1-d)
+        arr = np.asarray(arr, dtype=wire, order="C")  # ascontiguousarray makes 0-d arrays 1-d
         specs.append({"name": name, "dtype": wire.name, "shape": list(arr.shape)})
         frames.append(arr)
     return specs, frames
@@ -318,8 +328,7 @@ def decode_reply(frames: Sequence[Buffer], limits: Limits | None = None) -> Repl
     """Decode a reply; an error reply carries the matching typed ``EdgedError`` in ``error``."""
     limits = limits or Limits()
     header = unpack_header(frames[0], limits)
-    raw_id = header.get("id")
-    request_id = raw_id if _is_int(raw_id) else None
+    request_id = _valid_id(header.get("id"))
     if not header.get("ok"):
         error = header.get("error")
         if not isinstance(error, dict):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 import zmq
 
@@ -29,6 +29,10 @@ log = logging.getLogger(__name__)
 BURST = 256
 #: how long close() may spend flushing final replies
 LINGER_MS = 500
+
+
+def _readable(sock: zmq.Socket[Any]) -> bool:
+    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
 class InferenceEndpoint:
@@ -47,6 +51,7 @@ class InferenceEndpoint:
         self._loop = loop
         self._limits = Limits(max_message_bytes=config.max_message_bytes)
         self._socket: zmq.Socket[Any] | None = None
+        self._fd = -1
         self._drain_scheduled = False
         self._draining_input = False
 
@@ -63,14 +68,15 @@ class InferenceEndpoint:
             sock.close(linger=0)
             raise OSError(f"cannot bind {endpoint}: {exc}") from None
         self._socket = sock
-        self._loop.add_reader(sock.getsockopt(zmq.FD), self._on_readable)
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._loop.add_reader(self._fd, self._on_readable)
         self._on_readable()  # edge-triggered: pick up anything queued before the reader existed
 
     def stop(self) -> None:
         sock, self._socket = self._socket, None
         if sock is None:
             return
-        self._loop.remove_reader(sock.getsockopt(zmq.FD))
+        self._loop.remove_reader(self._fd)
         sock.close()
 
     def _on_readable(self) -> None:
@@ -82,7 +88,7 @@ class InferenceEndpoint:
         try:
             # Ask EVENTS before each receive: cheaper than a receive that raises zmq.Again.
             for _ in range(BURST):
-                if not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if not _readable(sock):
                     break
                 self._handle(sock.recv_multipart(zmq.NOBLOCK, copy=False))
             self._service.pump()
@@ -92,7 +98,7 @@ class InferenceEndpoint:
 
     def _check_input(self) -> None:
         sock = self._socket
-        if sock is not None and not self._drain_scheduled and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if sock is not None and not self._drain_scheduled and _readable(sock):
             self._drain_scheduled = True
             self._loop.call_soon(self._on_readable)
 

@@ -76,7 +76,9 @@ class InferenceService:
             inputs=request.inputs,
             send=send,
             arrived_ns=now,
-            deadline_ns=None if request.deadline_ms is None else now + int(request.deadline_ms * 1e6),
+            deadline_ns=None
+            if request.deadline_ms is None
+            else now + int(request.deadline_ms * 1e6),
             key=key,
             rows=batching.batch_rows(request.inputs) if key is not None else 1,
         )

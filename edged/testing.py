@@ -85,7 +85,9 @@ class DaemonProcess:
                     return
                 except ClientTimeout:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"edged not ready after {timeout} s\n{self.log()}") from None
+                        raise TimeoutError(
+                            f"edged not ready after {timeout} s\n{self.log()}"
+                        ) from None
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; returns the exit code."""

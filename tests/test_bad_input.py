@@ -120,6 +120,10 @@ def test_client_that_vanishes_before_its_reply(
 
 
 def test_too_large_is_typed_on_the_client(limited_daemon: DaemonProcess) -> None:
-    inputs = {"a": np.zeros(LIMIT // 8, np.float32), "b": np.zeros(LIMIT // 8, np.float32), "c": np.zeros(LIMIT // 8, np.float32)}
+    inputs = {
+        "a": np.zeros(LIMIT // 8, np.float32),
+        "b": np.zeros(LIMIT // 8, np.float32),
+        "c": np.zeros(LIMIT // 8, np.float32),
+    }
     with limited_daemon.client() as client, pytest.raises(TooLarge):
         client.infer("demo", inputs)

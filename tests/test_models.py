@@ -34,7 +34,11 @@ def test_signature_accepts_matching_inputs_and_any_dynamic_dim() -> None:
             "unexpected input 'y'",
         ),
         ({"x": np.zeros((1, 16), np.float64)}, DtypeMismatch, "expected float32, got float64"),
-        ({"x": np.zeros((1, 15), np.float32)}, ShapeMismatch, "expected shape [?, 16], got [1, 15]"),
+        (
+            {"x": np.zeros((1, 15), np.float32)},
+            ShapeMismatch,
+            "expected shape [?, 16], got [1, 15]",
+        ),
         ({"x": np.zeros(16, np.float32)}, ShapeMismatch, "got [16]"),
     ],
 )
@@ -53,7 +57,9 @@ def test_batchable_needs_a_dynamic_leading_dim_everywhere() -> None:
     assert not fixed.batchable
 
 
-def test_provider_preference_falls_back_to_what_is_available(caplog: pytest.LogCaptureFixture) -> None:
+def test_provider_preference_falls_back_to_what_is_available(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     with caplog.at_level(logging.INFO):
         chosen = choose_providers(("tensorrt", "cuda", "cpu"), available)
@@ -76,7 +82,7 @@ def test_merge_and_split_round_trip_per_request_rows() -> None:
     merged = batching.merge(requests)
     assert merged["x"].shape == (6, 2)
     parts = batching.split({"y": merged["x"] * 10}, [1, 3, 2])
-    for request, part in zip(requests, parts):
+    for request, part in zip(requests, parts, strict=True):
         np.testing.assert_array_equal(part["y"], request["x"] * 10)
 
 

@@ -103,7 +103,9 @@ def test_big_endian_input_is_sent_little_endian() -> None:
         (frames_of(infer_header(), b"\0" * 24, b"\0"), FrameMismatch, "but 2 frame(s)"),
         (frames_of(infer_header(), b"\0" * 23), FrameMismatch, "needs 24 bytes"),
         (
-            frames_of(infer_header(inputs=[{"name": "x", "dtype": "complex64", "shape": [1]}]), b""),
+            frames_of(
+                infer_header(inputs=[{"name": "x", "dtype": "complex64", "shape": [1]}]), b""
+            ),
             BadRequest,
             "complex64",
         ),

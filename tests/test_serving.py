@@ -30,7 +30,9 @@ def test_outputs_equal_direct_onnxruntime(demo_daemon: DaemonProcess, models_dir
     x = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32)
     with demo_daemon.client() as client:
         result = client.infer("demo", {"x": x}, trace="trace-1")
-    np.testing.assert_array_equal(result["probs"], direct_run(models_dir / "demo.onnx", {"x": x})[0])
+    np.testing.assert_array_equal(
+        result["probs"], direct_run(models_dir / "demo.onnx", {"x": x})[0]
+    )
     assert (result.model, result.version, result.trace) == ("demo", 1, "trace-1")
     assert {"queue_us", "run_us", "batch", "rtt_us"} <= set(result.timing)
 
@@ -40,7 +42,9 @@ def test_image_sized_request(start_daemon: DaemonFactory, models_dir: Path) -> N
     image = np.random.default_rng(4).standard_normal((1, 3, 224, 224)).astype(np.float32)
     with daemon.client() as client:
         logits = client.infer("image", {"image": image})["logits"]
-    np.testing.assert_array_equal(logits, direct_run(models_dir / "image.onnx", {"image": image})[0])
+    np.testing.assert_array_equal(
+        logits, direct_run(models_dir / "image.onnx", {"image": image})[0]
+    )
 
 
 def test_describe_and_ping(demo_daemon: DaemonProcess) -> None:
@@ -51,7 +55,9 @@ def test_describe_and_ping(demo_daemon: DaemonProcess) -> None:
         {"name": "x", "dtype": "float32", "shape": [None, 16]}
     ]
     assert described["signature"]["outputs"][0]["name"] == "probs"
-    assert ping["state"] == "serving" and ping["models"] == ["demo"] and ping["pid"] == demo_daemon.pid
+    assert (
+        ping["state"] == "serving" and ping["models"] == ["demo"] and ping["pid"] == demo_daemon.pid
+    )
 
 
 def test_unknown_model_and_version_pin(demo_daemon: DaemonProcess) -> None:
@@ -79,7 +85,7 @@ def test_concurrent_requests_are_batched_and_split_back(
     results = asyncio.run(send_all())
     expected = direct_run(models_dir / "demo.onnx", {"x": np.concatenate(inputs)})[0]
     offset = 0
-    for x, result in zip(inputs, results):
+    for x, result in zip(inputs, results, strict=True):
         np.testing.assert_allclose(result["probs"], expected[offset : offset + len(x)], atol=1e-6)
         offset += len(x)
     assert max(result.timing["batch"] for result in results) > 1
@@ -91,7 +97,9 @@ def slow_config(models_dir: Path, **overrides: Any) -> dict[str, Any]:
 
 
 def send_raw(sock: zmq.Socket[Any], request_id: int, x: np.ndarray, **header: Any) -> None:
-    sock.send_multipart(protocol.encode_request(request_id, "infer", model="slow", inputs={"x": x}, **header))
+    sock.send_multipart(
+        protocol.encode_request(request_id, "infer", model="slow", inputs={"x": x}, **header)
+    )
 
 
 def recv_reply(sock: zmq.Socket[Any], timeout_ms: int = 30000) -> protocol.Reply:
@@ -164,7 +172,10 @@ def test_async_client_many_in_flight(demo_daemon: DaemonProcess) -> None:
 
     firsts = asyncio.run(run())
     with demo_daemon.client() as client:
-        expected = [float(client.infer("demo", {"x": np.full((1, 16), i, np.float32)})["probs"][0, 0]) for i in range(50)]
+        expected = [
+            float(client.infer("demo", {"x": np.full((1, 16), i, np.float32)})["probs"][0, 0])
+            for i in range(50)
+        ]
     assert firsts == expected
 
 
@@ -201,13 +212,19 @@ def test_optional_tcp_endpoint(start_daemon: DaemonFactory, models_dir: Path) ->
     )
     with Client(endpoint) as tcp, daemon.client() as ipc:
         x = np.ones((1, 16), np.float32)
-        np.testing.assert_array_equal(tcp.infer("demo", {"x": x})["probs"], ipc.infer("demo", {"x": x})["probs"])
+        np.testing.assert_array_equal(
+            tcp.infer("demo", {"x": x})["probs"], ipc.infer("demo", {"x": x})["probs"]
+        )
 
 
 def test_req_socket_client(demo_daemon: DaemonProcess, zmq_context: zmq.Context[Any]) -> None:
     sock = zmq_context.socket(zmq.REQ)
     sock.connect(demo_daemon.endpoint)
-    sock.send_multipart(protocol.encode_request(5, "infer", model="demo", inputs={"x": np.zeros((1, 16), np.float32)}))
+    sock.send_multipart(
+        protocol.encode_request(
+            5, "infer", model="demo", inputs={"x": np.zeros((1, 16), np.float32)}
+        )
+    )
     reply = recv_reply(sock, 10000)
     assert reply.error is None and reply.id == 5 and reply.tensors["probs"].shape == (1, 4)
     sock.close(linger=0)

@@ -19,14 +19,18 @@ def test_silero_vad_through_edged_equals_direct_onnxruntime(
     session = ort.InferenceSession(str(silero_model), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(7)
     t = np.arange(CHUNK * 8) / 16000
-    audio = (0.5 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+    audio = (0.5 * np.sin(2 * np.pi * 220 * t) + 0.05 * rng.standard_normal(t.size)).astype(
+        np.float32
+    )
     sr = np.array(16000, dtype=np.int64)
     state_edged = state_direct = np.zeros((2, 1, 128), np.float32)
     with daemon.client() as client:
         for start in range(0, audio.size, CHUNK):
             chunk = audio[np.newaxis, start : start + CHUNK]
             result = client.infer("vad", {"input": chunk, "state": state_edged, "sr": sr})
-            prob, state_direct = session.run(None, {"input": chunk, "state": state_direct, "sr": sr})
+            prob, state_direct = session.run(
+                None, {"input": chunk, "state": state_direct, "sr": sr}
+            )
             np.testing.assert_array_equal(result["output"], prob)
             np.testing.assert_array_equal(result["stateN"], state_direct)
             state_edged = result["stateN"]

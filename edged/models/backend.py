@@ -64,7 +64,8 @@ class Signature:
                     f"got {array.dtype.name}"
                 )
             if len(array.shape) != len(spec.shape) or any(
-                want is not None and want != got for want, got in zip(spec.shape, array.shape)
+                want is not None and want != got
+                for want, got in zip(spec.shape, array.shape, strict=True)
             ):
                 raise ShapeMismatch(
                     f"model {model!r} input {spec.name!r}: expected shape "

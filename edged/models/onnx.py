@@ -99,7 +99,7 @@ class OnnxBackend:
 
     def run(self, inputs: Arrays) -> dict[str, np.ndarray[Any, Any]]:
         results = self._session.run(self._output_names, dict(inputs))
-        return dict(zip(self._output_names, results))
+        return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
         del self._session

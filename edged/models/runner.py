@@ -263,7 +263,7 @@ class ModelRunner:
             for job in run.jobs:
                 job.fail(run.error)
             return
-        for job, outputs in zip(run.jobs, parts):
+        for job, outputs in zip(run.jobs, parts, strict=True):
             self._reply(job, outputs, run)
 
     def _reply(self, job: Job, outputs: Outputs, run: _Run) -> None:
