@@ -49,6 +49,8 @@ DTYPES: dict[str, np.dtype[Any]] = {
     )
 }
 
+WIRE_NAMES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DTYPES.items()}
+
 #: header keys each op accepts besides the common ones; anything else is a BAD_REQUEST.
 COMMON_KEYS = frozenset({"v", "id", "op", "trace"})
 OP_KEYS: dict[str, frozenset[str]] = {
@@ -56,6 +58,8 @@ OP_KEYS: dict[str, frozenset[str]] = {
     "describe": frozenset({"model", "version"}),
     "infer": frozenset({"model", "version", "deadline_ms", "inputs"}),
 }
+ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
+TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
 MODEL_OPS = frozenset({"describe", "infer"})
 MAX_ID = 2**64 - 1
 MAX_TRACE_LEN = 128
@@ -152,10 +156,10 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
     op = header.get("op")
     if not isinstance(op, str):
         raise BadRequest("'op' must be a string")
-    allowed = OP_KEYS.get(op)
+    allowed = ALLOWED_KEYS.get(op)
     if allowed is None:
         raise UnknownOp(f"unknown op {op!r}; known: {', '.join(sorted(OP_KEYS))}")
-    extra = set(header) - COMMON_KEYS - allowed
+    extra = header.keys() - allowed
     if extra:
         raise BadRequest(f"unknown header key(s) for op {op!r}: {', '.join(map(repr, extra))}")
     trace = _optional(header, "trace", str)
@@ -220,24 +224,24 @@ def _tensor_spec(
     spec: Any, index: int, limits: Limits
 ) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
     where = f"inputs[{index}]"
-    if not isinstance(spec, dict):
-        raise BadRequest(f"{where} must be a map with name, dtype, shape")
-    if set(spec) != {"name", "dtype", "shape"}:
-        raise BadRequest(f"{where} must have exactly the keys name, dtype, shape")
+    # Exact type checks (msgpack decodes to exact types): this runs for every tensor received.
+    if type(spec) is not dict or spec.keys() != TENSOR_KEYS:
+        raise BadRequest(f"{where} must be a map with exactly the keys name, dtype, shape")
     name, dtype_name, shape = spec["name"], spec["dtype"], spec["shape"]
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME_LEN:
+    if type(name) is not str or not name or len(name) > MAX_NAME_LEN:
         raise BadRequest(f"{where}.name must be a non-empty string")
-    dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise BadRequest(
             f"{where} ({name!r}): dtype {dtype_name!r} is not one of {', '.join(DTYPES)}"
         )
-    if not isinstance(shape, list) or len(shape) > limits.max_dims:
+    if type(shape) is not list or len(shape) > limits.max_dims:
         raise BadRequest(
             f"{where} ({name!r}): shape must be an array of at most {limits.max_dims} dims"
         )
-    if not all(_is_int(d) and 0 <= d <= limits.max_message_bytes for d in shape):
-        raise BadRequest(f"{where} ({name!r}): shape dims must be non-negative integers")
+    for dim in shape:
+        if type(dim) is not int or not 0 <= dim <= limits.max_message_bytes:
+            raise BadRequest(f"{where} ({name!r}): shape dims must be non-negative integers")
     return name, dtype, tuple(shape)
 
 
@@ -253,7 +257,7 @@ def _valid_id(value: Any) -> int | None:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return type(value) is int  # bool is a subclass of int, and never an integer here
 
 
 # -- encoding ---------------------------------------------------------------------------------
@@ -267,11 +271,14 @@ def tensor_frames(
     frames: list[np.ndarray[Any, Any]] = []
     for name, array in arrays.items():
         arr = np.asarray(array)
-        wire = DTYPES.get(arr.dtype.name)
-        if wire is None:
-            raise BadRequest(f"tensor {name!r}: dtype {arr.dtype} cannot be sent")
-        arr = np.asarray(arr, dtype=wire, order="C")  # ascontiguousarray makes 0-d arrays 1-d
-        specs.append({"name": name, "dtype": wire.name, "shape": list(arr.shape)})
+        dtype_name = WIRE_NAMES.get(arr.dtype)  # a dict hit; dtype.name is slow to compute
+        if dtype_name is None or not arr.flags.c_contiguous:
+            wire = DTYPES.get(arr.dtype.name)  # e.g. big-endian: converted to little-endian
+            if wire is None:
+                raise BadRequest(f"tensor {name!r}: dtype {arr.dtype} cannot be sent")
+            arr = np.asarray(arr, dtype=wire, order="C")  # ascontiguousarray makes 0-d 1-d
+            dtype_name = wire.name
+        specs.append({"name": name, "dtype": dtype_name, "shape": list(arr.shape)})
         frames.append(arr)
     return specs, frames
 

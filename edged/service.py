@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from edged import __version__, protocol
 from edged.errors import ShuttingDown
-from edged.models import batching
 from edged.models.registry import Registry
 from edged.models.runner import Job, ModelRunner, ReplySink
 from edged.protocol import Request
@@ -69,18 +68,8 @@ class InferenceService:
         runner = self.registry.get(model, request.version)
         runner.backend.signature.check(model, request.inputs)
         now = time.monotonic_ns()
-        key = batching.batch_key(request.inputs) if runner.batching else None
-        job = Job(
-            request_id=request.id,
-            trace=request.trace,
-            inputs=request.inputs,
-            send=send,
-            arrived_ns=now,
-            deadline_ns=None
-            if request.deadline_ms is None
-            else now + int(request.deadline_ms * 1e6),
-            key=key,
-            rows=batching.batch_rows(request.inputs) if key is not None else 1,
-        )
+        deadline = request.deadline_ms
+        deadline_ns = None if deadline is None else now + int(deadline * 1e6)
+        job = Job(request.id, request.trace, request.inputs, send, now, deadline_ns)
         runner.submit(job)
         self._pending.add(runner)

@@ -102,6 +102,11 @@ class DaemonProcess:
             self.proc.wait()
             raise
 
+    def wait(self, timeout: float = 30.0) -> int:
+        """Wait for an exit already under way (after a signal the test sent itself)."""
+        assert self.proc is not None, "daemon not started"
+        return self.proc.wait(timeout)
+
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()

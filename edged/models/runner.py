@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 ReplySink = Callable[[list[Any]], None]
 Outputs = dict[str, np.ndarray[Any, Any]]
-EWMA_WEIGHT = 0.2
+EWMA_WEIGHT = 0.1
+#: a single slow run (preemption, a page fault) moves the estimate by at most this much
+EWMA_CLAMP = 2.0
 
 
 @dataclass(slots=True, eq=False)
@@ -43,8 +45,6 @@ class Job:
     send: ReplySink
     arrived_ns: int
     deadline_ns: int | None
-    key: Hashable | None
-    rows: int
     replied: bool = False
 
     def fail(self, error: EdgedError) -> None:
@@ -108,9 +108,9 @@ class ModelRunner:
         self._thread = threading.Thread(target=self._work, name=f"run-{name}", daemon=True)
         self._timer: asyncio.TimerHandle | None = None
         self._recent_run_us: float | None = None
+        self._with_deadline = 0  # queued jobs that carry a deadline: skip the scan when none
         self._draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle_waiters: list[asyncio.Future[None]] = []
         self._counters = _Counters()
 
     def start(self) -> None:
@@ -126,7 +126,8 @@ class ModelRunner:
                 f"(queue_depth {self.config.queue_depth}); retry later"
             )
         self._queue.append(job)
-        self._idle.clear()
+        if job.deadline_ns is not None:
+            self._with_deadline += 1
 
     def pump(self) -> None:
         """Start runs while the model is free and a batch is ready."""
@@ -142,14 +143,19 @@ class ModelRunner:
             else:
                 self._in_flight = jobs
                 self._inbox.put(run)
-        if not self._in_flight and not self._queue:
-            self._idle.set()
+        if self._idle_waiters and not self._in_flight and not self._queue:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
 
     async def drained(self) -> None:
         """Return once nothing is queued or running; delays stop holding partial batches."""
         self._draining = True
+        waiter = self._loop.create_future()
+        self._idle_waiters.append(waiter)
         self.pump()
-        await self._idle.wait()
+        await waiter
 
     def abort(self, error: EdgedError) -> None:
         """Answer every queued and running job with ``error`` (after a drain timed out)."""
@@ -158,6 +164,7 @@ class ModelRunner:
         for job in [*self._queue, *self._in_flight]:
             job.fail(error)
         self._queue.clear()
+        self._with_deadline = 0
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -184,27 +191,45 @@ class ModelRunner:
 
     def _take_batch(self) -> list[Job] | None:
         """Pop the next batch, or ``None`` while a partial batch may still wait for rows."""
-        now = time.monotonic_ns()
-        self._expire(now)
-        if not self._queue:
-            return None
-        first = self._queue[0]
-        if not self.batching or first.key is None:
-            return [self._queue.popleft()]
+        queue = self._queue
+        if self._with_deadline:
+            self._expire(time.monotonic_ns())
+            if not queue:
+                return None
+        first = queue[0]
+        if not self.batching or (len(queue) == 1 and not self.config.max_delay_us):
+            self._remove(first)  # the common case pays for no batching bookkeeping
+            return [first]
+        key = batching.batch_key(first.inputs)
+        if key is None:
+            self._remove(first)
+            return [first]
         chosen: list[Job] = []
         rows = 0
-        for job in self._queue:
-            if job.key == first.key and (not chosen or rows + job.rows <= self.config.max_batch):
+        for job in queue:
+            job_rows = batching.batch_rows(job.inputs)
+            if (not chosen or rows + job_rows <= self.config.max_batch) and (
+                job is first or batching.batch_key(job.inputs) == key
+            ):
                 chosen.append(job)
-                rows += job.rows
+                rows += job_rows
+        now = time.monotonic_ns()
         wait_until = first.arrived_ns + self.config.max_delay_us * 1000
         if rows < self.config.max_batch and now < wait_until and not self._draining:
             if self._timer is None:
                 self._timer = self._loop.call_later((wait_until - now) / 1e9, self._on_timer)
             return None
         for job in chosen:
-            self._queue.remove(job)
+            self._remove(job)
         return chosen
+
+    def _remove(self, job: Job) -> None:
+        if job is self._queue[0]:
+            self._queue.popleft()
+        else:
+            self._queue.remove(job)
+        if job.deadline_ns is not None:
+            self._with_deadline -= 1
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -212,7 +237,7 @@ class ModelRunner:
 
     def _expire(self, now: int) -> None:
         for job in [j for j in self._queue if j.deadline_ns is not None and j.deadline_ns <= now]:
-            self._queue.remove(job)
+            self._remove(job)
             self._counters.deadline_misses += 1
             waited_ms = (now - job.arrived_ns) / 1e6
             job.fail(DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms in the queue"))
@@ -248,14 +273,20 @@ class ModelRunner:
     def _finish(self, run: _Run) -> None:
         run_us = (run.ended_ns - run.started_ns) / 1000
         recent = self._recent_run_us
-        self._recent_run_us = run_us if recent is None else recent + EWMA_WEIGHT * (run_us - recent)
+        if recent is None:
+            self._recent_run_us = run_us
+        else:
+            sample = min(run_us, EWMA_CLAMP * max(recent, self.config.inline_max_us))
+            self._recent_run_us = recent + EWMA_WEIGHT * (sample - recent)
         c = self._counters
         c.runs += 1
-        c.rows += sum(job.rows for job in run.jobs)
+        c.rows += sum(batching.batch_rows(job.inputs) for job in run.jobs)
         parts: list[Outputs] = []
         if run.outputs is not None:
             try:
-                parts = batching.split(run.outputs, [job.rows for job in run.jobs])
+                parts = batching.split(
+                    run.outputs, [batching.batch_rows(j.inputs) for j in run.jobs]
+                )
             except ValueError as exc:
                 run.error = RunFailed(f"model {self.name!r}: cannot split batch: {exc}")
         if run.error is not None:
