@@ -86,15 +86,29 @@ class InferenceEndpoint:
             return
         self._draining_input = True
         try:
-            # Ask EVENTS before each receive: cheaper than a receive that raises zmq.Again.
             for _ in range(BURST):
-                if not _readable(sock):
-                    break
-                self._handle(sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                if self._receive(sock):
+                    continue
+                self._service.pump()  # start runs; inline runs send their replies right here
+                # A send can swallow the edge of input that arrived meanwhile; only a receive
+                # that finds nothing re-arms the FD, so end on one.
+                if not self._receive(sock):
+                    return
             self._service.pump()
+            self._drain_scheduled = True  # burst used up: let timers and signals run first
+            self._loop.call_soon(self._on_readable)
         finally:
             self._draining_input = False
-        self._check_input()
+
+    def _receive(self, sock: zmq.Socket[Any]) -> bool:
+        # A non-blocking receive that fails is cheaper than asking EVENTS first: libzmq
+        # throttles its command processing on receives, but EVENTS costs a system call.
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return False
+        self._handle(frames)
+        return True
 
     def _check_input(self) -> None:
         sock = self._socket
