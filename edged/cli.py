@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,9 +99,11 @@ def _describe_error(exc: BaseException) -> str:
 
 
 def _serve(config_arg: str | None) -> int:
-    from edged.daemon import Daemon
-
     config = load_config(find_config_file(config_arg))
+    if config.daemon.event_loop == "asyncio":
+        _without_tls_module()
+    from edged.daemon import Daemon  # imports asyncio: after the line above
+
     logging.basicConfig(
         level=config.daemon.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -113,6 +114,14 @@ def _serve(config_arg: str | None) -> int:
     return 0
 
 
+def _without_tls_module() -> None:
+    """Keep ``ssl`` out of the daemon: asyncio imports it when present, mapping ~4 MB of OpenSSL
+    into a process that never speaks TLS (remote control uses CurveZMQ). asyncio and urllib treat
+    a missing ssl module as optional. Must run before asyncio is first imported."""
+    if "asyncio" not in sys.modules:
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+
+
 def _config_check(path: Path) -> int:
     config = load_config(path)
     print(f"{path}: ok ({len(config.models) or 'no'} model(s) declared)")
@@ -120,6 +129,8 @@ def _config_check(path: Path) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
+    import statistics
+
     from edged.client import Client
 
     with Client(args.socket, timeout=args.timeout) as client:

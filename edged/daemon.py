@@ -12,6 +12,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +43,13 @@ BACKENDS: dict[str, Callable[[ModelConfig], Backend]] = {"onnx": _load_onnx}
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
-    """uvloop when asked for or available ('auto'), else the standard loop."""
-    if kind != "asyncio":
+    if kind == "uvloop":
         try:
             import uvloop
         except ImportError:
-            if kind == "uvloop":
-                raise ConfigError(
-                    "daemon.event_loop is 'uvloop' but uvloop is not installed"
-                ) from None
-        else:
-            loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
-            return loop
+            raise ConfigError("daemon.event_loop is 'uvloop' but uvloop is not installed") from None
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
     return asyncio.new_event_loop()
 
 
@@ -106,12 +102,15 @@ class Daemon:
         stack.enter_context(stop_signals(loop, self.request_stop))
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
-        for name, model_config in self._model_configs().items():
-            backend = await loop.run_in_executor(None, self._open_backend, name, model_config)
-            runner = ModelRunner(name, 1, backend, model_config, loop)
-            stack.callback(runner.close)
-            runner.start()
-            self.registry.add(runner)
+        # A loader thread that ends with startup: an idle default executor would keep its
+        # thread (and its memory) for the daemon's whole life.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as loader:
+            for name, model_config in self._model_configs().items():
+                backend = await loop.run_in_executor(loader, self._open_backend, name, model_config)
+                runner = ModelRunner(name, 1, backend, model_config, loop)
+                stack.callback(runner.close)
+                runner.start()
+                self.registry.add(runner)
         endpoints = [self.paths.infer_endpoint, *self.config.server.tcp]
         endpoint = InferenceEndpoint(context, endpoints, self.config.server, self.service, loop)
         stack.callback(self.paths.infer_socket.unlink, missing_ok=True)

@@ -1,0 +1,144 @@
+"""The benchmarks: each takes the run's ``Context`` and returns rows against same-run baselines."""
+
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+
+import psutil
+
+from bench.echo import echo_caller
+from bench.harness import ROOT, Row, ServerProcess, Settings, p50s_us
+from bench.httpjson import http_caller
+from bench.load import CLIENTS, closed_loop_rates
+from bench.workloads import (
+    IMAGE,
+    TINY,
+    WORKLOADS,
+    Target,
+    Workload,
+    edged_caller,
+    open_calls,
+    ort_caller,
+)
+from edged.testing import DaemonProcess
+
+MIB = 1024 * 1024
+FLOOR = "floor (zmq echo + ort run)"
+BARE_TIMEOUT_S = 60.0
+
+
+class Context:
+    """Models, the daemon and the echo server, made on first use and shared by the benchmarks.
+
+    Every process started here is entered on ``stack``, so it is stopped when the run ends,
+    however it ends.
+    """
+
+    def __init__(self, settings: Settings, workdir: Path, stack: ExitStack) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self._stack = stack
+        self._models: dict[str, Path] = {}
+
+    def model_path(self, workload: Workload) -> Path:
+        if workload.name not in self._models:
+            self._models[workload.name] = workload.build(self.workdir / f"{workload.name}.onnx")
+        return self._models[workload.name]
+
+    def daemon_config(self, *workloads: Workload) -> dict[str, object]:
+        """Models as a user declares them; ``max_batch`` as ``edged serve`` gives its demo."""
+        models = {w.model: {"path": str(self.model_path(w)), "max_batch": 8} for w in workloads}
+        return {"models": models}
+
+    @functools.cached_property
+    def edged(self) -> Target:
+        """A daemon serving every workload's model, at edged's default model settings."""
+        daemon = DaemonProcess(self.workdir, self.daemon_config(*WORKLOADS))
+        return edged_caller, self._stack.enter_context(daemon).endpoint
+
+    @functools.cached_property
+    def echo(self) -> Target:
+        """The raw echo server, the transport floor."""
+        endpoint = f"ipc://{self.workdir / 'echo.sock'}"
+        self._stack.enter_context(ServerProcess("bench.echo", endpoint))
+        return echo_caller, endpoint
+
+    def p50s(self, workload: Workload, targets: Mapping[str, Target]) -> dict[str, float]:
+        """Median round trip in us per target, the targets taking turns (see ``p50s_us``)."""
+        with ExitStack() as stack:
+            return p50s_us(open_calls(stack, targets, workload), self.settings)
+
+
+def rtt(ctx: Context, workload: Workload) -> list[Row]:
+    """edged's round trip against its floor: the same frames echoed raw, plus the bare run.
+
+    The two floor parts get rows of their own (ratio = their share of the floor) to show where
+    the floor's time goes.
+    """
+    ort = (ort_caller, str(ctx.model_path(workload)))
+    p50 = ctx.p50s(workload, {"edged": ctx.edged, "echo": ctx.echo, "ort": ort})
+    edged, echo, run = p50["edged"], p50["echo"], p50["ort"]
+    floor = echo + run
+    name = f"rtt_{workload.name}"
+    return [
+        Row(name, "p50_rtt", "us", edged, FLOOR, floor),
+        Row(f"{name}_floor_echo", "p50_rtt", "us", echo, FLOOR, floor),
+        Row(f"{name}_floor_ort", "p50_run", "us", run, FLOOR, floor),
+    ]
+
+
+def throughput(ctx: Context) -> list[Row]:
+    """Tiny requests from CLIENTS closed-loop processes: edged against the raw echo server."""
+    rates = closed_loop_rates({"echo": ctx.echo, "edged": ctx.edged}, TINY, ctx.settings)
+    edged, echo = rates["edged"], rates["echo"]
+    return [Row(f"throughput_{CLIENTS}", "throughput", "req/s", edged, "zmq echo", echo)]
+
+
+def http_json(ctx: Context) -> list[Row]:
+    """The naive HTTP/JSON server against edged, per workload; ratio > 1 means edged is faster."""
+    rows = []
+    for workload in WORKLOADS:
+        with ServerProcess("bench.httpjson", str(ctx.model_path(workload))) as server:
+            p50 = ctx.p50s(workload, {"http": (http_caller, server.info), "edged": ctx.edged})
+        http, edged = p50["http"], p50["edged"]
+        rows.append(Row(f"http_json_{workload.name}", "p50_rtt", "us", http, "edged", edged))
+    return rows
+
+
+def idle_rss(ctx: Context) -> list[Row]:
+    """A fresh idle daemon serving the demo model against a bare process holding the same session.
+
+    The difference is what edged itself costs in memory. A fresh daemon rather than the shared
+    one, which also holds the image model and has served traffic. The delta gets no row of its
+    own: its baseline would be a fixed target, not a measurement. It is exactly value -
+    baseline_value, and the printed table shows it.
+    """
+    path = ctx.model_path(TINY)
+    with DaemonProcess(ctx.workdir / "idle", ctx.daemon_config(TINY)) as daemon:
+        time.sleep(ctx.settings.idle_s)
+        daemon_rss = psutil.Process(daemon.pid).memory_info().rss
+    bare = subprocess.run(
+        [sys.executable, "-m", "bench.bare", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=BARE_TIMEOUT_S,
+    )
+    daemon_mib, bare_mib = daemon_rss / MIB, int(bare.stdout) / MIB
+    return [Row("idle_rss", "rss", "MiB", daemon_mib, "bare python + ort session", bare_mib)]
+
+
+BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
+    "rtt_tiny": functools.partial(rtt, workload=TINY),
+    "rtt_image": functools.partial(rtt, workload=IMAGE),
+    f"throughput_{CLIENTS}": throughput,
+    "http_json": http_json,
+    "idle_rss": idle_rss,
+}
