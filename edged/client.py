@@ -25,6 +25,7 @@ import zmq.asyncio
 from edged import protocol
 from edged.errors import ClientTimeout, EdgedError
 from edged.paths import default_infer_endpoint
+from edged.zmqio import recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 5.0
 Inputs = Mapping[str, Any]
@@ -79,6 +80,7 @@ class Client:
         self.timeout = timeout
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
+        self._rcvtimeo_ms = -1
         self._ids = itertools.count(1)
 
     def infer(
@@ -130,27 +132,33 @@ class Client:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self.endpoint)
             self._socket = sock
+            self._rcvtimeo_ms = -1
         return self._socket
 
     def _call(self, request_id: int, frames: list[Any], timeout: float | None) -> protocol.Reply:
         timeout = self.timeout if timeout is None else timeout
         sock = self._connect()
-        sock.send_multipart(frames, copy=False)
+        send_frames(sock, frames)
         deadline = time.monotonic() + timeout
+        wait_ms = int(timeout * 1000)
         while True:
-            # RCVTIMEO rather than poll(): one system call less per request on the hot path
-            sock.rcvtimeo = max(0, int((deadline - time.monotonic()) * 1000))
+            # RCVTIMEO rather than poll(): one system call less per request; set only on change
+            if wait_ms != self._rcvtimeo_ms:
+                sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo_ms = wait_ms
             try:
-                parts = sock.recv_multipart()
+                parts = recv_frames(sock)
             except zmq.Again:
-                if time.monotonic() < deadline:  # woken early (the peer went away): keep waiting
+                wait_ms = int((deadline - time.monotonic()) * 1000)
+                if wait_ms > 0:  # woken early (the peer went away): wait out the rest
                     continue
                 self.close()  # drop whatever is queued for a daemon that may be gone
                 raise _timeout_error(self.endpoint, timeout) from None
-            reply = protocol.decode_reply(parts)
+            reply = protocol.decode_reply([part.buffer for part in parts])
             if reply.id == request_id:
                 reply.raise_for_error()
                 return reply
+            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))  # a stale reply: go on
 
 
 class AsyncClient:

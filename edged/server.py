@@ -22,6 +22,7 @@ from edged.config import ServerConfig
 from edged.errors import EdgedError, InternalError
 from edged.protocol import Limits, RequestRejected
 from edged.service import InferenceService
+from edged.zmqio import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class InferenceEndpoint:
         # A non-blocking receive that fails is cheaper than asking EVENTS first: libzmq
         # throttles its command processing on receives, but EVENTS costs a system call.
         try:
-            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            frames = recv_frames(sock, NOBLOCK)
         except zmq.Again:
             return False
         self._handle(frames)
@@ -146,6 +147,6 @@ class InferenceEndpoint:
             return
         # A ROUTER never blocks: a reply to a vanished peer, or to one whose queue is at the
         # high-water mark because it stopped reading, is dropped by ZeroMQ itself.
-        sock.send_multipart(envelope + reply, zmq.NOBLOCK, copy=False)
+        send_frames(sock, envelope + reply, NOBLOCK)
         if not self._draining_input:
             self._check_input()
