@@ -278,15 +278,14 @@ class ModelRunner:
         else:
             sample = min(run_us, EWMA_CLAMP * max(recent, self.config.inline_max_us))
             self._recent_run_us = recent + EWMA_WEIGHT * (sample - recent)
+        rows = [batching.batch_rows(job.inputs) for job in run.jobs]
         c = self._counters
         c.runs += 1
-        c.rows += sum(batching.batch_rows(job.inputs) for job in run.jobs)
+        c.rows += sum(rows)
         parts: list[Outputs] = []
         if run.outputs is not None:
             try:
-                parts = batching.split(
-                    run.outputs, [batching.batch_rows(j.inputs) for j in run.jobs]
-                )
+                parts = batching.split(run.outputs, rows)
             except ValueError as exc:
                 run.error = RunFailed(f"model {self.name!r}: cannot split batch: {exc}")
         if run.error is not None:
