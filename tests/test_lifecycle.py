@@ -142,7 +142,7 @@ def test_requests_during_drain_are_refused_not_lost(
     for _ in range(8 - len(early)):
         assert sock.poll(30000)
         assert protocol.decode_reply(sock.recv_multipart()).error is None
-    assert daemon.stop() == 0
+    assert daemon.wait() == 0
     sock.close(linger=0)
 
 
