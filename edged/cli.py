@@ -2,7 +2,7 @@
 
 Argument parsing only; the work happens in the modules it calls. Exit codes: 0 success,
 1 failure (an error reply, a timeout, a failed start), 2 usage, 78 invalid configuration
-(sysexits EX_CONFIG, which the systemd unit tells systemd not to restart on).
+(sysexits EX_CONFIG: restarting will not help, so a supervisor should not).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def edgectl_main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(status, sort_keys=True))
     else:
-        print(f"edged {status['version']} pid {status['pid']}: {status['state']}")
+        print(f"edged {status['edged_version']} pid {status['pid']}: {status['state']}")
         print(f"models: {', '.join(status['models'])}")
     return 0
 
@@ -116,7 +116,7 @@ def _serve(config_arg: str | None) -> int:
 
 def _without_tls_module() -> None:
     """Keep ``ssl`` out of the daemon: asyncio imports it when present, mapping ~4 MB of OpenSSL
-    into a process that never speaks TLS (remote control uses CurveZMQ). asyncio and urllib treat
+    into a process that never speaks TLS (ZeroMQ brings its own security). asyncio and urllib treat
     a missing ssl module as optional. Must run before asyncio is first imported."""
     if "asyncio" not in sys.modules:
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
@@ -124,6 +124,9 @@ def _without_tls_module() -> None:
 
 def _config_check(path: Path) -> int:
     config = load_config(path)
+    for name, model in config.models.items():
+        if not Path(model.path).is_file():
+            raise ConfigError(f"{path}: 'models.{name}.path': no file at {model.path}")
     print(f"{path}: ok ({len(config.models) or 'no'} model(s) declared)")
     return 0
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ else:  # pragma: no cover - Python 3.10 (JetPack 6)
     import tomli as tomllib
 
 SYSTEM_CONFIG = Path("/etc/edged/edged.toml")
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULTS_SOURCE = "<defaults>"
 MIB = 1024 * 1024
 
@@ -123,11 +126,22 @@ def load_config(path: Path | None) -> Config:
 
 def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     config: Config = _build(Config, data, source, "")
+    for name in config.models:
+        if not MODEL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{source}: model name {name!r} must be letters, digits, '.', '_' or '-'"
+            )
     models = {
         name: dataclasses.replace(model, path=str(base_dir / model.path))
         for name, model in config.models.items()
     }
-    return dataclasses.replace(config, models=models, source=source)
+    daemon = config.daemon  # relative paths in a file mean relative to that file, like models
+    daemon = dataclasses.replace(
+        daemon,
+        runtime_dir=str(base_dir / daemon.runtime_dir) if daemon.runtime_dir else "",
+        state_dir=str(base_dir / daemon.state_dir) if daemon.state_dir else "",
+    )
+    return dataclasses.replace(config, daemon=daemon, models=models, source=source)
 
 
 # A small hand-written mapper rather than pydantic or dacite: it keeps start-up import cost near
@@ -180,6 +194,8 @@ def _scalar(kind: type, value: Any, meta: Any, source: str, where: str) -> Any:
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
         got = type(value).__name__
         raise ConfigError(f"{source}: '{where}' must be {kind.__name__}, got {got} {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: '{where}' must be a finite number, got {value!r}")
     choices = meta.get("choices")
     if choices and value not in choices:
         raise ConfigError(f"{source}: '{where}' must be one of {', '.join(choices)}, got {value!r}")

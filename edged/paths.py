@@ -50,11 +50,11 @@ def default_runtime_dir() -> Path:
 
 
 def default_state_dir() -> Path:
-    for var in ("STATE_DIRECTORY", "EDGED_HOME"):
-        value = os.environ.get(var)
-        if value:
-            return Path(value.split(":")[0])
-    return Path("var/edged").absolute()
+    systemd = os.environ.get("STATE_DIRECTORY")  # a ':'-separated list under systemd
+    if systemd:
+        return Path(systemd.split(":")[0])
+    home = os.environ.get("EDGED_HOME")
+    return Path(home) if home else Path("var/edged").absolute()
 
 
 def resolve_paths(config: Config) -> Paths:

@@ -146,7 +146,7 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
 
 def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Limits) -> Request:
     version = header.get("v")
-    if version != PROTOCOL_VERSION:
+    if not _is_int(version) or version != PROTOCOL_VERSION:
         raise UnsupportedVersion(
             f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}"
         )
@@ -241,7 +241,10 @@ def _tensor_spec(
         )
     for dim in shape:
         if type(dim) is not int or not 0 <= dim <= limits.max_message_bytes:
-            raise BadRequest(f"{where} ({name!r}): shape dims must be non-negative integers")
+            raise BadRequest(
+                f"{where} ({name!r}): shape dims must be integers from 0 to "
+                f"{limits.max_message_bytes}"
+            )
     return name, dtype, tuple(shape)
 
 

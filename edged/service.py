@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 from edged import __version__, protocol
 from edged.errors import ShuttingDown
@@ -40,12 +41,12 @@ class InferenceService:
         state = "serving" if self.accepting else "draining"
         fields = {
             "server": "edged",
-            "version": __version__,
+            "edged_version": __version__,
             "pid": os.getpid(),
             "state": state,
             "models": [runner.name for runner in self.registry],
         }
-        send(protocol.encode_reply(request.id, fields))
+        send(protocol.encode_reply(request.id, _with_trace(fields, request)))
 
     def _describe(self, request: Request, send: ReplySink) -> None:
         runner = self.registry.get(str(request.model), request.version)
@@ -59,7 +60,7 @@ class InferenceService:
             },
             "max_batch": runner.config.max_batch if runner.batching else 1,
         }
-        send(protocol.encode_reply(request.id, fields))
+        send(protocol.encode_reply(request.id, _with_trace(fields, request)))
 
     def _infer(self, request: Request, send: ReplySink) -> None:
         if not self.accepting:
@@ -73,3 +74,9 @@ class InferenceService:
         job = Job(request.id, request.trace, request.inputs, send, now, deadline_ns)
         runner.submit(job)
         self._pending.add(runner)
+
+
+def _with_trace(fields: dict[str, Any], request: Request) -> dict[str, Any]:
+    if request.trace is not None:
+        fields["trace"] = request.trace
+    return fields

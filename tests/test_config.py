@@ -115,6 +115,7 @@ def run_edged(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_config_check_command(tmp_path: Path) -> None:
+    (tmp_path / "a.onnx").write_bytes(b"")
     good = write(tmp_path, "[models.a]\npath = 'a.onnx'\n")
     result = run_edged("config", "check", str(good))
     assert result.returncode == 0 and "ok (1 model(s) declared)" in result.stdout
@@ -122,3 +123,30 @@ def test_config_check_command(tmp_path: Path) -> None:
     result = run_edged("config", "check", str(good))
     assert result.returncode == 78
     assert "unknown key 'models.a.batch'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[daemon]\ndrain_timeout_s = nan\n", "must be a finite number"),
+        ("[models.'']\npath = 'a.onnx'\n", "model name ''"),
+        ("[models.'a b']\npath = 'a.onnx'\n", "model name 'a b'"),
+    ],
+)
+def test_values_that_would_misbehave_later_are_refused(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_relative_directories_are_relative_to_the_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[daemon]\nstate_dir = 'state'\nruntime_dir = 'run'\n"))
+    assert config.daemon.state_dir == str(tmp_path / "state")
+    assert config.daemon.runtime_dir == str(tmp_path / "run")
+
+
+def test_config_check_reports_a_missing_model_file(tmp_path: Path) -> None:
+    result = run_edged("config", "check", str(write(tmp_path, "[models.a]\npath = 'a.onnx'\n")))
+    assert result.returncode == 78
+    assert "'models.a.path': no file at" in result.stderr

@@ -117,7 +117,7 @@ def test_big_endian_input_is_sent_little_endian() -> None:
         (
             frames_of(infer_header(inputs=[{"name": "x", "dtype": "int8", "shape": [-1]}]), b""),
             BadRequest,
-            "non-negative",
+            "integers from 0",
         ),
         (frames_of({"v": 1, "id": 1, "op": "ping"}, b"x"), FrameMismatch, "takes no tensor"),
         (frames_of(infer_header(), b"\0" * LIMITS.max_message_bytes), TooLarge, "limit"),

@@ -228,3 +228,13 @@ def test_req_socket_client(demo_daemon: DaemonProcess, zmq_context: zmq.Context[
     reply = recv_reply(sock, 10000)
     assert reply.error is None and reply.id == 5 and reply.tensors["probs"].shape == (1, 4)
     sock.close(linger=0)
+
+
+def test_deadline_shorter_than_the_batch_delay_runs_in_time(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    config = {"path": str(models_dir / "demo.onnx"), "max_batch": 16, "max_delay_us": 2_000_000}
+    daemon = start_daemon({"models": {"demo": config}})
+    with daemon.client() as client:
+        result = client.infer("demo", {"x": np.zeros((1, 16), np.float32)}, deadline_ms=50)
+    assert result.timing["queue_us"] < 2_000_000

@@ -51,10 +51,10 @@ def choose_providers(preferred: tuple[str, ...], available: list[str]) -> list[s
     chosen = []
     for name in preferred:
         full = PROVIDER_ALIASES.get(name.lower(), name)
-        if full in available and full not in chosen:
-            chosen.append(full)
-        else:
+        if full not in available:
             log.info("execution provider %s is not available here; skipping it", full)
+        elif full not in chosen:
+            chosen.append(full)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen

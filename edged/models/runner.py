@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 ReplySink = Callable[[list[Any]], None]
 Outputs = dict[str, np.ndarray[Any, Any]]
+#: a partial batch waiting for rows is started this long before its earliest deadline
+DEADLINE_MARGIN_NS = 1_000_000
 EWMA_WEIGHT = 0.1
 #: a single slow run (preemption, a page fault) moves the estimate by at most this much
 EWMA_CLAMP = 2.0
@@ -215,6 +217,9 @@ class ModelRunner:
                 rows += job_rows
         now = time.monotonic_ns()
         wait_until = first.arrived_ns + self.config.max_delay_us * 1000
+        if self._with_deadline:  # never hold a job for rows past its own deadline
+            deadlines = [job.deadline_ns for job in chosen if job.deadline_ns is not None]
+            wait_until = min([wait_until, *(d - DEADLINE_MARGIN_NS for d in deadlines)])
         if rows < self.config.max_batch and now < wait_until and not self._draining:
             if self._timer is None:
                 self._timer = self._loop.call_later((wait_until - now) / 1e9, self._on_timer)
