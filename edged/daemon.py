@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,6 +68,13 @@ def stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> I
             loop.remove_signal_handler(sig)
 
 
+def _edged_command() -> str:
+    """How to run ``edged`` from another terminal: the venv's script when it is not on PATH."""
+    script = Path(sys.executable).parent / "edged"
+    on_path = shutil.which("edged") == str(script)
+    return "edged" if on_path or not script.exists() else str(script)
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -118,9 +127,8 @@ class Daemon:
         stack.callback(endpoint.stop)
         names = ", ".join(runner.name for runner in self.registry)
         log.info("serving %s on %s", names, ", ".join(endpoints))
-        log.info(
-            "try: edged infer %s --random%s", next(iter(self.registry)).name, self._socket_hint()
-        )
+        model = next(iter(self.registry)).name
+        log.info("try: %s infer %s --random%s", _edged_command(), model, self._socket_hint())
 
     async def drain(self) -> None:
         """Refuse new work, let queued and running requests finish, answer the rest."""
