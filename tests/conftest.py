@@ -34,6 +34,7 @@ def silero_model() -> Path:
 
 
 DaemonFactory = Callable[..., DaemonProcess]
+Connect = Callable[..., zmq.Socket[Any]]
 
 
 @pytest.fixture
@@ -60,8 +61,25 @@ def demo_daemon(start_daemon: DaemonFactory, models_dir: Path) -> DaemonProcess:
 
 
 @pytest.fixture
-def zmq_context() -> Iterator[zmq.Context[Any]]:
-    """A context whose sockets tests close with linger 0; term() fails the test on a leak."""
+def connect() -> Iterator[Callable[..., zmq.Socket[Any]]]:
+    """Raw sockets connected to a daemon, for tests that speak the protocol by hand; each is
+    closed with linger 0 when the test ends (warnings are errors, so a leak fails the test)."""
     context: zmq.Context[Any] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
+    sockets: list[zmq.Socket[Any]] = []
+
+    def connect(endpoint: str, kind: int = zmq.DEALER) -> zmq.Socket[Any]:
+        sock = context.socket(kind)
+        sockets.append(sock)
+        sock.connect(endpoint)
+        return sock
+
+    yield connect
+    for sock in sockets:
+        sock.close(linger=0)
+    context.term()
+
+
+def slow_config(models_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """The slow model, always run on its thread: long enough runs to hold a queue."""
+    model = {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0, **overrides}
+    return {"models": {"slow": model}}

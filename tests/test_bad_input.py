@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ import zmq
 from edged import protocol
 from edged.errors import ClientTimeout, TooLarge
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory
+from tests.conftest import Connect, DaemonFactory
 
 LIMIT = 64 * 1024
 X = np.zeros((1, 16), np.float32)
@@ -31,11 +30,8 @@ def limited_daemon(start_daemon: DaemonFactory, models_dir: Path) -> DaemonProce
 
 
 @pytest.fixture
-def raw(limited_daemon: DaemonProcess, zmq_context: zmq.Context[Any]) -> Iterator[zmq.Socket[Any]]:
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.connect(limited_daemon.endpoint)
-    yield sock
-    sock.close(linger=0)
+def raw(limited_daemon: DaemonProcess, connect: Connect) -> zmq.Socket[Any]:
+    return connect(limited_daemon.endpoint)
 
 
 def header(**overrides: Any) -> dict[str, Any]:
@@ -108,13 +104,12 @@ def test_frame_over_the_socket_limit_is_refused_without_harm(limited_daemon: Dae
 
 
 def test_client_that_vanishes_before_its_reply(
-    limited_daemon: DaemonProcess, zmq_context: zmq.Context[Any]
+    limited_daemon: DaemonProcess, connect: Connect
 ) -> None:
     for _ in range(20):
-        sock = zmq_context.socket(zmq.DEALER)
-        sock.connect(limited_daemon.endpoint)
+        sock = connect(limited_daemon.endpoint)
         sock.send_multipart(protocol.encode_request(1, "infer", model="demo", inputs={"x": X}))
-        sock.close(linger=0)
+        sock.close(linger=100)  # the request goes out, then the client is gone
     with limited_daemon.client() as client:
         assert client.infer("demo", {"x": X})["probs"].shape == (1, 4)
 

@@ -18,7 +18,7 @@ from edged import protocol
 from edged.client import Client
 from edged.errors import ShuttingDown
 from edged.testing import DaemonExited, DaemonProcess
-from tests.conftest import DaemonFactory
+from tests.conftest import Connect, DaemonFactory, slow_config
 from tests.models import SLOW_WIDTH
 
 
@@ -99,13 +99,10 @@ def send_admitted(sock: zmq.Socket[Any], x: np.ndarray, count: int) -> list[prot
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero(
-    start_daemon: DaemonFactory, models_dir: Path, zmq_context: zmq.Context[Any]
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
 ) -> None:
-    daemon = start_daemon(
-        {"models": {"slow": {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0}}}
-    )
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.connect(daemon.endpoint)
+    daemon = start_daemon(slow_config(models_dir))
+    sock = connect(daemon.endpoint)
     x = np.ones((256, SLOW_WIDTH), np.float32)
     replies = send_admitted(sock, x, 4)
     os.kill(daemon.pid, signal.SIGTERM)
@@ -117,17 +114,13 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(
     assert daemon.wait() == 0
     assert not daemon.runtime_dir.joinpath("infer.sock").exists()
     assert "draining" in daemon.log()
-    sock.close(linger=0)
 
 
 def test_requests_during_drain_are_refused_not_lost(
-    start_daemon: DaemonFactory, models_dir: Path, zmq_context: zmq.Context[Any]
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
 ) -> None:
-    daemon = start_daemon(
-        {"models": {"slow": {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0}}}
-    )
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.connect(daemon.endpoint)
+    daemon = start_daemon(slow_config(models_dir))
+    sock = connect(daemon.endpoint)
     big = np.ones((1024, SLOW_WIDTH), np.float32)
     early = send_admitted(sock, big, 8)  # seconds of queued work keep the daemon draining
     with daemon.client() as client:
@@ -143,20 +136,18 @@ def test_requests_during_drain_are_refused_not_lost(
         assert sock.poll(30000)
         assert protocol.decode_reply(sock.recv_multipart()).error is None
     assert daemon.wait() == 0
-    sock.close(linger=0)
 
 
 def test_drain_timeout_answers_what_is_left(
-    start_daemon: DaemonFactory, models_dir: Path, zmq_context: zmq.Context[Any]
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
 ) -> None:
     daemon = start_daemon(
         {
             "daemon": {"drain_timeout_s": 0.0},
-            "models": {"slow": {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0}},
+            **slow_config(models_dir),
         }
     )
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.connect(daemon.endpoint)
+    sock = connect(daemon.endpoint)
     x = np.ones((1024, SLOW_WIDTH), np.float32)
     assert send_admitted(sock, x, 2) == []
     assert daemon.stop() == 0
@@ -165,7 +156,6 @@ def test_drain_timeout_answers_what_is_left(
         codes.append(protocol.decode_reply(sock.recv_multipart()).error)
     assert len(codes) == 2  # exactly one reply each, even though the runs did not finish
     assert all(isinstance(code, ShuttingDown) for code in codes)
-    sock.close(linger=0)
 
 
 def test_second_daemon_on_the_same_socket_fails_clearly(

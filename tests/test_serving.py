@@ -17,7 +17,7 @@ from edged import protocol
 from edged.client import AsyncClient, Client
 from edged.errors import BusyError, DeadlineExceeded, UnknownModel
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory
+from tests.conftest import Connect, DaemonFactory, slow_config
 from tests.models import SLOW_WIDTH
 
 
@@ -91,11 +91,6 @@ def test_concurrent_requests_are_batched_and_split_back(
     assert max(result.timing["batch"] for result in results) > 1
 
 
-def slow_config(models_dir: Path, **overrides: Any) -> dict[str, Any]:
-    model = {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0, **overrides}
-    return {"models": {"slow": model}}
-
-
 def send_raw(sock: zmq.Socket[Any], request_id: int, x: np.ndarray, **header: Any) -> None:
     sock.send_multipart(
         protocol.encode_request(request_id, "infer", model="slow", inputs={"x": x}, **header)
@@ -108,11 +103,10 @@ def recv_reply(sock: zmq.Socket[Any], timeout_ms: int = 30000) -> protocol.Reply
 
 
 def test_full_queue_answers_busy_at_once_and_loses_nothing(
-    start_daemon: DaemonFactory, models_dir: Path, zmq_context: zmq.Context[Any]
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
 ) -> None:
     daemon = start_daemon(slow_config(models_dir, queue_depth=2))
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.connect(daemon.endpoint)
+    sock = connect(daemon.endpoint)
     x = np.ones((256, SLOW_WIDTH), np.float32)
     for request_id in range(1, 9):  # one runs, two queue, the rest are refused
         send_raw(sock, request_id, x)
@@ -125,15 +119,13 @@ def test_full_queue_answers_busy_at_once_and_loses_nothing(
     # BUSY replies come before the running batch finishes
     assert all(replies.index(r) < replies.index(served[0]) for r in busy)
     assert "queue_depth 2" in str(busy[0].error)
-    sock.close(linger=0)
 
 
 def test_deadline_expired_in_queue(
-    start_daemon: DaemonFactory, models_dir: Path, zmq_context: zmq.Context[Any]
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
 ) -> None:
     daemon = start_daemon(slow_config(models_dir))
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.connect(daemon.endpoint)
+    sock = connect(daemon.endpoint)
     x = np.ones((256, SLOW_WIDTH), np.float32)
     send_raw(sock, 1, x)
     send_raw(sock, 2, x[:1], deadline_ms=1)
@@ -141,17 +133,15 @@ def test_deadline_expired_in_queue(
     replies = {r.id: r for r in (recv_reply(sock) for _ in range(3))}
     assert replies[1].error is None and replies[3].error is None
     assert isinstance(replies[2].error, DeadlineExceeded)
-    sock.close(linger=0)
 
 
 def test_slow_model_does_not_block_another_model(
-    start_daemon: DaemonFactory, models_dir: Path, zmq_context: zmq.Context[Any]
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
 ) -> None:
     config = slow_config(models_dir)
     config["models"]["demo"] = {"path": str(models_dir / "demo.onnx")}
     daemon = start_daemon(config)
-    sock = zmq_context.socket(zmq.DEALER)
-    sock.connect(daemon.endpoint)
+    sock = connect(daemon.endpoint)
     x = np.ones((512, SLOW_WIDTH), np.float32)
     for request_id in range(1, 4):
         send_raw(sock, request_id, x)
@@ -160,7 +150,6 @@ def test_slow_model_does_not_block_another_model(
         still_running = sock.poll(0) == 0
     assert still_running, "the demo reply should overtake the slow model's queue"
     assert {recv_reply(sock).id for _ in range(3)} == {1, 2, 3}
-    sock.close(linger=0)
 
 
 def test_async_client_many_in_flight(demo_daemon: DaemonProcess) -> None:
@@ -217,9 +206,8 @@ def test_optional_tcp_endpoint(start_daemon: DaemonFactory, models_dir: Path) ->
         )
 
 
-def test_req_socket_client(demo_daemon: DaemonProcess, zmq_context: zmq.Context[Any]) -> None:
-    sock = zmq_context.socket(zmq.REQ)
-    sock.connect(demo_daemon.endpoint)
+def test_req_socket_client(demo_daemon: DaemonProcess, connect: Connect) -> None:
+    sock = connect(demo_daemon.endpoint, zmq.REQ)
     sock.send_multipart(
         protocol.encode_request(
             5, "infer", model="demo", inputs={"x": np.zeros((1, 16), np.float32)}
@@ -227,7 +215,6 @@ def test_req_socket_client(demo_daemon: DaemonProcess, zmq_context: zmq.Context[
     )
     reply = recv_reply(sock, 10000)
     assert reply.error is None and reply.id == 5 and reply.tensors["probs"].shape == (1, 4)
-    sock.close(linger=0)
 
 
 def test_deadline_shorter_than_the_batch_delay_runs_in_time(
