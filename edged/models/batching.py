@@ -28,9 +28,9 @@ def batch_rows(inputs: Arrays) -> int:
     return next(iter(inputs.values())).shape[0] if inputs else 1
 
 
-def merge(requests: Sequence[Arrays]) -> dict[str, np.ndarray[Any, Any]]:
+def merge(requests: Sequence[Arrays]) -> Arrays:
     if len(requests) == 1:
-        return dict(requests[0])
+        return requests[0]
     return {name: np.concatenate([r[name] for r in requests]) for name in requests[0]}
 
 

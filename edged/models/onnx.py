@@ -98,7 +98,8 @@ class OnnxBackend:
         return list(self._session.get_providers())
 
     def run(self, inputs: Arrays) -> dict[str, np.ndarray[Any, Any]]:
-        results = self._session.run(self._output_names, dict(inputs))
+        feed = inputs if isinstance(inputs, dict) else dict(inputs)
+        results = self._session.run(self._output_names, feed)
         return dict(zip(self._output_names, results, strict=True))
 
     def close(self) -> None:
