@@ -53,7 +53,10 @@ class Context:
 
     def daemon_config(self, *workloads: Workload) -> dict[str, object]:
         """Models as a user declares them; ``max_batch`` as ``edged serve`` gives its demo."""
-        models = {w.model: {"path": str(self.model_path(w)), "max_batch": 8} for w in workloads}
+        models = {
+            w.model: {"path": str(self.model_path(w)), "max_batch": 8, "preload": True}
+            for w in workloads
+        }
         return {"models": models}
 
     @functools.cached_property

@@ -61,6 +61,12 @@ class ModelConfig:
     max_delay_us: int = _at_least(0, 0)
     #: run on the event-loop thread while recent runs took less than this; 0 always uses a thread
     inline_max_us: int = _at_least(100, 0)
+    #: load at start rather than on the first request
+    preload: bool = False
+    #: loaded at start and never unloaded for idleness
+    pinned: bool = False
+    #: unload after this long without requests; 0 keeps the model loaded
+    keep_alive_s: float = _at_least(300.0, 0.0)
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
 
 

@@ -13,6 +13,7 @@ import logging
 import shutil
 import signal
 import sys
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,7 +27,7 @@ from edged.errors import ConfigError, ModelLoadError, ShuttingDown
 from edged.lockfile import instance_lock
 from edged.models.backend import Backend
 from edged.models.onnx import OnnxBackend
-from edged.models.registry import Registry
+from edged.models.registry import ModelSlot, Registry
 from edged.models.runner import ModelRunner
 from edged.paths import Paths, default_infer_endpoint, resolve_paths
 from edged.server import InferenceEndpoint
@@ -35,6 +36,8 @@ from edged.service import InferenceService
 log = logging.getLogger(__name__)
 
 DEMO_MODEL = "demo"
+#: housekeeping period (idle unloads)
+TICK_S = 1.0
 
 
 def _load_onnx(config: ModelConfig) -> Backend:
@@ -75,6 +78,12 @@ def _edged_command() -> str:
     return "edged" if on_path or not script.exists() else str(script)
 
 
+def _check_files(models: dict[str, ModelConfig]) -> None:
+    for name, config in models.items():
+        if not Path(config.path).is_file():
+            raise ModelLoadError(f"model {name!r}: no file at {config.path}")
+
+
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -99,9 +108,16 @@ class Daemon:
         self._stop = asyncio.Event()
         async with contextlib.AsyncExitStack() as stack:
             await self.startup(stack)
-            await self._stop.wait()
+            await self.main_loop(self._stop)
             await self.drain()
         log.info("stopped")
+
+    async def main_loop(self, stop: asyncio.Event) -> None:
+        """Serve until stopped; housekeeping hangs off one tick."""
+        while not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), TICK_S)
+            self.registry.unload_idle(time.monotonic_ns())
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -111,21 +127,19 @@ class Daemon:
         stack.enter_context(stop_signals(loop, self.request_stop))
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
-        # A loader thread that ends with startup: an idle default executor would keep its
-        # thread (and its memory) for the daemon's whole life.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="load") as loader:
-            for name, model_config in self._model_configs().items():
-                backend = await loop.run_in_executor(loader, self._open_backend, name, model_config)
-                runner = ModelRunner(name, 1, backend, model_config, loop)
-                stack.callback(runner.close)
-                runner.start()
-                self.registry.add(runner)
+        stack.callback(self.registry.close)
+        _check_files(self.config.models)  # a typo fails the start, not a later first request
+        for name, model_config in self._model_configs().items():
+            slot = ModelSlot(name, model_config, self._load_runner, loop)
+            self.registry.add(slot)
+            if model_config.preload or model_config.pinned:
+                await slot.load()
         endpoints = [self.paths.infer_endpoint, *self.config.server.tcp]
         endpoint = InferenceEndpoint(context, endpoints, self.config.server, self.service, loop)
         stack.callback(self.paths.infer_socket.unlink, missing_ok=True)
         endpoint.start()
         stack.callback(endpoint.stop)
-        names = ", ".join(runner.name for runner in self.registry)
+        names = ", ".join(slot.name for slot in self.registry)
         log.info("serving %s on %s", names, ", ".join(endpoints))
         model = next(iter(self.registry)).name
         log.info("try: %s infer %s --random%s", _edged_command(), model, self._socket_hint())
@@ -135,19 +149,33 @@ class Daemon:
         self.service.accepting = False
         timeout = self.config.daemon.drain_timeout_s
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*(runner.drained() for runner in self.registry)), timeout
-            )
+            await asyncio.wait_for(self._drained(), timeout)
         except asyncio.TimeoutError:
             log.warning("drain did not finish within %.1f s; answering the rest", timeout)
-            for runner in self.registry:
+            for runner in self.registry.runners():
                 runner.abort(ShuttingDown("the daemon stopped before this request could run"))
 
+    async def _drained(self) -> None:
+        await self.registry.settled()  # requests waiting for a load are answered when it ends
+        await asyncio.gather(*(runner.drained() for runner in self.registry.runners()))
+
     def _model_configs(self) -> dict[str, ModelConfig]:
+        """The declared models, or the demo (built on its first load) when none are."""
         if self.config.models:
             return self.config.models
         path = self.paths.models / DEMO_MODEL / "1" / "model.onnx"
-        return {DEMO_MODEL: ModelConfig(path=str(path), max_batch=8)}
+        return {DEMO_MODEL: ModelConfig(path=str(path), max_batch=8, preload=True)}
+
+    async def _load_runner(self, name: str, config: ModelConfig) -> ModelRunner:
+        # A thread per load that ends with it: an idle default executor would keep its thread
+        # (and that thread's memory) for the daemon's whole life.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{name}") as loader:
+            loop = asyncio.get_running_loop()
+            backend = await loop.run_in_executor(loader, self._open_backend, name, config)
+        runner = ModelRunner(name, ModelSlot.version, backend, config, loop)
+        runner.start()
+        log.info("model %s loaded", name)
+        return runner
 
     def _open_backend(self, name: str, config: ModelConfig) -> Backend:
         """Load one model (blocking: runs in an executor); builds the demo on first start."""

@@ -19,7 +19,6 @@ import zmq
 
 from edged import protocol
 from edged.config import ServerConfig
-from edged.errors import EdgedError, InternalError
 from edged.protocol import Limits, RequestRejected
 from edged.service import InferenceService
 from edged.zmqio import NOBLOCK, recv_frames, send_frames
@@ -132,14 +131,7 @@ class InferenceEndpoint:
         except RequestRejected as rejected:
             send(protocol.encode_error(rejected.request_id, rejected.error))
             return
-        try:
-            self._service.handle(request, send)
-        except EdgedError as exc:
-            send(protocol.encode_error(request.id, exc, request.trace))
-        except Exception:  # the one place a bug becomes a reply; the traceback stays in the log
-            log.exception("request %s (op %s) failed", request.id, request.op)
-            error = InternalError("internal error; the daemon log has the details")
-            send(protocol.encode_error(request.id, error, request.trace))
+        self._service.handle(request, send)
 
     def _send(self, envelope: list[bytes], reply: list[Any]) -> None:
         sock = self._socket

@@ -80,6 +80,7 @@ def connect() -> Iterator[Callable[..., zmq.Socket[Any]]]:
 
 
 def slow_config(models_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """The slow model, always run on its thread: long enough runs to hold a queue."""
-    model = {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0, **overrides}
+    """The slow model, loaded at start and run on its thread: runs long enough to hold a queue."""
+    model = {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0, "preload": True}
+    model.update(overrides)
     return {"models": {"slow": model}}

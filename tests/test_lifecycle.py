@@ -195,7 +195,7 @@ def test_corrupt_model_file_fails_start_with_a_clear_message(
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"definitely not onnx")
     with pytest.raises(DaemonExited) as info:
-        start_daemon({"models": {"m": {"path": str(bad)}}})
+        start_daemon({"models": {"m": {"path": str(bad), "preload": True}}})
     assert "model 'm': cannot load" in str(info.value)
 
 

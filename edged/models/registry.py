@@ -1,33 +1,171 @@
-"""Which models are being served: name -> the runner of its active version."""
+"""Which models are declared and which are loaded: one slot per declared model.
+
+A slot loads its model on first use (or at start when preloaded or pinned), holds the requests
+that arrive while it loads (bounded like the admission queue), and unloads the model after
+``keep_alive_s`` without requests unless it is pinned.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import enum
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 
-from edged.errors import UnknownModel
+from edged.config import ModelConfig
+from edged.errors import BusyError, EdgedError, UnknownModel
 from edged.models.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+#: builds, starts and returns the runner of a model (blocking work happens off the loop)
+Loader = Callable[[str, ModelConfig], Awaitable[ModelRunner]]
+#: called once the load settles: with ``None`` when the model is ready, else the load error
+Waiter = Callable[[EdgedError | None], None]
+
+
+class ModelState(enum.Enum):
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+
+
+@dataclass(frozen=True)
+class SlotStatistics:
+    state: str
+    loads: int
+    unloads: int
+    waiting: int
+
+
+class ModelSlot:
+    #: models declared in the config are served as version 1 (the store brings versions)
+    version = 1
+
+    def __init__(
+        self,
+        name: str,
+        config: ModelConfig,
+        loader: Loader,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self.state = ModelState.UNLOADED
+        self.runner: ModelRunner | None = None
+        self.last_used_ns = 0
+        self._loader = loader
+        self._loop = loop
+        self._waiters: list[Waiter] = []
+        self._loading: asyncio.Task[None] | None = None
+        self._error: EdgedError | None = None
+        self._loads = 0
+        self._unloads = 0
+
+    def when_ready(self, waiter: Waiter) -> None:
+        """Call ``waiter`` once the model is loaded (starting the load), or refuse at once."""
+        if len(self._waiters) >= self.config.queue_depth:
+            raise BusyError(
+                f"model {self.name!r} is loading with {len(self._waiters)} requests waiting "
+                f"(queue_depth {self.config.queue_depth}); retry later"
+            )
+        self._waiters.append(waiter)
+        self._start_load()
+
+    async def load(self) -> None:
+        """Load now and wait for it; raises the load error (start-up uses this)."""
+        self._start_load()
+        if self._loading is not None:
+            await self._loading
+        if self.runner is None:
+            raise self._error or EdgedError(f"model {self.name!r} did not load")
+
+    async def settled(self) -> None:
+        """Return once no load is in progress."""
+        if self._loading is not None:
+            await self._loading
+
+    def unload_if_idle(self, now_ns: int) -> bool:
+        runner = self.runner
+        keep_alive = self.config.keep_alive_s
+        if runner is None or self.config.pinned or keep_alive <= 0 or runner.busy:
+            return False
+        if now_ns - self.last_used_ns < keep_alive * 1e9:
+            return False
+        log.info("unloading model %s after %.0f s without requests", self.name, keep_alive)
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.runner = None
+            self._unloads += 1
+        self.state = ModelState.UNLOADED
+
+    def statistics(self) -> SlotStatistics:
+        return SlotStatistics(self.state.value, self._loads, self._unloads, len(self._waiters))
+
+    def _start_load(self) -> None:
+        if self.state is ModelState.UNLOADED:
+            self.state = ModelState.LOADING
+            self._loading = self._loop.create_task(self._load())
+
+    async def _load(self) -> None:
+        try:
+            runner = await self._loader(self.name, self.config)
+        except EdgedError as exc:  # reported to every waiter; the slot may be tried again
+            log.error("%s", exc)
+            self._error = exc
+            self.state = ModelState.UNLOADED
+        else:
+            self._error = None
+            self.runner = runner
+            self.state = ModelState.READY
+            self._loads += 1
+            self.last_used_ns = time.monotonic_ns()
+        finally:
+            self._loading = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter(self._error)
 
 
 class Registry:
     def __init__(self) -> None:
-        self._runners: dict[str, ModelRunner] = {}
+        self._slots: dict[str, ModelSlot] = {}
 
-    def add(self, runner: ModelRunner) -> None:
-        self._runners[runner.name] = runner
+    def add(self, slot: ModelSlot) -> None:
+        self._slots[slot.name] = slot
 
-    def get(self, name: str, version: int | None = None) -> ModelRunner:
-        runner = self._runners.get(name)
-        if runner is None:
-            known = ", ".join(sorted(self._runners)) or "none"
+    def slot(self, name: str, version: int | None = None) -> ModelSlot:
+        slot = self._slots.get(name)
+        if slot is None:
+            known = ", ".join(sorted(self._slots)) or "none"
             raise UnknownModel(f"no model named {name!r}; serving: {known}")
-        if version is not None and version != runner.version:
+        if version is not None and version != slot.version:
             raise UnknownModel(
-                f"model {name!r} has no version {version} loaded; serving {runner.version}"
+                f"model {name!r} has no version {version} loaded; serving {slot.version}"
             )
-        return runner
+        return slot
 
-    def __iter__(self) -> Iterator[ModelRunner]:
-        return iter(list(self._runners.values()))
+    def runners(self) -> list[ModelRunner]:
+        return [slot.runner for slot in self._slots.values() if slot.runner is not None]
+
+    def unload_idle(self, now_ns: int) -> list[str]:
+        return [slot.name for slot in self._slots.values() if slot.unload_if_idle(now_ns)]
+
+    async def settled(self) -> None:
+        await asyncio.gather(*(slot.settled() for slot in self._slots.values()))
+
+    def close(self) -> None:
+        for slot in self._slots.values():
+            slot.close()
+
+    def __iter__(self) -> Iterator[ModelSlot]:
+        return iter(list(self._slots.values()))
 
     def __len__(self) -> int:
-        return len(self._runners)
+        return len(self._slots)

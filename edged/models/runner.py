@@ -118,6 +118,10 @@ class ModelRunner:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue or self._in_flight)
+
     def submit(self, job: Job) -> None:
         """Admit a job or refuse it at once; runs start on the next ``pump``."""
         self._counters.requests += 1
