@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from edged.config import ModelConfig
-from edged.errors import BusyError, EdgedError, UnknownModel
+from edged.errors import BusyError, EdgedError, InternalError, UnknownModel
 from edged.models.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -79,8 +79,8 @@ class ModelSlot:
         self._start_load()
         if self._loading is not None:
             await self._loading
-        if self.runner is None:
-            raise self._error or EdgedError(f"model {self.name!r} did not load")
+        if self._error is not None:
+            raise self._error
 
     async def settled(self) -> None:
         """Return once no load is in progress."""
@@ -116,9 +116,13 @@ class ModelSlot:
     async def _load(self) -> None:
         try:
             runner = await self._loader(self.name, self.config)
-        except EdgedError as exc:  # reported to every waiter; the slot may be tried again
-            log.error("%s", exc)
-            self._error = exc
+        except Exception as exc:  # reported to every waiter; the next request tries again
+            if isinstance(exc, EdgedError):
+                log.error("%s", exc)
+                self._error = exc
+            else:
+                log.exception("loading model %s failed", self.name)
+                self._error = InternalError(f"model {self.name!r} failed to load; see the log")
             self.state = ModelState.UNLOADED
         else:
             self._error = None
