@@ -51,7 +51,8 @@ class OnnxOptions:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    path: str
+    #: the model file; "" serves the newest version in the store, <state>/models/<name>/
+    path: str = ""
     backend: str = _choice("onnx", "onnx")
     #: requests waiting for a run beyond this many get BUSY at once
     queue_depth: int = _at_least(64, 1)
@@ -138,7 +139,7 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 f"{source}: model name {name!r} must be letters, digits, '.', '_' or '-'"
             )
     models = {
-        name: dataclasses.replace(model, path=str(base_dir / model.path))
+        name: dataclasses.replace(model, path=str(base_dir / model.path) if model.path else "")
         for name, model in config.models.items()
     }
     daemon = config.daemon  # relative paths in a file mean relative to that file, like models

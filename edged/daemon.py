@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import zmq
 
 from edged.config import Config, ModelConfig
-from edged.demo import ensure_demo_model
+from edged.demo import build_demo_model
 from edged.errors import ConfigError, ModelLoadError, ShuttingDown
 from edged.lockfile import instance_lock
 from edged.models.backend import Backend
@@ -32,8 +34,10 @@ from edged.models.runner import ModelRunner
 from edged.paths import Paths, default_infer_endpoint, resolve_paths
 from edged.server import InferenceEndpoint
 from edged.service import InferenceService
+from edged.store import Manifest, ModelStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEMO_MODEL = "demo"
 #: housekeeping period (idle unloads)
@@ -78,10 +82,17 @@ def _edged_command() -> str:
     return "edged" if on_path or not script.exists() else str(script)
 
 
-def _check_files(models: dict[str, ModelConfig]) -> None:
-    for name, config in models.items():
-        if not Path(config.path).is_file():
-            raise ModelLoadError(f"model {name!r}: no file at {config.path}")
+async def in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking ``fn`` on a thread that ends with it: an idle default executor would keep
+    its thread (and that thread's memory) for the daemon's whole life."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+def _store_demo(store: ModelStore) -> Manifest:
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("building the demo model into %s (first start)", store.root)
+        return store.add(DEMO_MODEL, build_demo_model(Path(tmp) / "model.onnx"), "onnx")
 
 
 class Daemon:
@@ -128,9 +139,9 @@ class Daemon:
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
         stack.callback(self.registry.close)
-        _check_files(self.config.models)  # a typo fails the start, not a later first request
-        for name, model_config in self._model_configs().items():
-            slot = ModelSlot(name, model_config, self._load_runner, loop)
+        declared = await in_fresh_thread(self._declared_models)
+        for name, (version, model_config) in declared.items():
+            slot = ModelSlot(name, version, model_config, self._load_runner, loop)
             self.registry.add(slot)
             if model_config.preload or model_config.pinned:
                 await slot.load()
@@ -159,30 +170,43 @@ class Daemon:
         await self.registry.settled()  # requests waiting for a load are answered when it ends
         await asyncio.gather(*(runner.drained() for runner in self.registry.runners()))
 
-    def _model_configs(self) -> dict[str, ModelConfig]:
-        """The declared models, or the demo (built on its first load) when none are."""
-        if self.config.models:
-            return self.config.models
-        path = self.paths.models / DEMO_MODEL / "1" / "model.onnx"
-        return {DEMO_MODEL: ModelConfig(path=str(path), max_batch=8, preload=True)}
+    def _declared_models(self) -> dict[str, tuple[int, ModelConfig]]:
+        """Each model's version and file (blocking): its own ``path`` as version 1, or the
+        newest store version; with none declared, the demo, stored on first start. A missing
+        file fails the start rather than some sensor's first request."""
+        store = ModelStore(self.paths.models)
+        if not self.config.models:
+            demo = store.latest(DEMO_MODEL) or _store_demo(store)
+            config = ModelConfig(path=str(store.model_path(demo)), max_batch=8, preload=True)
+            return {DEMO_MODEL: (demo.version, config)}
+        declared = {}
+        for name, config in self.config.models.items():
+            if config.path:
+                if not Path(config.path).is_file():
+                    raise ModelLoadError(f"model {name!r}: no file at {config.path}")
+                declared[name] = (1, config)
+                continue
+            manifest = store.latest(name)
+            if manifest is None:
+                raise ModelLoadError(
+                    f"model {name!r} has no path and the store has no version of it under "
+                    f"{store.root / name}"
+                )
+            path = str(store.model_path(manifest))
+            declared[name] = (manifest.version, dataclasses.replace(config, path=path))
+        return declared
 
-    async def _load_runner(self, name: str, config: ModelConfig) -> ModelRunner:
-        # A thread per load that ends with it: an idle default executor would keep its thread
-        # (and that thread's memory) for the daemon's whole life.
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"load-{name}") as loader:
-            loop = asyncio.get_running_loop()
-            backend = await loop.run_in_executor(loader, self._open_backend, name, config)
-        runner = ModelRunner(name, ModelSlot.version, backend, config, loop)
+    async def _load_runner(self, slot: ModelSlot) -> ModelRunner:
+        backend = await in_fresh_thread(self._open_backend, slot.name, slot.config)
+        loop = asyncio.get_running_loop()
+        runner = ModelRunner(slot.name, slot.version, backend, slot.config, loop)
         runner.start()
-        log.info("model %s loaded", name)
+        log.info("model %s version %d loaded", slot.name, slot.version)
         return runner
 
     def _open_backend(self, name: str, config: ModelConfig) -> Backend:
-        """Load one model (blocking: runs in an executor); builds the demo on first start."""
+        """Load one model (blocking: runs on a loader thread)."""
         path = Path(config.path)
-        if name == DEMO_MODEL and not self.config.models and not path.is_file():
-            log.info("building the demo model at %s (first start)", path)
-            ensure_demo_model(path)
         if not path.is_file():
             raise ModelLoadError(f"model {name!r}: no file at {path}")
         try:

@@ -75,11 +75,6 @@ def build_image_model(path: Path, seed: int = 0) -> Path:
     return _quantize_to(path, graph, "image", calibration)
 
 
-def ensure_demo_model(path: Path) -> Path:
-    """Build the demo model at ``path`` unless it is already there."""
-    return path if path.is_file() else build_demo_model(path)
-
-
 def _tensor(name: str, array: np.ndarray[Any, Any]) -> Any:
     from onnx import numpy_helper
 

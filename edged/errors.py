@@ -100,6 +100,12 @@ class AlreadyRunning(EdgedError):
     code = "ALREADY_RUNNING"
 
 
+class StoreError(EdgedError):
+    """A model store entry is missing or unreadable."""
+
+    code = "STORE"
+
+
 class ClientTimeout(EdgedError):
     """Raised by the client alone: no reply within the timeout (daemon down or message refused)."""
 

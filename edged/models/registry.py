@@ -21,7 +21,7 @@ from edged.models.runner import ModelRunner
 log = logging.getLogger(__name__)
 
 #: builds, starts and returns the runner of a model (blocking work happens off the loop)
-Loader = Callable[[str, ModelConfig], Awaitable[ModelRunner]]
+Loader = Callable[["ModelSlot"], Awaitable[ModelRunner]]
 #: called once the load settles: with ``None`` when the model is ready, else the load error
 Waiter = Callable[[EdgedError | None], None]
 
@@ -41,17 +41,16 @@ class SlotStatistics:
 
 
 class ModelSlot:
-    #: models declared in the config are served as version 1 (the store brings versions)
-    version = 1
-
     def __init__(
         self,
         name: str,
+        version: int,
         config: ModelConfig,
         loader: Loader,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.name = name
+        self.version = version
         self.config = config
         self.state = ModelState.UNLOADED
         self.runner: ModelRunner | None = None
@@ -115,7 +114,7 @@ class ModelSlot:
 
     async def _load(self) -> None:
         try:
-            runner = await self._loader(self.name, self.config)
+            runner = await self._loader(self)
         except Exception as exc:  # reported to every waiter; the next request tries again
             if isinstance(exc, EdgedError):
                 log.error("%s", exc)

@@ -1,0 +1,159 @@
+"""The on-disk model store: ``<state>/models/<name>/<version>/`` with a manifest per version.
+
+A version appears only complete: files are written and fsynced in a staging directory, then the
+directory is renamed into place, so a power cut leaves either nothing or the whole version (a
+staging leftover is never read as a version and is removed on the next add).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edged.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STAGING = ".staging"
+FORMATS = ("onnx", "gguf")
+_VERSION_DIR = re.compile(r"[1-9][0-9]*")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    format: str
+    #: the model file, relative to the version directory
+    file: str
+    size: int
+    sha256: str
+    #: ISO 8601, UTC
+    created: str
+
+    @classmethod
+    def parse(cls, data: Any, where: Path) -> Manifest:
+        fields = {
+            "name": str,
+            "version": int,
+            "format": str,
+            "file": str,
+            "size": int,
+            "sha256": str,
+            "created": str,
+        }
+        if not isinstance(data, dict) or set(data) != set(fields):
+            raise StoreError(f"{where}: a manifest needs exactly {', '.join(fields)}")
+        for key, kind in fields.items():
+            if type(data[key]) is not kind:
+                raise StoreError(f"{where}: '{key}' must be {kind.__name__}")
+        if data["format"] not in FORMATS or "/" in data["file"] or data["file"] in ("", ".", ".."):
+            raise StoreError(f"{where}: bad format or file name")
+        return cls(**data)
+
+
+class ModelStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def versions(self, name: str) -> list[int]:
+        """Installed versions of ``name``, oldest first."""
+        directory = self.root / name
+        if not directory.is_dir():
+            return []
+        found = [
+            int(entry.name)
+            for entry in directory.iterdir()
+            if _VERSION_DIR.fullmatch(entry.name) and (entry / MANIFEST).is_file()
+        ]
+        return sorted(found)
+
+    def latest(self, name: str) -> Manifest | None:
+        versions = self.versions(name)
+        return self.manifest(name, versions[-1]) if versions else None
+
+    def manifest(self, name: str, version: int) -> Manifest:
+        path = self.root / name / str(version) / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"{path}: cannot read the manifest: {exc}") from None
+        manifest = Manifest.parse(data, path)
+        if (manifest.name, manifest.version) != (name, version):
+            raise StoreError(f"{path}: says {manifest.name} v{manifest.version}")
+        return manifest
+
+    def model_path(self, manifest: Manifest) -> Path:
+        return self.root / manifest.name / str(manifest.version) / manifest.file
+
+    def _next_version(self, name: str) -> int:
+        """One past every version directory, complete or not, so none is ever reused."""
+        directory = self.root / name
+        taken = [
+            int(entry.name)
+            for entry in (directory.iterdir() if directory.is_dir() else ())
+            if _VERSION_DIR.fullmatch(entry.name)
+        ]
+        return max(taken, default=0) + 1
+
+    def add(self, name: str, source: Path, fmt: str) -> Manifest:
+        """Install ``source`` as the next version of ``name``; returns its manifest."""
+        if fmt not in FORMATS:
+            raise StoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        staging_root = self.root / STAGING
+        shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of an interrupted add
+        staging = staging_root / uuid.uuid4().hex
+        staging.mkdir(parents=True)
+        target = staging / source.name
+        size, digest = _copy_hashing(source, target)
+        version = self._next_version(name)
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = Manifest(name, version, fmt, source.name, size, digest, created)
+        _write_synced(staging / MANIFEST, json.dumps(asdict(manifest), indent=2).encode())
+        _fsync_dir(staging)
+        final = self.root / name / str(version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        log.info("stored %s version %d (%d bytes, sha256 %s)", name, version, size, digest[:12])
+        return manifest
+
+
+def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with source.open("rb") as src, target.open("wb") as dst:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+            size += len(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    return size, digest.hexdigest()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
