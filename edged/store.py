@@ -7,13 +7,12 @@ staging leftover is never read as a version and is removed on the next add).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-import uuid
+import tempfile
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,8 +112,8 @@ class ModelStore:
             raise StoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
         staging_root = self.root / STAGING
         shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of an interrupted add
-        staging = staging_root / uuid.uuid4().hex
-        staging.mkdir(parents=True)
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=staging_root))
         target = staging / source.name
         size, digest = _copy_hashing(source, target)
         version = self._next_version(name)
@@ -132,6 +131,9 @@ class ModelStore:
 
 
 def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
+    import hashlib  # here, not at the top: it maps OpenSSL (~3 MB) into a daemon that only
+    # hashes while storing a model
+
     digest = hashlib.sha256()
     size = 0
     with source.open("rb") as src, target.open("wb") as dst:
