@@ -83,6 +83,14 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    #: memory for all loaded models together; 0 means only the reserve limits loads
+    budget_mb: int = _at_least(0, 0)
+    #: memory kept free for the rest of the system: a load that would eat into it evicts or fails
+    reserve_mb: int = _at_least(256, 0)
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     #: sockets live here; "" means $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/edged or /tmp/edged-$UID
     runtime_dir: str = ""
@@ -99,6 +107,7 @@ class DaemonConfig:
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     #: model name -> declaration; empty means "serve the built-in demo model"
     models: dict[str, ModelConfig] = field(default_factory=dict)
     #: where this config came from (a path or "<defaults>"), for messages

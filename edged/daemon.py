@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from edged.demo import build_demo_model
 from edged.errors import ConfigError, ModelLoadError, ShuttingDown
 from edged.lockfile import instance_lock
 from edged.models.backend import Backend
+from edged.models.budget import MIB, MemoryBudget, footprint
 from edged.models.onnx import OnnxBackend
 from edged.models.registry import ModelSlot, Registry
 from edged.models.runner import ModelRunner
@@ -44,11 +46,19 @@ DEMO_MODEL = "demo"
 TICK_S = 1.0
 
 
-def _load_onnx(config: ModelConfig) -> Backend:
-    return OnnxBackend.load(Path(config.path), config.onnx)
+@dataclass(frozen=True)
+class BackendKind:
+    #: peak bytes a load will take, from the files alone
+    estimate: Callable[[ModelConfig], int]
+    load: Callable[[ModelConfig], Backend]
 
 
-BACKENDS: dict[str, Callable[[ModelConfig], Backend]] = {"onnx": _load_onnx}
+BACKENDS: dict[str, BackendKind] = {
+    "onnx": BackendKind(
+        estimate=lambda config: OnnxBackend.estimate(Path(config.path)),
+        load=lambda config: OnnxBackend.load(Path(config.path), config.onnx),
+    ),
+}
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -99,7 +109,10 @@ class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.paths: Paths = resolve_paths(config)
-        self.registry = Registry()
+        memory = config.memory
+        budget = MemoryBudget(memory.budget_mb * MIB or None, memory.reserve_mb * MIB)
+        self.registry = Registry(budget)
+        self._load_lock = asyncio.Lock()
         self.service = InferenceService(self.registry)
         self._stop: asyncio.Event | None = None
 
@@ -197,12 +210,25 @@ class Daemon:
         return declared
 
     async def _load_runner(self, slot: ModelSlot) -> ModelRunner:
-        backend = await in_fresh_thread(self._open_backend, slot.name, slot.config)
+        """Estimate, make room, load, measure. One load at a time, so that each measurement
+        sees its own load only."""
+        async with self._load_lock:
+            estimate = await in_fresh_thread(self._estimate, slot.name, slot.config)
+            self.registry.make_room(slot, self.registry.budget.expected(slot.name, estimate))
+            before = footprint()
+            backend = await in_fresh_thread(self._open_backend, slot.name, slot.config)
+            self.registry.budget.charge(slot.name, estimate, footprint() - before)
         loop = asyncio.get_running_loop()
         runner = ModelRunner(slot.name, slot.version, backend, slot.config, loop)
         runner.start()
         log.info("model %s version %d loaded", slot.name, slot.version)
         return runner
+
+    def _estimate(self, name: str, config: ModelConfig) -> int:
+        try:
+            return BACKENDS[config.backend].estimate(config)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model {name!r}: cannot load {config.path}: {exc}") from None
 
     def _open_backend(self, name: str, config: ModelConfig) -> Backend:
         """Load one model (blocking: runs on a loader thread)."""
@@ -210,7 +236,7 @@ class Daemon:
         if not path.is_file():
             raise ModelLoadError(f"model {name!r}: no file at {path}")
         try:
-            return BACKENDS[config.backend](config)
+            return BACKENDS[config.backend].load(config)
         except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
             raise ModelLoadError(f"model {name!r}: cannot load {path}: {exc}") from None
 

@@ -68,6 +68,12 @@ class BusyError(EdgedError):
     code = "BUSY"
 
 
+class BudgetExceeded(EdgedError):
+    """The model does not fit in the memory budget even after evicting idle models."""
+
+    code = "BUDGET_EXCEEDED"
+
+
 class DeadlineExceeded(EdgedError):
     """The request's deadline passed before its run could start."""
 
@@ -131,6 +137,7 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         DtypeMismatch,
         ShapeMismatch,
         BusyError,
+        BudgetExceeded,
         DeadlineExceeded,
         RunFailed,
         ShuttingDown,

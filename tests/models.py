@@ -31,3 +31,20 @@ def build_slow_model(path: Path, layers: int = 24) -> Path:
     model.ir_version = 8
     save(model, path)
     return path
+
+
+def build_wide_model(path: Path, width: int = 2048, seed: int = 0) -> Path:
+    """x float32[batch, width] -> y: one MatMul whose weight is width*width*4 bytes."""
+    rng = np.random.default_rng(seed)
+    weight = rng.standard_normal((width, width), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    save(model, path)
+    return path

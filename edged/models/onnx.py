@@ -11,8 +11,11 @@ import onnxruntime as ort
 
 from edged.config import OnnxOptions
 from edged.models.backend import Arrays, Signature, TensorSpec
+from edged.models.onnx_size import weight_bytes
 
 log = logging.getLogger(__name__)
+
+SESSION_OVERHEAD_BYTES = 16 * 1024 * 1024
 
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -88,6 +91,12 @@ class OnnxBackend:
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         log.info("loaded %s with providers %s", path, ", ".join(session.get_providers()))
         return cls(session)
+
+    @staticmethod
+    def estimate(path: Path) -> int:
+        """Peak bytes a load takes: weights are read, then copied (and often prepacked) by the
+        session, plus the runtime's own allocations; measured loads correct it per model."""
+        return 2 * weight_bytes(path) + SESSION_OVERHEAD_BYTES
 
     @property
     def signature(self) -> Signature:

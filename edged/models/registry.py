@@ -1,8 +1,9 @@
 """Which models are declared and which are loaded: one slot per declared model.
 
 A slot loads its model on first use (or at start when preloaded or pinned), holds the requests
-that arrive while it loads (bounded like the admission queue), and unloads the model after
-``keep_alive_s`` without requests unless it is pinned.
+that arrive while it loads (bounded like the admission queue), and its model is unloaded after
+``keep_alive_s`` without requests, or to make room for another, unless it is pinned. Every
+unload goes through the registry, which keeps the memory budget's books.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from edged.config import ModelConfig
-from edged.errors import BusyError, EdgedError, InternalError, UnknownModel
+from edged.errors import BudgetExceeded, BusyError, EdgedError, InternalError, UnknownModel
+from edged.models.budget import MIB, MemoryBudget, footprint, give_back_freed_memory
 from edged.models.runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -86,16 +88,14 @@ class ModelSlot:
         if self._loading is not None:
             await self._loading
 
-    def unload_if_idle(self, now_ns: int) -> bool:
-        runner = self.runner
+    @property
+    def evictable(self) -> bool:
+        """Loaded, not pinned, and nothing queued or running on it."""
+        return self.runner is not None and not self.config.pinned and not self.runner.busy
+
+    def idle_expired(self, now_ns: int) -> bool:
         keep_alive = self.config.keep_alive_s
-        if runner is None or self.config.pinned or keep_alive <= 0 or runner.busy:
-            return False
-        if now_ns - self.last_used_ns < keep_alive * 1e9:
-            return False
-        log.info("unloading model %s after %.0f s without requests", self.name, keep_alive)
-        self.close()
-        return True
+        return self.evictable and keep_alive > 0 and now_ns - self.last_used_ns >= keep_alive * 1e9
 
     def close(self) -> None:
         if self.runner is not None:
@@ -137,7 +137,8 @@ class ModelSlot:
 
 
 class Registry:
-    def __init__(self) -> None:
+    def __init__(self, budget: MemoryBudget) -> None:
+        self.budget = budget
         self._slots: dict[str, ModelSlot] = {}
 
     def add(self, slot: ModelSlot) -> None:
@@ -157,15 +158,58 @@ class Registry:
     def runners(self) -> list[ModelRunner]:
         return [slot.runner for slot in self._slots.values() if slot.runner is not None]
 
-    def unload_idle(self, now_ns: int) -> list[str]:
-        return [slot.name for slot in self._slots.values() if slot.unload_if_idle(now_ns)]
+    def unload_idle(self, now_ns: int) -> None:
+        for slot in self._slots.values():
+            if slot.idle_expired(now_ns):
+                self.unload(slot, f"after {slot.config.keep_alive_s:g} s without requests")
+
+    def unload(self, slot: ModelSlot, reason: str) -> None:
+        """Unload, release its charge, and record what the system really got back."""
+        log.info("unloading model %s %s", slot.name, reason)
+        before = footprint()
+        slot.close()
+        give_back_freed_memory()
+        self.budget.release(slot.name, before - footprint())
+
+    def make_room(self, loading: ModelSlot, need: int) -> None:
+        """Evict idle, unpinned models, least recently used first, until ``need`` bytes fit."""
+        budget = self.budget
+        if budget.capacity is not None and need > budget.capacity:
+            raise BudgetExceeded(
+                f"model {loading.name!r} needs {need / MIB:.0f} MiB, more than the whole "
+                f"budget of {budget.capacity / MIB:.0f} MiB"
+            )
+        victims = sorted(
+            (s for s in self._slots.values() if s is not loading and s.evictable),
+            key=lambda s: s.last_used_ns,
+        )
+        while budget.shortfall(need) > 0 and victims:
+            self.unload(victims.pop(0), f"to make room for {loading.name}")
+        if budget.shortfall(need) > 0:
+            raise BudgetExceeded(self._no_room(loading, need))
+
+    def _no_room(self, loading: ModelSlot, need: int) -> str:
+        budget = self.budget
+        loaded = [
+            f"{name} {charged / MIB:.0f} MiB"
+            + (" pinned" if self._slots[name].config.pinned else " busy")
+            for name, charged in budget.statistics().charged_bytes.items()
+            if name in self._slots
+        ]
+        limit = "no budget" if budget.capacity is None else f"{budget.capacity / MIB:.0f} MiB"
+        return (
+            f"model {loading.name!r} needs {need / MIB:.0f} MiB; {budget.used / MIB:.0f} MiB of "
+            f"{limit} are in use, and the system keeps {budget.reserve / MIB:.0f} MiB in "
+            f"reserve; loaded: {', '.join(loaded) or 'nothing'}"
+        )
 
     async def settled(self) -> None:
         await asyncio.gather(*(slot.settled() for slot in self._slots.values()))
 
     def close(self) -> None:
         for slot in self._slots.values():
-            slot.close()
+            if slot.runner is not None:
+                self.unload(slot, "at stop")
 
     def __iter__(self) -> Iterator[ModelSlot]:
         return iter(list(self._slots.values()))
