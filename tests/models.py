@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper, save
 
 SLOW_WIDTH = 512
@@ -20,31 +21,31 @@ def build_slow_model(path: Path, layers: int = 24) -> Path:
         nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"t{i}"]))
         previous = f"t{i}"
     nodes.append(helper.make_node("Identity", [previous], ["y"]))
-    graph = helper.make_graph(
-        nodes,
-        "slow",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", SLOW_WIDTH])],
-        initializer=[numpy_helper.from_array(weight, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    save(model, path)
+    save(_square_model("slow", nodes, weight), path)
     return path
 
 
-def build_wide_model(path: Path, width: int = 2048, seed: int = 0) -> Path:
+def wide_model(width: int = 2048, seed: int = 0) -> onnx.ModelProto:
     """x float32[batch, width] -> y: one MatMul whose weight is width*width*4 bytes."""
-    rng = np.random.default_rng(seed)
-    weight = rng.standard_normal((width, width), dtype=np.float32)
+    weight = np.random.default_rng(seed).standard_normal((width, width), dtype=np.float32)
+    return _square_model("wide", [helper.make_node("MatMul", ["x", "w"], ["y"])], weight)
+
+
+def build_wide_model(path: Path, width: int = 2048, seed: int = 0) -> Path:
+    save(wide_model(width, seed), path)
+    return path
+
+
+def _square_model(name: str, nodes: list[onnx.NodeProto], weight: np.ndarray) -> onnx.ModelProto:
+    """x float32[batch, n] -> y float32[batch, n], with one initializer "w"."""
+    width = weight.shape[0]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "wide",
+        nodes,
+        name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         initializer=[numpy_helper.from_array(weight, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    save(model, path)
-    return path
+    return model

@@ -4,36 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 
 from edged.models.onnx_size import weight_bytes
-
-
-def matmul_model(width: int) -> onnx.ModelProto:
-    weight = np.ones((width, width), np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, width])],
-        [numpy_helper.from_array(weight, "w")],
-    )
-    return helper.make_model(graph)
+from tests.models import wide_model
 
 
 def test_embedded_weights_are_counted_with_the_file(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
-    onnx.save(matmul_model(256), path)
+    onnx.save(wide_model(256), path)
     assert 256 * 256 * 4 <= weight_bytes(path) == path.stat().st_size
 
 
 def test_external_data_is_added(tmp_path: Path) -> None:
     path = tmp_path / "m.onnx"
     onnx.save(
-        matmul_model(256),
+        wide_model(256),
         path,
         save_as_external_data=True,
         location="m.data",
