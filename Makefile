@@ -12,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,gguf]'
 	# test-only: silero-vad ships real ONNX models; its torch dependency is not needed for them
 	$(BIN)/pip install -q --no-deps silero-vad
 	touch $@

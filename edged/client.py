@@ -6,6 +6,8 @@ matched by request id and dropped, and the blocking client resets its socket aft
 a request lost with the old daemon is never answered late.
 
 Output arrays are read-only views on the received frames (no copy); ``.copy()`` one to modify it.
+``generate`` streams text as the model produces it: iterate the returned stream for the pieces,
+then read its ``completion``; closing a stream early cancels the generation in the daemon.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -54,6 +56,49 @@ def _result(reply: protocol.Reply, started: float) -> Result:
         timing=timing,
         trace=reply.fields.get("trace"),
     )
+
+
+@dataclass
+class Completion:
+    """A finished (or cancelled) generation: what streamed, why it ended, what it cost."""
+
+    text: str = ""
+    #: "length" (max_tokens reached), "stop" (a stop sequence or end of text), "cancelled"
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    #: the daemon's queue_us, run_us, ttft_us and tokens_per_s
+    timing: dict[str, Any] = field(default_factory=dict)
+    model: str = ""
+    version: int = 0
+
+
+def _generate_fields(prompt: str, **options: Any) -> dict[str, Any]:
+    """The header keys of a generate request: unset options take the daemon's defaults."""
+    return {"prompt": prompt, **{key: v for key, v in options.items() if v is not None}}
+
+
+def _absorb(completion: Completion, pieces: list[str], reply: protocol.Reply) -> str | None:
+    """Fold one stream message into ``completion``: its text, or ``None`` at the final one."""
+    reply.raise_for_error()
+    fields = reply.fields
+    if fields.get("more"):
+        text = str(fields.get("text", ""))
+        pieces.append(text)
+        return text
+    usage = fields.get("usage", {})
+    completion.text = "".join(pieces)
+    completion.finish_reason = fields.get("finish_reason")
+    completion.prompt_tokens = int(usage.get("prompt_tokens", 0))
+    completion.completion_tokens = int(usage.get("completion_tokens", 0))
+    completion.timing = dict(fields.get("timing", {}))
+    completion.model = str(fields.get("model", ""))
+    completion.version = int(fields.get("version", 0))
+    return None
+
+
+def _embedding(reply: protocol.Reply) -> np.ndarray[Any, Any]:
+    return reply.tensors["embedding"]
 
 
 def _as_arrays(inputs: Inputs) -> dict[str, np.ndarray[Any, Any]]:
@@ -106,6 +151,59 @@ class Client:
         )
         return _result(self._call(request_id, frames, timeout), started)
 
+    def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        version: int | None = None,
+        deadline_ms: float | None = None,
+        trace: str | None = None,
+        timeout: float | None = None,
+    ) -> TokenStream:
+        """Start a generation; iterate the stream for text as it comes. ``timeout`` bounds the
+        wait for each message, not the whole generation."""
+        request_id = next(self._ids)
+        fields = _generate_fields(
+            prompt,
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        frames = protocol.encode_request(
+            request_id,
+            "generate",
+            model=model,
+            version=version,
+            deadline_ms=deadline_ms,
+            trace=trace,
+            fields=fields,
+        )
+        send_frames(self._connect(), frames)
+        return TokenStream(self, request_id, self.timeout if timeout is None else timeout)
+
+    def embed(
+        self, model: str, texts: str | list[str], *, timeout: float | None = None
+    ) -> np.ndarray[Any, Any]:
+        """One mean-pooled embedding per text: float32[len(texts), n_embd]."""
+        request_id = next(self._ids)
+        frames = protocol.encode_request(request_id, "embed", model=model, fields={"input": texts})
+        return _embedding(self._call(request_id, frames, timeout))
+
+    def cancel(self, target: int, timeout: float | None = None) -> None:
+        """Cancel request ``target`` sent on this client; raises UnknownRequest when the daemon
+        has no such request queued or running (it may have just finished)."""
+        request_id = next(self._ids)
+        frames = protocol.encode_request(request_id, "cancel", fields={"target": target})
+        self._call(request_id, frames, timeout)
+
     def describe(self, model: str, timeout: float | None = None) -> dict[str, Any]:
         request_id = next(self._ids)
         frames = protocol.encode_request(request_id, "describe", model=model)
@@ -137,8 +235,14 @@ class Client:
 
     def _call(self, request_id: int, frames: list[Any], timeout: float | None) -> protocol.Reply:
         timeout = self.timeout if timeout is None else timeout
+        send_frames(self._connect(), frames)
+        reply = self._receive(request_id, timeout)
+        reply.raise_for_error()
+        return reply
+
+    def _receive(self, request_id: int, timeout: float) -> protocol.Reply:
+        """The next reply to ``request_id``, dropping any other (stale) reply on the way."""
         sock = self._connect()
-        send_frames(sock, frames)
         deadline = time.monotonic() + timeout
         wait_ms = int(timeout * 1000)
         while True:
@@ -156,9 +260,61 @@ class Client:
                 raise _timeout_error(self.endpoint, timeout) from None
             reply = protocol.decode_reply([part.buffer for part in parts])
             if reply.id == request_id:
-                reply.raise_for_error()
                 return reply
             wait_ms = max(0, int((deadline - time.monotonic()) * 1000))  # a stale reply: go on
+
+
+class TokenStream:
+    """The text of one ``generate`` request as it streams; ``completion`` once it has ended.
+
+    Iterate it to the end, or ``close()`` it (a ``with`` block does) to cancel the generation:
+    the daemon then frees the model for the next request at once.
+    """
+
+    def __init__(self, client: Client, request_id: int, timeout: float) -> None:
+        self.request_id = request_id
+        self.completion = Completion()
+        self._client = client
+        self._timeout = timeout
+        self._pieces: list[str] = []
+        self._done = False
+
+    def __iter__(self) -> Iterator[str]:
+        while not self._done:
+            try:
+                text = _absorb(self.completion, self._pieces, self._next())
+            except BaseException:
+                self._done = True
+                raise
+            if text is None:
+                self._done = True
+                return
+            yield text
+
+    def text(self) -> Completion:
+        """Wait for the end and return the completion."""
+        for _ in self:
+            pass
+        return self.completion
+
+    def close(self) -> None:
+        """Cancel the generation if it is still running and wait for its final message."""
+        if self._done:
+            return
+        frames = protocol.encode_request(
+            next(self._client._ids), "cancel", fields={"target": self.request_id}
+        )
+        send_frames(self._client._connect(), frames)  # its reply is dropped as stale
+        self.text()
+
+    def _next(self) -> protocol.Reply:
+        return self._client._receive(self.request_id, self._timeout)
+
+    def __enter__(self) -> TokenStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class AsyncClient:
@@ -176,6 +332,7 @@ class AsyncClient:
         self._socket: zmq.asyncio.Socket | None = None
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[protocol.Reply]] = {}
+        self._streams: dict[int, asyncio.Queue[protocol.Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
 
     async def infer(
@@ -200,6 +357,76 @@ class AsyncClient:
             trace=trace,
         )
         return _result(await self._call(request_id, frames, timeout), started)
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        stop: str | list[str] | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        version: int | None = None,
+        deadline_ms: float | None = None,
+        trace: str | None = None,
+        timeout: float | None = None,
+        completion: Completion | None = None,
+    ) -> AsyncIterator[str]:
+        """Text as the model produces it; pass ``completion`` to get the final figures. Leaving
+        the loop early (break, an exception, cancellation) cancels the generation."""
+        timeout = self.timeout if timeout is None else timeout
+        completion = completion if completion is not None else Completion()
+        request_id = next(self._ids)
+        fields = _generate_fields(
+            prompt,
+            max_tokens=max_tokens,
+            stop=stop,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+        frames = protocol.encode_request(
+            request_id,
+            "generate",
+            model=model,
+            version=version,
+            deadline_ms=deadline_ms,
+            trace=trace,
+            fields=fields,
+        )
+        stream: asyncio.Queue[protocol.Reply] = asyncio.Queue()
+        self._streams[request_id] = stream
+        pieces: list[str] = []
+        finished = False
+        try:
+            await self._send(frames)
+            while True:
+                try:
+                    reply = await asyncio.wait_for(stream.get(), timeout)
+                except asyncio.TimeoutError:
+                    raise _timeout_error(self.endpoint, timeout) from None
+                text = _absorb(completion, pieces, reply)
+                if text is None:
+                    finished = True
+                    return
+                yield text
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._socket is not None:
+                cancel = protocol.encode_request(
+                    next(self._ids), "cancel", fields={"target": request_id}
+                )
+                with contextlib.suppress(zmq.ZMQError):
+                    self._socket.send_multipart(cancel, flags=zmq.NOBLOCK)
+
+    async def embed(
+        self, model: str, texts: str | list[str], *, timeout: float | None = None
+    ) -> np.ndarray[Any, Any]:
+        request_id = next(self._ids)
+        frames = protocol.encode_request(request_id, "embed", model=model, fields={"input": texts})
+        return _embedding(await self._call(request_id, frames, timeout))
 
     async def describe(self, model: str, timeout: float | None = None) -> dict[str, Any]:
         request_id = next(self._ids)
@@ -231,15 +458,10 @@ class AsyncClient:
         self, request_id: int, frames: list[Any], timeout: float | None
     ) -> protocol.Reply:
         timeout = self.timeout if timeout is None else timeout
-        if self._socket is None:
-            self._socket = self._context.socket(zmq.DEALER)
-            self._socket.setsockopt(zmq.LINGER, 0)
-            self._socket.connect(self.endpoint)
-            self._reader = asyncio.create_task(self._read(self._socket))
         future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            await self._socket.send_multipart(frames, copy=False)
+            await self._send(frames)
             reply = await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise _timeout_error(self.endpoint, timeout) from None
@@ -248,6 +470,14 @@ class AsyncClient:
         reply.raise_for_error()
         return reply
 
+    async def _send(self, frames: list[Any]) -> None:
+        if self._socket is None:
+            self._socket = self._context.socket(zmq.DEALER)
+            self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.connect(self.endpoint)
+            self._reader = asyncio.create_task(self._read(self._socket))
+        await self._socket.send_multipart(frames, copy=False)
+
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             parts = await sock.recv_multipart(copy=False)
@@ -255,6 +485,12 @@ class AsyncClient:
                 reply = protocol.decode_reply([part.buffer for part in parts])
             except EdgedError:  # a garbled reply cannot be matched to a request; its call times out
                 continue
-            future = self._waiting.get(reply.id) if reply.id is not None else None
+            if reply.id is None:
+                continue
+            stream = self._streams.get(reply.id)
+            if stream is not None:
+                stream.put_nowait(reply)
+                continue
+            future = self._waiting.get(reply.id)
             if future is not None and not future.done():
                 future.set_result(reply)

@@ -50,10 +50,29 @@ class OnnxOptions:
 
 
 @dataclass(frozen=True)
+class GgufOptions:
+    """llama.cpp context settings for one GGUF model."""
+
+    #: context length in tokens: prompt plus generated tokens must fit; sizes the KV cache
+    n_ctx: int = _at_least(2048, 16)
+    #: prompt tokens evaluated per llama.cpp call
+    n_batch: int = _at_least(512, 1)
+    #: compute threads; 0 lets llama-cpp-python pick (half the cores)
+    n_threads: int = _at_least(0, 0)
+    #: layers offloaded to the GPU (CUDA builds of llama.cpp, e.g. on a Jetson); -1 means all
+    n_gpu_layers: int = _at_least(0, -1)
+    #: an embedding model: serves ``embed`` (mean-pooled) instead of ``generate``
+    embedding: bool = False
+    #: map the file rather than reading it: pages are shared with the page cache
+    use_mmap: bool = True
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     #: the model file; "" serves the newest version in the store, <state>/models/<name>/
     path: str = ""
-    backend: str = _choice("onnx", "onnx")
+    #: "auto" picks by the store manifest's format, else by the file name (.gguf or not)
+    backend: str = _choice("auto", "auto", "onnx", "gguf")
     #: requests waiting for a run beyond this many get BUSY at once
     queue_depth: int = _at_least(64, 1)
     #: rows per run when the model has a dynamic batch dimension; 1 disables batching
@@ -69,6 +88,16 @@ class ModelConfig:
     #: unload after this long without requests; 0 keeps the model loaded
     keep_alive_s: float = _at_least(300.0, 0.0)
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
+    gguf: GgufOptions = field(default_factory=GgufOptions)
+
+    def backend_for(self, path: str, stored_format: str | None = None) -> str:
+        """The backend that serves ``path``: the configured one, else the stored format, else
+        the file name's suffix."""
+        if self.backend != "auto":
+            return self.backend
+        if stored_format is not None:
+            return stored_format
+        return "gguf" if path.lower().endswith(".gguf") else "onnx"
 
 
 @dataclass(frozen=True)

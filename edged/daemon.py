@@ -28,10 +28,11 @@ from edged.config import Config, ModelConfig
 from edged.demo import build_demo_model
 from edged.errors import ConfigError, ModelLoadError, ShuttingDown
 from edged.lockfile import instance_lock
-from edged.models.backend import Backend
 from edged.models.budget import MIB, MemoryBudget, footprint
+from edged.models.generation import GenerationRunner
+from edged.models.gguf import GgufBackend
 from edged.models.onnx import OnnxBackend
-from edged.models.registry import ModelSlot, Registry
+from edged.models.registry import ModelSlot, Registry, Runner
 from edged.models.runner import ModelRunner
 from edged.paths import Paths, default_infer_endpoint, resolve_paths
 from edged.server import InferenceEndpoint
@@ -50,13 +51,27 @@ TICK_S = 1.0
 class BackendKind:
     #: peak bytes a load will take, from the files alone
     estimate: Callable[[ModelConfig], int]
-    load: Callable[[ModelConfig], Backend]
+    #: the loaded model (blocking)
+    load: Callable[[ModelConfig], Any]
+    #: what schedules requests on it
+    runner: Callable[[str, int, Any, ModelConfig, asyncio.AbstractEventLoop], Runner]
+    #: whether a load that measured below the estimate may lower the next estimate
+    learn_lower: bool
 
 
 BACKENDS: dict[str, BackendKind] = {
     "onnx": BackendKind(
         estimate=lambda config: OnnxBackend.estimate(Path(config.path)),
         load=lambda config: OnnxBackend.load(Path(config.path), config.onnx),
+        runner=ModelRunner,
+        learn_lower=True,
+    ),
+    "gguf": BackendKind(
+        estimate=lambda config: GgufBackend.estimate(Path(config.path), config.gguf),
+        load=lambda config: GgufBackend.load(Path(config.path), config.gguf),
+        runner=GenerationRunner,
+        # llama.cpp's compute buffers and KV pages fill only under long prompts
+        learn_lower=False,
     ),
 }
 
@@ -110,7 +125,9 @@ class Daemon:
         self.config = config
         self.paths: Paths = resolve_paths(config)
         memory = config.memory
-        budget = MemoryBudget(memory.budget_mb * MIB or None, memory.reserve_mb * MIB)
+        budget = MemoryBudget(
+            memory.budget_mb * MIB or None, memory.reserve_mb * MIB, self.paths.budget_file
+        )
         self.registry = Registry(budget)
         self._load_lock = asyncio.Lock()
         self.service = InferenceService(self.registry)
@@ -190,14 +207,16 @@ class Daemon:
         store = ModelStore(self.paths.models)
         if not self.config.models:
             demo = store.latest(DEMO_MODEL) or _store_demo(store)
-            config = ModelConfig(path=str(store.model_path(demo)), max_batch=8, preload=True)
+            path = str(store.model_path(demo))
+            config = ModelConfig(path=path, backend="onnx", max_batch=8, preload=True)
             return {DEMO_MODEL: (demo.version, config)}
         declared = {}
         for name, config in self.config.models.items():
             if config.path:
                 if not Path(config.path).is_file():
                     raise ModelLoadError(f"model {name!r}: no file at {config.path}")
-                declared[name] = (1, config)
+                backend = config.backend_for(config.path)
+                declared[name] = (1, dataclasses.replace(config, backend=backend))
                 continue
             manifest = store.latest(name)
             if manifest is None:
@@ -206,10 +225,14 @@ class Daemon:
                     f"{store.root / name}"
                 )
             path = str(store.model_path(manifest))
-            declared[name] = (manifest.version, dataclasses.replace(config, path=path))
+            backend = config.backend_for(path, manifest.format)
+            declared[name] = (
+                manifest.version,
+                dataclasses.replace(config, path=path, backend=backend),
+            )
         return declared
 
-    async def _load_runner(self, slot: ModelSlot) -> ModelRunner:
+    async def _load_runner(self, slot: ModelSlot) -> Runner:
         """Estimate, make room, load, measure. One load at a time, so that each measurement
         sees its own load only."""
         async with self._load_lock:
@@ -217,9 +240,11 @@ class Daemon:
             self.registry.make_room(slot, self.registry.budget.expected(slot.name, estimate))
             before = footprint()
             backend = await in_fresh_thread(self._open_backend, slot.name, slot.config)
-            self.registry.budget.charge(slot.name, estimate, footprint() - before)
+            kind = BACKENDS[slot.config.backend]
+            measured = footprint() - before
+            self.registry.budget.charge(slot.name, estimate, measured, learn_lower=kind.learn_lower)
         loop = asyncio.get_running_loop()
-        runner = ModelRunner(slot.name, slot.version, backend, slot.config, loop)
+        runner = kind.runner(slot.name, slot.version, backend, slot.config, loop)
         runner.start()
         log.info("model %s version %d loaded", slot.name, slot.version)
         return runner
@@ -230,14 +255,16 @@ class Daemon:
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model {name!r}: cannot load {config.path}: {exc}") from None
 
-    def _open_backend(self, name: str, config: ModelConfig) -> Backend:
+    def _open_backend(self, name: str, config: ModelConfig) -> Any:
         """Load one model (blocking: runs on a loader thread)."""
         path = Path(config.path)
         if not path.is_file():
             raise ModelLoadError(f"model {name!r}: no file at {path}")
         try:
             return BACKENDS[config.backend].load(config)
-        except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # backends raise their own untyped errors for bad files
             raise ModelLoadError(f"model {name!r}: cannot load {path}: {exc}") from None
 
     def _socket_hint(self) -> str:

@@ -48,6 +48,24 @@ class UnknownModel(EdgedError):
     code = "UNKNOWN_MODEL"
 
 
+class OpNotSupported(EdgedError):
+    """The model does not serve this op: ``generate`` on an ONNX model, ``infer`` on a GGUF one."""
+
+    code = "OP_NOT_SUPPORTED"
+
+
+class ContextOverflow(EdgedError):
+    """Prompt tokens plus ``max_tokens`` (or a text to embed) exceed the model's ``n_ctx``."""
+
+    code = "CONTEXT_OVERFLOW"
+
+
+class UnknownRequest(EdgedError):
+    """``cancel`` names an id that is neither queued nor running for this connection."""
+
+    code = "UNKNOWN_REQUEST"
+
+
 class InputMismatch(EdgedError):
     """Input names differ from the model's: one is missing or one is not the model's."""
 
@@ -133,6 +151,9 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         FrameMismatch,
         TooLarge,
         UnknownModel,
+        OpNotSupported,
+        ContextOverflow,
+        UnknownRequest,
         InputMismatch,
         DtypeMismatch,
         ShapeMismatch,

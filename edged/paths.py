@@ -35,6 +35,11 @@ class Paths:
         return self.state / "models"
 
     @property
+    def budget_file(self) -> Path:
+        """Per-model memory corrections learned from past loads."""
+        return self.state / "memory.json"
+
+    @property
     def infer_endpoint(self) -> str:
         return f"ipc://{self.infer_socket}"
 

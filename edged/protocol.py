@@ -51,19 +51,35 @@ DTYPES: dict[str, np.dtype[Any]] = {
 
 WIRE_NAMES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DTYPES.items()}
 
+#: generation settings and their defaults (llama-cpp-python's own, except max_tokens)
+GENERATE_DEFAULTS: dict[str, Any] = {
+    "max_tokens": 128,
+    "stop": (),
+    "temperature": 0.8,
+    "top_p": 0.95,
+    "seed": None,
+}
 #: header keys each op accepts besides the common ones; anything else is a BAD_REQUEST.
 COMMON_KEYS = frozenset({"v", "id", "op", "trace"})
 OP_KEYS: dict[str, frozenset[str]] = {
     "ping": frozenset(),
     "describe": frozenset({"model", "version"}),
     "infer": frozenset({"model", "version", "deadline_ms", "inputs"}),
+    "generate": frozenset({"model", "version", "deadline_ms", "prompt", *GENERATE_DEFAULTS}),
+    "embed": frozenset({"model", "version", "deadline_ms", "input"}),
+    "cancel": frozenset({"target"}),
 }
 ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
-MODEL_OPS = frozenset({"describe", "infer"})
+MODEL_OPS = frozenset({"describe", "infer", "generate", "embed"})
 MAX_ID = 2**64 - 1
 MAX_TRACE_LEN = 128
 MAX_NAME_LEN = 256
+MAX_STOPS = 16
+MAX_STOP_LEN = 256
+MAX_EMBED_TEXTS = 64
+MAX_SEED = 2**32 - 1
+MAX_TOKENS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,18 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class Generation:
+    """What a ``generate`` request asks for (defaults in ``GENERATE_DEFAULTS``)."""
+
+    prompt: str
+    max_tokens: int
+    stop: tuple[str, ...]
+    temperature: float
+    top_p: float
+    seed: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     id: int
     op: str
@@ -85,6 +113,12 @@ class Request:
     deadline_ms: float | None = None
     trace: str | None = None
     inputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+    #: ``generate`` only
+    generation: Generation | None = None
+    #: ``embed`` only: the texts to embed, in order
+    texts: tuple[str, ...] = ()
+    #: ``cancel`` only: the id of the request to cancel (sent earlier on the same connection)
+    target: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,17 +206,17 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
     if pinned is not None and not (_is_int(pinned) and pinned >= 0):
         raise BadRequest("'version' must be a non-negative integer")
     deadline = header.get("deadline_ms")
-    if deadline is not None and not (
-        isinstance(deadline, (int, float))
-        and not isinstance(deadline, bool)
-        and math.isfinite(deadline)
-        and deadline > 0
-    ):
+    if deadline is not None and not (_is_number(deadline) and deadline > 0):
         raise BadRequest("'deadline_ms' must be a positive number")
     specs = header.get("inputs", [])
     if op != "infer" and tensors:
         raise FrameMismatch(f"op {op!r} takes no tensor frames, got {len(tensors)}")
     inputs = _decode_tensors(specs, tensors, limits) if op == "infer" else {}
+    target = None
+    if op == "cancel":
+        target = _valid_id(header.get("target"))
+        if target is None:
+            raise BadRequest("'target' must be the unsigned 64-bit id of the request to cancel")
     return Request(
         id=request_id,
         op=op,
@@ -191,7 +225,54 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
         deadline_ms=float(deadline) if deadline is not None else None,
         trace=trace,
         inputs=inputs,
+        generation=_generation(header) if op == "generate" else None,
+        texts=_texts(header.get("input")) if op == "embed" else (),
+        target=target,
     )
+
+
+def _generation(header: Mapping[str, Any]) -> Generation:
+    prompt = header.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' must be a non-empty string")
+    values = {key: header.get(key, default) for key, default in GENERATE_DEFAULTS.items()}
+    max_tokens = values["max_tokens"]
+    if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
+        raise BadRequest(f"'max_tokens' must be an integer from 1 to {MAX_TOKENS}")
+    stop = values["stop"]
+    if isinstance(stop, str):
+        stop = [stop]
+    if (
+        not isinstance(stop, (list, tuple))
+        or len(stop) > MAX_STOPS
+        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LEN for s in stop)
+    ):
+        raise BadRequest(
+            f"'stop' must be a string or an array of at most {MAX_STOPS} non-empty strings of "
+            f"at most {MAX_STOP_LEN} characters"
+        )
+    temperature, top_p = values["temperature"], values["top_p"]
+    if not (_is_number(temperature) and 0 <= temperature <= 100):
+        raise BadRequest("'temperature' must be a number from 0 to 100 (0 is greedy)")
+    if not (_is_number(top_p) and 0 < top_p <= 1):
+        raise BadRequest("'top_p' must be a number above 0 and at most 1")
+    seed = values["seed"]
+    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
+        raise BadRequest(f"'seed' must be an integer from 0 to {MAX_SEED}")
+    return Generation(prompt, max_tokens, tuple(stop), float(temperature), float(top_p), seed)
+
+
+def _texts(value: Any) -> tuple[str, ...]:
+    texts = [value] if isinstance(value, str) else value
+    if (
+        not isinstance(texts, list)
+        or not 0 < len(texts) <= MAX_EMBED_TEXTS
+        or not all(isinstance(text, str) and text for text in texts)
+    ):
+        raise BadRequest(
+            f"'input' must be a non-empty string or an array of 1 to {MAX_EMBED_TEXTS} of them"
+        )
+    return tuple(texts)
 
 
 def _decode_tensors(
@@ -263,6 +344,10 @@ def _is_int(value: Any) -> bool:
     return type(value) is int  # bool is a subclass of int, and never an integer here
 
 
+def _is_number(value: Any) -> bool:
+    return (type(value) is int or type(value) is float) and math.isfinite(value)
+
+
 # -- encoding ---------------------------------------------------------------------------------
 
 
@@ -295,14 +380,17 @@ def encode_request(
     version: int | None = None,
     deadline_ms: float | None = None,
     trace: str | None = None,
+    fields: Mapping[str, Any] | None = None,
 ) -> list[Any]:
-    """Frames of a request, as a client sends them."""
+    """Frames of a request, as a client sends them; ``fields`` are the op's own keys."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
     for key, value in (("model", model), ("version", version), ("deadline_ms", deadline_ms)):
         if value is not None:
             header[key] = value
     if trace is not None:
         header["trace"] = trace
+    if fields:
+        header.update(fields)
     frames: list[Any] = []
     if inputs is not None:
         header["inputs"], frames = tensor_frames(inputs)

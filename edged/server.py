@@ -6,7 +6,9 @@ starts runs, which is where most of the round-trip time of a naive asyncio serve
 FD is edge-triggered, so after any send the socket is re-checked for input that arrived meanwhile.
 
 Replies are addressed by the ROUTER identity; a REQ-style empty delimiter frame, if the client
-sent one, is echoed back, so REQ, DEALER and raw libzmq clients all work.
+sent one, is echoed back, so REQ, DEALER and raw libzmq clients all work. The socket is
+ROUTER_MANDATORY, so a send tells whether the peer is still there: a token stream stops as soon
+as its client has gone.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class InferenceEndpoint:
         sock.setsockopt(zmq.MAXMSGSIZE, self._config.max_message_bytes)
         sock.setsockopt(zmq.SNDHWM, self._config.send_hwm)
         sock.setsockopt(zmq.RCVHWM, self._config.recv_hwm)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         try:
             for endpoint in self.endpoints:
                 sock.bind(endpoint)
@@ -123,22 +126,29 @@ class InferenceEndpoint:
             envelope.append(b"")
             body = body[1:]
 
-        def send(reply: list[Any]) -> None:
-            self._send(envelope, reply)
+        def send(reply: list[Any]) -> bool:
+            return self._send(envelope, reply)
 
         try:
             request = protocol.decode_request([f.buffer for f in body], self._limits)
         except RequestRejected as rejected:
             send(protocol.encode_error(rejected.request_id, rejected.error))
             return
-        self._service.handle(request, send)
+        self._service.handle(request, send, envelope[0])
 
-    def _send(self, envelope: list[bytes], reply: list[Any]) -> None:
+    def _send(self, envelope: list[bytes], reply: list[Any]) -> bool:
+        """Send without blocking; ``False`` when the reply was dropped: its peer has vanished
+        (EHOSTUNREACH), or its queue is at the high-water mark because it stopped reading."""
         sock = self._socket
         if sock is None:  # stopped: the peer is gone with the socket
-            return
-        # A ROUTER never blocks: a reply to a vanished peer, or to one whose queue is at the
-        # high-water mark because it stopped reading, is dropped by ZeroMQ itself.
-        send_frames(sock, envelope + reply, NOBLOCK)
-        if not self._draining_input:
-            self._check_input()
+            return False
+        try:
+            send_frames(sock, envelope + reply, NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (zmq.EHOSTUNREACH, zmq.EAGAIN):
+                raise
+            return False
+        finally:
+            if not self._draining_input:
+                self._check_input()
+        return True

@@ -1,4 +1,4 @@
-"""The inference ops (ping, describe, infer): decoded requests in, replies out.
+"""The ops (ping, describe, infer, generate, embed, cancel): decoded requests in, replies out.
 
 ``handle`` is the one place where errors become replies: the ops raise, ``handle`` answers, and
 a request that waited for its model to load comes back through ``handle`` too.
@@ -13,10 +13,20 @@ from collections.abc import Callable
 from typing import Any
 
 from edged import __version__, protocol
-from edged.errors import EdgedError, InternalError, ShuttingDown
-from edged.models.registry import Registry
+from edged.errors import (
+    EdgedError,
+    InternalError,
+    OpNotSupported,
+    ShuttingDown,
+    UnknownRequest,
+)
+from edged.models.generation import GenerationRunner
+from edged.models.registry import Registry, Runner
 from edged.models.runner import Job, ModelRunner, ReplySink
 from edged.protocol import Request
+
+#: an op's handler: the request, where its replies go, and the connection it came from
+Handler = Callable[[Request, ReplySink, bytes], None]
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +36,18 @@ class InferenceService:
         self.registry = registry
         self.accepting = True
         self._pending: set[ModelRunner] = set()
-        self._ops: dict[str, Callable[[Request, ReplySink], None]] = {
+        self._ops: dict[str, Handler] = {
             "ping": self._ping,
             "describe": self._describe,
             "infer": self._infer,
+            "generate": self._generate,
+            "embed": self._generate,
+            "cancel": self._cancel,
         }
 
-    def handle(self, request: Request, send: ReplySink) -> None:
+    def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
         try:
-            self._ops[request.op](request, send)
+            self._ops[request.op](request, send, peer)
         except EdgedError as exc:
             send(protocol.encode_error(request.id, exc, request.trace))
         except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
@@ -48,7 +61,7 @@ class InferenceService:
         for runner in pending:
             runner.pump()
 
-    def _ping(self, request: Request, send: ReplySink) -> None:
+    def _ping(self, request: Request, send: ReplySink, peer: bytes) -> None:
         state = "serving" if self.accepting else "draining"
         fields = {
             "server": "edged",
@@ -57,31 +70,55 @@ class InferenceService:
             "state": state,
             "models": [slot.name for slot in self.registry],
             "loaded": [slot.name for slot in self.registry if slot.runner is not None],
+            "memory": self._memory(),
         }
         send(protocol.encode_reply(request.id, _with_trace(fields, request)))
 
-    def _describe(self, request: Request, send: ReplySink) -> None:
-        runner = self._loaded(request, send)
+    def _memory(self) -> dict[str, Any]:
+        stats = self.registry.budget.statistics()
+        per_model = {
+            name: {
+                "charged_bytes": stats.charged_bytes.get(name),
+                "estimated_bytes": stats.estimated_bytes.get(name),
+                "measured_bytes": stats.measured_bytes.get(name),
+                "returned_bytes": stats.returned_bytes.get(name),
+            }
+            for name in sorted({*stats.estimated_bytes, *stats.returned_bytes})
+        }
+        return {
+            "budget_bytes": stats.capacity_bytes,
+            "reserve_bytes": stats.reserve_bytes,
+            "used_bytes": stats.used_bytes,
+            "models": per_model,
+        }
+
+    def _describe(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        runner = self._loaded(request, send, peer)
         if runner is None:
             return
-        signature = runner.backend.signature
-        fields = {
-            "model": runner.name,
-            "version": runner.version,
-            "signature": {
+        fields: dict[str, Any] = {"model": runner.name, "version": runner.version}
+        if isinstance(runner, GenerationRunner):
+            fields["ops"] = ["embed" if runner.backend.embedding else "generate"]
+            fields["llm"] = runner.backend.describe()
+        else:
+            signature = runner.backend.signature
+            fields["ops"] = ["infer"]
+            fields["signature"] = {
                 "inputs": [spec.describe() for spec in signature.inputs],
                 "outputs": [spec.describe() for spec in signature.outputs],
-            },
-            "max_batch": runner.config.max_batch if runner.batching else 1,
-        }
+            }
+            fields["max_batch"] = runner.config.max_batch if runner.batching else 1
         send(protocol.encode_reply(request.id, _with_trace(fields, request)))
 
-    def _infer(self, request: Request, send: ReplySink) -> None:
-        if not self.accepting:
-            raise ShuttingDown("the daemon is shutting down; retry against its successor")
-        runner = self._loaded(request, send)
+    def _infer(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        self._check_accepting()
+        runner = self._loaded(request, send, peer)
         if runner is None:
             return
+        if not isinstance(runner, ModelRunner):
+            raise OpNotSupported(
+                f"model {runner.name!r} is a GGUF language model: use generate or embed, not infer"
+            )
         runner.backend.signature.check(runner.name, request.inputs)
         now = time.monotonic_ns()
         deadline = request.deadline_ms
@@ -90,7 +127,35 @@ class InferenceService:
         runner.submit(job)
         self._pending.add(runner)
 
-    def _loaded(self, request: Request, send: ReplySink) -> ModelRunner | None:
+    def _generate(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """``generate`` and ``embed``: queued on the model's one context, streamed back."""
+        self._check_accepting()
+        runner = self._loaded(request, send, peer)
+        if runner is None:
+            return
+        if not isinstance(runner, GenerationRunner):
+            raise OpNotSupported(
+                f"model {runner.name!r} is an ONNX model: use infer, not {request.op}"
+            )
+        runner.submit(request, send, peer)
+
+    def _cancel(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        target = request.target
+        assert target is not None  # the protocol guarantees it for cancel
+        for runner in self.registry.runners():
+            if isinstance(runner, GenerationRunner) and runner.cancel(peer, target):
+                send(protocol.encode_reply(request.id, _with_trace({"cancelled": target}, request)))
+                return
+        raise UnknownRequest(
+            f"no generate or embed request with id {target} is queued or running for this "
+            f"connection"
+        )
+
+    def _check_accepting(self) -> None:
+        if not self.accepting:
+            raise ShuttingDown("the daemon is shutting down; retry against its successor")
+
+    def _loaded(self, request: Request, send: ReplySink, peer: bytes) -> Runner | None:
         """The model's runner, or ``None`` after parking the request until the model loads."""
         slot = self.registry.slot(str(request.model), request.version)
         if slot.runner is not None:
@@ -101,7 +166,7 @@ class InferenceService:
             if error is not None:
                 send(protocol.encode_error(request.id, error, request.trace))
                 return
-            self.handle(request, send)
+            self.handle(request, send, peer)
             self.pump()
 
         slot.when_ready(resume)

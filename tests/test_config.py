@@ -67,7 +67,7 @@ intra_op_threads = 2
             "'models.a.max_batch' must be int, got bool",
         ),
         ("[models.a]\npath = 'a.onnx'\nmax_batch = 0\n", "'models.a.max_batch' must be >= 1"),
-        ("[models.a]\nbackend = 'tflite'\n", "'models.a.backend' must be one of onnx"),
+        ("[models.a]\nbackend = 'tflite'\n", "'models.a.backend' must be one of auto, onnx, gguf"),
         (
             "[models.a]\npath = 'a'\n[models.a.onnx]\ngraph_optimization = 'max'\n",
             "must be one of disable, basic, extended, all",

@@ -2,7 +2,8 @@
 
 Each loaded model is charged max(estimate, measured) bytes. The estimate comes from the model's
 files; the measurement is the memory the load really took (``footprint``), and their ratio
-corrects that model's next estimate. A load goes ahead only if its expected size fits both the
+corrects that model's next estimate. The corrections are kept in a small JSON file in the state
+directory, so they survive restarts. A load goes ahead only if its expected size fits both the
 configured budget and what the system can spare above the reserve.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,16 +31,24 @@ class BudgetStatistics:
     reserve_bytes: int
     used_bytes: int
     charged_bytes: dict[str, int]
+    #: per model, the last load's estimate and measurement
+    estimated_bytes: dict[str, int]
+    measured_bytes: dict[str, int]
     #: per model, what the last unload gave back to the system
     returned_bytes: dict[str, int]
 
 
 class MemoryBudget:
-    def __init__(self, capacity_bytes: int | None, reserve_bytes: int) -> None:
+    def __init__(
+        self, capacity_bytes: int | None, reserve_bytes: int, state_file: Path | None = None
+    ) -> None:
         self.capacity = capacity_bytes
         self.reserve = reserve_bytes
+        self._state_file = state_file
         self._charged: dict[str, int] = {}
-        self._correction: dict[str, float] = {}
+        self._estimated: dict[str, int] = {}
+        self._measured: dict[str, int] = {}
+        self._correction: dict[str, float] = _read_corrections(state_file)
         self._returned: dict[str, int] = {}
 
     @property
@@ -55,10 +65,17 @@ class MemoryBudget:
         over_system = need + self.reserve - psutil.virtual_memory().available
         return max(0, over_budget, over_system)
 
-    def charge(self, name: str, estimate: int, measured: int) -> None:
+    def charge(self, name: str, estimate: int, measured: int, *, learn_lower: bool = True) -> None:
+        """Charge a loaded model. ``learn_lower=False`` keeps the next estimate from shrinking
+        below the file-based one: right after a load some backends have not yet touched
+        buffers they will use (llama.cpp's compute buffers fill only under long prompts)."""
         self._charged[name] = max(estimate, measured)
+        self._estimated[name], self._measured[name] = estimate, measured
         if estimate > 0 and measured > 0:
-            self._correction[name] = measured / estimate
+            ratio = measured / estimate if learn_lower else max(1.0, measured / estimate)
+            if self._correction.get(name) != ratio:
+                self._correction[name] = ratio
+                self._save_corrections()
         log.info(
             "model %s: estimated %.1f MiB, measured %.1f MiB, charged %.1f MiB",
             name,
@@ -84,8 +101,33 @@ class MemoryBudget:
             reserve_bytes=self.reserve,
             used_bytes=self.used,
             charged_bytes=dict(self._charged),
+            estimated_bytes=dict(self._estimated),
+            measured_bytes=dict(self._measured),
             returned_bytes=dict(self._returned),
         )
+
+    def _save_corrections(self) -> None:
+        """Write the corrections atomically: a power cut leaves the old file or the new one."""
+        if self._state_file is None:
+            return
+        tmp = self._state_file.with_suffix(".tmp")
+        try:
+            self._state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"corrections": self._correction}, sort_keys=True))
+            tmp.replace(self._state_file)
+        except OSError as exc:  # losing a correction costs accuracy, never correctness
+            log.warning("cannot save memory corrections to %s: %s", self._state_file, exc)
+
+
+def _read_corrections(state_file: Path | None) -> dict[str, float]:
+    if state_file is None or not state_file.exists():
+        return {}
+    try:
+        data = json.loads(state_file.read_text())["corrections"]
+        return {str(k): float(v) for k, v in data.items() if float(v) > 0}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable memory corrections in %s: %s", state_file, exc)
+        return {}
 
 
 def footprint() -> int:

@@ -15,7 +15,7 @@ from edged.models.onnx_size import weight_bytes
 
 log = logging.getLogger(__name__)
 
-SESSION_OVERHEAD_BYTES = 16 * 1024 * 1024
+SESSION_OVERHEAD_BYTES = 8 * 1024 * 1024
 
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",

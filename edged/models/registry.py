@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from edged.config import ModelConfig
 from edged.errors import BudgetExceeded, BusyError, EdgedError, InternalError, UnknownModel
 from edged.models.budget import MIB, MemoryBudget, footprint, give_back_freed_memory
+from edged.models.generation import GenerationRunner
 from edged.models.runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
+#: what serves a loaded model: tensor runs (ONNX) or one text stream at a time (GGUF)
+Runner = ModelRunner | GenerationRunner
 #: builds, starts and returns the runner of a model (blocking work happens off the loop)
-Loader = Callable[["ModelSlot"], Awaitable[ModelRunner]]
+Loader = Callable[["ModelSlot"], Awaitable[Runner]]
 #: called once the load settles: with ``None`` when the model is ready, else the load error
 Waiter = Callable[[EdgedError | None], None]
 
@@ -55,7 +58,7 @@ class ModelSlot:
         self.version = version
         self.config = config
         self.state = ModelState.UNLOADED
-        self.runner: ModelRunner | None = None
+        self.runner: Runner | None = None
         self.last_used_ns = 0
         self._loader = loader
         self._loop = loop
@@ -155,7 +158,7 @@ class Registry:
             )
         return slot
 
-    def runners(self) -> list[ModelRunner]:
+    def runners(self) -> list[Runner]:
         return [slot.runner for slot in self._slots.values() if slot.runner is not None]
 
     def unload_idle(self, now_ns: int) -> None:

@@ -28,7 +28,8 @@ from edged.models.backend import Arrays, Backend
 
 log = logging.getLogger(__name__)
 
-ReplySink = Callable[[list[Any]], None]
+#: sends one reply message; ``False`` when it was dropped (the client has gone or stopped reading)
+ReplySink = Callable[[list[Any]], bool]
 Outputs = dict[str, np.ndarray[Any, Any]]
 #: a partial batch waiting for rows is started this long before its earliest deadline
 DEADLINE_MARGIN_NS = 1_000_000

@@ -1,0 +1,375 @@
+"""Scheduling for language models: one generation (or embedding) per loaded context at a time.
+
+A llama.cpp context holds one sequence's KV cache, so a model runs one job at a time on its own
+thread while later ones wait in a bounded queue (``BUSY`` beyond ``queue_depth``). Generated
+text streams back as it comes: the thread appends pieces to the job and wakes the event loop
+once per batch of pieces, so under load several tokens share a message instead of each paying
+for a wake-up. A job stops between tokens when it is cancelled, when its client has gone (a
+send finds no peer), or when the daemon aborts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from edged import protocol
+from edged.config import ModelConfig
+from edged.errors import (
+    BusyError,
+    ContextOverflow,
+    DeadlineExceeded,
+    EdgedError,
+    OpNotSupported,
+    RunFailed,
+)
+from edged.models.runner import ReplySink
+from edged.protocol import Generation, Request
+
+log = logging.getLogger(__name__)
+
+CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Text decoded from ``tokens`` new tokens; the last piece of a stream has a reason."""
+
+    text: str
+    tokens: int
+    finish_reason: str | None = None
+
+
+class TextBackend(Protocol):
+    """A loaded language model; everything but ``tokenize`` runs on the model's thread."""
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def embedding(self) -> bool: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def stream(self, tokens: list[int], generation: Generation) -> Iterator[Piece]: ...
+
+    def embed(self, texts: tuple[str, ...]) -> np.ndarray[Any, Any]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(eq=False)
+class TextJob:
+    """One admitted ``generate`` or ``embed`` request."""
+
+    request: Request
+    peer: bytes
+    send: ReplySink
+    arrived_ns: int
+    deadline_ns: int | None
+    prompt_tokens: list[int]
+    #: set on the loop, read by the model's thread between tokens
+    cancelled: bool = False
+    replied: bool = False
+    #: pieces the model's thread produced and the loop has not sent yet (deque: thread-safe)
+    pending: deque[Piece] = field(default_factory=deque)
+    flush_scheduled: bool = False
+    started_ns: int = 0
+    first_token_ns: int = 0
+    last_token_ns: int = 0
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: EdgedError | None = None
+    embedding: np.ndarray[Any, Any] | None = None
+
+    def fail(self, error: EdgedError) -> None:
+        if not self.replied:
+            self.replied = True
+            self.cancelled = True
+            self.send(protocol.encode_error(self.request.id, error, self.request.trace))
+
+
+@dataclass(frozen=True)
+class GenerationStatistics:
+    queued: int
+    running: bool
+    requests: int
+    busy_rejections: int
+    deadline_misses: int
+    cancelled: int
+    clients_gone: int
+    failures: int
+    generated_tokens: int
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    busy_rejections: int = 0
+    deadline_misses: int = 0
+    cancelled: int = 0
+    clients_gone: int = 0
+    failures: int = 0
+    generated_tokens: int = 0
+
+
+class GenerationRunner:
+    def __init__(
+        self,
+        name: str,
+        version: int,
+        backend: TextBackend,
+        config: ModelConfig,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.name = name
+        self.version = version
+        self.backend = backend
+        self.config = config
+        self._loop = loop
+        self._queue: deque[TextJob] = deque()
+        self._current: TextJob | None = None
+        self._inbox: queue.SimpleQueue[TextJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._work, name=f"gen-{name}", daemon=True)
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._counters = _Counters()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or self._current is not None
+
+    def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
+        self._counters.requests += 1
+        tokens = self._admit(request)
+        if len(self._queue) >= self.config.queue_depth:
+            self._counters.busy_rejections += 1
+            raise BusyError(
+                f"model {self.name!r} has {len(self._queue)} requests queued behind the one "
+                f"running (queue_depth {self.config.queue_depth}); retry later"
+            )
+        now = time.monotonic_ns()
+        deadline = request.deadline_ms
+        deadline_ns = None if deadline is None else now + int(deadline * 1e6)
+        self._queue.append(TextJob(request, peer, send, now, deadline_ns, tokens))
+        self._next()
+
+    def cancel(self, peer: bytes, request_id: int) -> bool:
+        """Stop the job ``request_id`` of ``peer``; ``False`` if it is neither queued nor
+        running. A queued job ends at once, a running one at its next token."""
+        current = self._current
+        if current is not None and (current.peer, current.request.id) == (peer, request_id):
+            if current.cancelled:
+                return False
+            current.cancelled = True
+            self._counters.cancelled += 1
+            return True
+        for job in self._queue:
+            if (job.peer, job.request.id) == (peer, request_id):
+                self._queue.remove(job)
+                self._counters.cancelled += 1
+                job.finish_reason = CANCELLED
+                self._reply_final(job)
+                return True
+        return False
+
+    async def drained(self) -> None:
+        waiter = self._loop.create_future()
+        self._idle_waiters.append(waiter)
+        self._next()
+        await waiter
+
+    def abort(self, error: EdgedError) -> None:
+        """Answer every queued and running job with ``error`` (after a drain timed out)."""
+        for job in [*self._queue, *([self._current] if self._current else [])]:
+            job.fail(error)
+        self._queue.clear()
+
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.cancelled = True
+        self._inbox.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+        self.backend.close()
+
+    def statistics(self) -> GenerationStatistics:
+        c = self._counters
+        return GenerationStatistics(
+            queued=len(self._queue),
+            running=self._current is not None,
+            requests=c.requests,
+            busy_rejections=c.busy_rejections,
+            deadline_misses=c.deadline_misses,
+            cancelled=c.cancelled,
+            clients_gone=c.clients_gone,
+            failures=c.failures,
+            generated_tokens=c.generated_tokens,
+        )
+
+    # -- on the event loop ----------------------------------------------------------------
+
+    def _admit(self, request: Request) -> list[int]:
+        """Check the op against the model and the prompt against the context."""
+        backend, n_ctx = self.backend, self.backend.n_ctx
+        if request.op == "embed":
+            if not backend.embedding:
+                raise OpNotSupported(
+                    f"model {self.name!r} is a generative model: use generate, not embed"
+                )
+            for index, text in enumerate(request.texts):
+                count = len(backend.tokenize(text))
+                if count > n_ctx:
+                    raise ContextOverflow(
+                        f"input[{index}] is {count} tokens; model {self.name!r} has n_ctx {n_ctx}"
+                    )
+            return []
+        if backend.embedding:
+            raise OpNotSupported(f"model {self.name!r} is an embedding model: use embed")
+        generation = request.generation
+        assert generation is not None  # the protocol guarantees it for generate
+        tokens = backend.tokenize(generation.prompt)
+        if len(tokens) + generation.max_tokens > n_ctx:
+            raise ContextOverflow(
+                f"the prompt is {len(tokens)} tokens and max_tokens is {generation.max_tokens}: "
+                f"{len(tokens) + generation.max_tokens} exceed model {self.name!r}'s n_ctx "
+                f"{n_ctx}"
+            )
+        return tokens
+
+    def _next(self) -> None:
+        """Start the oldest queued job whose deadline has not passed, if the model is free."""
+        while self._current is None and self._queue:
+            job = self._queue.popleft()
+            now = time.monotonic_ns()
+            if job.deadline_ns is not None and job.deadline_ns <= now:
+                self._counters.deadline_misses += 1
+                waited_ms = (now - job.arrived_ns) / 1e6
+                job.fail(DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms queued"))
+                continue
+            job.started_ns = now
+            self._current = job
+            self._inbox.put(job)
+        if self._current is None and self._idle_waiters:
+            for waiter in self._idle_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._idle_waiters.clear()
+
+    def _flush(self, job: TextJob) -> None:
+        """Send what the thread produced since the last flush as one partial reply."""
+        job.flush_scheduled = False
+        text, tokens = [], 0
+        while job.pending:
+            piece = job.pending.popleft()
+            text.append(piece.text)
+            tokens += piece.tokens
+        if not tokens or job.replied:
+            return
+        job.tokens += tokens
+        fields = {"more": True, "text": "".join(text), "tokens": tokens}
+        if job.request.trace is not None:
+            fields["trace"] = job.request.trace
+        if not job.send(protocol.encode_reply(job.request.id, fields)) and not job.cancelled:
+            log.info("model %s: client of request %d has gone; stopping", self.name, job.request.id)
+            job.cancelled = True
+            self._counters.clients_gone += 1
+
+    def _finished(self, job: TextJob) -> None:
+        self._flush(job)
+        self._current = None
+        self._counters.generated_tokens += job.tokens
+        if job.error is not None:
+            self._counters.failures += 1
+            job.fail(job.error)
+        else:
+            self._reply_final(job)
+        self._next()
+
+    def _reply_final(self, job: TextJob) -> None:
+        if job.replied:
+            return
+        job.replied = True
+        request = job.request
+        end = job.last_token_ns or time.monotonic_ns()
+        timing: dict[str, Any] = {
+            "queue_us": max(0, job.started_ns - job.arrived_ns) // 1000,
+            "run_us": max(0, end - job.started_ns) // 1000 if job.started_ns else 0,
+        }
+        fields: dict[str, Any] = {"model": self.name, "version": self.version, "timing": timing}
+        if request.trace is not None:
+            fields["trace"] = request.trace
+        if request.op == "embed":
+            fields["usage"] = {"prompt_tokens": len(job.prompt_tokens)}
+            outputs = None if job.embedding is None else {"embedding": job.embedding}
+            job.send(protocol.encode_reply(request.id, fields, outputs))
+            return
+        if job.first_token_ns:
+            timing["ttft_us"] = (job.first_token_ns - job.started_ns) // 1000
+            decode_s = (job.last_token_ns - job.first_token_ns) / 1e9
+            timing["tokens_per_s"] = round((job.tokens - 1) / decode_s, 1) if decode_s else 0.0
+        fields["finish_reason"] = job.finish_reason or CANCELLED
+        fields["usage"] = {"prompt_tokens": len(job.prompt_tokens), "completion_tokens": job.tokens}
+        job.send(protocol.encode_reply(request.id, fields))
+
+    # -- on the model's thread -------------------------------------------------------------
+
+    def _work(self) -> None:
+        while (job := self._inbox.get()) is not None:
+            try:
+                if job.request.op == "embed":
+                    job.embedding = self.backend.embed(job.request.texts)
+                    job.last_token_ns = time.monotonic_ns()
+                else:
+                    self._generate(job)
+            except Exception as exc:  # any backend failure becomes this job's error reply
+                log.warning("model %s failed: %s", self.name, exc)
+                job.error = RunFailed(f"model {self.name!r} failed: {str(exc).strip()[:500]}")
+            if not self._post(self._finished, job):
+                return
+
+    def _generate(self, job: TextJob) -> None:
+        generation = job.request.generation
+        assert generation is not None
+        stream = self.backend.stream(job.prompt_tokens, generation)
+        try:
+            for piece in stream:
+                now = time.monotonic_ns()
+                if piece.tokens:
+                    job.first_token_ns = job.first_token_ns or now
+                    job.last_token_ns = now
+                if piece.finish_reason is not None:
+                    job.finish_reason = piece.finish_reason
+                if job.cancelled:
+                    job.finish_reason = CANCELLED
+                    break
+                job.pending.append(piece)
+                if not job.flush_scheduled:
+                    job.flush_scheduled = True
+                    if not self._post(self._flush, job):
+                        return
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()  # frees llama.cpp's sampler state at once, not at garbage collection
+
+    def _post(self, callback: Callable[[TextJob], None], job: TextJob) -> bool:
+        try:
+            self._loop.call_soon_threadsafe(callback, job)
+        except RuntimeError:  # the loop closed under us during shutdown
+            return False
+        return True
