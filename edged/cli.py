@@ -8,6 +8,7 @@ Argument parsing only; the work happens in the modules it calls. Exit codes: 0 s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -39,6 +40,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input tensor"
     )
     infer.add_argument("--random", action="store_true", help="random inputs from the signature")
+    infer.add_argument("--prompt", help="GGUF language model: generate from this text, streamed")
+    infer.add_argument("--max-tokens", type=int, help="with --prompt: at most this many tokens")
+    infer.add_argument("--temperature", type=float, help="with --prompt: 0 is greedy")
+    infer.add_argument("--seed", type=int, help="with --prompt: a fixed sampling seed")
+    infer.add_argument("--stop", action="append", help="with --prompt: a stop sequence")
+    infer.add_argument(
+        "--embed", action="append", metavar="TEXT", help="GGUF embedding model: embed TEXT"
+    )
     infer.add_argument("--repeat", type=int, default=1, help="send N times, report median timings")
     infer.add_argument("--json", action="store_true", help="machine-readable output")
     _add_socket_options(infer)
@@ -83,6 +92,11 @@ def edgectl_main(argv: Sequence[str] | None = None) -> int:
     else:
         print(f"edged {status['edged_version']} pid {status['pid']}: {status['state']}")
         print(f"models: {', '.join(status['models'])}")
+        memory = status.get("memory", {})
+        budget = memory.get("budget_bytes")
+        limit = f"of {budget / 2**20:.0f} MiB" if budget else "(no budget)"
+        used = memory.get("used_bytes", 0) / 2**20
+        print(f"memory: {used:.1f} MiB {limit} charged to {', '.join(status['loaded']) or 'none'}")
     return 0
 
 
@@ -136,6 +150,10 @@ def _infer(args: argparse.Namespace) -> int:
 
     from edged.client import Client
 
+    if args.prompt is not None:
+        return _generate(args)
+    if args.embed:
+        return _embed(args)
     with Client(args.socket, timeout=args.timeout) as client:
         inputs = _load_inputs(args.input)
         if args.random:
@@ -164,6 +182,51 @@ def _infer(args: argparse.Namespace) -> int:
         f"(queue {timing['queue_us']:.0f} us, run {timing['run_us']:.0f} us, "
         f"batch {timing['batch']:.0f})"
     )
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Print the text as it streams (or one JSON object at the end with --json)."""
+    from edged.client import Client
+
+    with Client(args.socket, timeout=args.timeout) as client:
+        stream = client.generate(
+            args.model,
+            args.prompt,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+            stop=args.stop,
+        )
+        with stream:
+            for text in stream:
+                if not args.json:
+                    print(text, end="", flush=True)
+    done = stream.completion
+    if args.json:
+        print(json.dumps(dataclasses.asdict(done)))
+        return 0
+    ttft_ms = done.timing.get("ttft_us", 0) / 1000
+    print(
+        f"\n[{done.model} v{done.version}: {done.finish_reason}, {done.prompt_tokens} prompt + "
+        f"{done.completion_tokens} generated tokens, first token {ttft_ms:.1f} ms, "
+        f"{done.timing.get('tokens_per_s', 0):.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from edged.client import Client
+
+    with Client(args.socket, timeout=args.timeout) as client:
+        vectors = client.embed(args.model, args.embed)
+    if args.json:
+        print(json.dumps({"model": args.model, "embedding": vectors.tolist()}))
+        return 0
+    with np.printoptions(precision=4, suppress=True, threshold=16):
+        for text, vector in zip(args.embed, vectors, strict=True):
+            print(f"{text!r}: float32[{vector.shape[0]}] {vector}")
     return 0
 
 

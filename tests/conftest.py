@@ -84,3 +84,23 @@ def slow_config(models_dir: Path, **overrides: Any) -> dict[str, Any]:
     model = {"path": str(models_dir / "slow.onnx"), "inline_max_us": 0, "preload": True}
     model.update(overrides)
     return {"models": {"slow": model}}
+
+
+@pytest.fixture(scope="session")
+def gguf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny llama GGUFs quantized by llama.cpp: the generative model in two quantizations, an
+    embedding model, and a wider one (about 12 MiB) for budget tests."""
+    from edged.tinyllama import build_tiny_llama
+
+    root = tmp_path_factory.mktemp("gguf")
+    return {
+        "q8": build_tiny_llama(root / "tiny.q8_0.gguf", quantize="Q8_0"),
+        "q4": build_tiny_llama(root / "tiny.q4_0.gguf", quantize="Q4_0", seed=1),
+        "embed": build_tiny_llama(root / "embed.q8_0.gguf", quantize="Q8_0", seed=2),
+    }
+
+
+def llm_config(path: Path, **overrides: Any) -> dict[str, Any]:
+    """A GGUF model entry: loaded at start, a small context, one compute thread."""
+    gguf = {"n_ctx": 512, "n_threads": 1, **overrides.pop("gguf", {})}
+    return {"path": str(path), "preload": True, "gguf": gguf, **overrides}
