@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import time
@@ -275,3 +276,21 @@ def test_files_that_are_not_gguf_fail_to_load_with_a_reason(
                 client.generate(name, "hello").text()
             assert info.value.code == "LOAD_FAILED" and reason in str(info.value)
         assert client.generate("llm", "hello", max_tokens=2).text().completion_tokens == 2
+
+
+def test_edged_infer_streams_a_prompt_and_embeds_text(llm_daemon: DaemonProcess) -> None:
+    def edged(*args: str) -> Any:
+        command = [sys.executable, "-m", "edged", "infer", *args]
+        command += ["--socket", llm_daemon.endpoint, "--json"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+        return json.loads(done.stdout)
+
+    generated = edged("llm", "--prompt", "hello", "--max-tokens", "5", "--temperature", "0")
+    assert generated["completion_tokens"] == 5 and generated["finish_reason"] == "length"
+    with llm_daemon.client() as client:
+        assert (
+            client.generate("llm", "hello", max_tokens=5, temperature=0).text().text
+            == (generated["text"])
+        )
+    embedded = edged("emb", "--embed", "hello", "--embed", "world")
+    assert np.asarray(embedded["embedding"]).shape == (2, 256)
