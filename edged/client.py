@@ -73,9 +73,12 @@ class Completion:
     version: int = 0
 
 
-def _generate_fields(prompt: str, **options: Any) -> dict[str, Any]:
-    """The header keys of a generate request: unset options take the daemon's defaults."""
-    return {"prompt": prompt, **{key: v for key, v in options.items() if v is not None}}
+def _generate_request(
+    request_id: int, model: str, prompt: str, common: dict[str, Any], **options: Any
+) -> list[Any]:
+    """Frames of a generate request: unset ``options`` take the daemon's defaults."""
+    fields = {"prompt": prompt, **{key: v for key, v in options.items() if v is not None}}
+    return protocol.encode_request(request_id, "generate", model=model, fields=fields, **common)
 
 
 def _absorb(completion: Completion, pieces: list[str], reply: protocol.Reply) -> str | None:
@@ -169,22 +172,16 @@ class Client:
         """Start a generation; iterate the stream for text as it comes. ``timeout`` bounds the
         wait for each message, not the whole generation."""
         request_id = next(self._ids)
-        fields = _generate_fields(
+        frames = _generate_request(
+            request_id,
+            model,
             prompt,
+            {"version": version, "deadline_ms": deadline_ms, "trace": trace},
             max_tokens=max_tokens,
             stop=stop,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-        )
-        frames = protocol.encode_request(
-            request_id,
-            "generate",
-            model=model,
-            version=version,
-            deadline_ms=deadline_ms,
-            trace=trace,
-            fields=fields,
         )
         send_frames(self._connect(), frames)
         return TokenStream(self, request_id, self.timeout if timeout is None else timeout)
@@ -379,22 +376,16 @@ class AsyncClient:
         timeout = self.timeout if timeout is None else timeout
         completion = completion if completion is not None else Completion()
         request_id = next(self._ids)
-        fields = _generate_fields(
+        frames = _generate_request(
+            request_id,
+            model,
             prompt,
+            {"version": version, "deadline_ms": deadline_ms, "trace": trace},
             max_tokens=max_tokens,
             stop=stop,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-        )
-        frames = protocol.encode_request(
-            request_id,
-            "generate",
-            model=model,
-            version=version,
-            deadline_ms=deadline_ms,
-            trace=trace,
-            fields=fields,
         )
         stream: asyncio.Queue[protocol.Reply] = asyncio.Queue()
         self._streams[request_id] = stream
