@@ -139,7 +139,7 @@ def _without_tls_module() -> None:
 def _config_check(path: Path) -> int:
     config = load_config(path)
     for name, model in config.models.items():
-        if not Path(model.path).is_file():
+        if model.path and not Path(model.path).is_file():  # no path: the store serves it
             raise ConfigError(f"{path}: 'models.{name}.path': no file at {model.path}")
     print(f"{path}: ok ({len(config.models) or 'no'} model(s) declared)")
     return 0

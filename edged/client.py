@@ -194,13 +194,6 @@ class Client:
         frames = protocol.encode_request(request_id, "embed", model=model, fields={"input": texts})
         return _embedding(self._call(request_id, frames, timeout))
 
-    def cancel(self, target: int, timeout: float | None = None) -> None:
-        """Cancel request ``target`` sent on this client; raises UnknownRequest when the daemon
-        has no such request queued or running (it may have just finished)."""
-        request_id = next(self._ids)
-        frames = protocol.encode_request(request_id, "cancel", fields={"target": target})
-        self._call(request_id, frames, timeout)
-
     def describe(self, model: str, timeout: float | None = None) -> dict[str, Any]:
         request_id = next(self._ids)
         frames = protocol.encode_request(request_id, "describe", model=model)
@@ -294,15 +287,20 @@ class TokenStream:
             pass
         return self.completion
 
+    def cancel(self) -> None:
+        """Ask the daemon to stop this generation; the stream then ends with what came so far
+        and ``finish_reason`` "cancelled" (or normally, if it was already ending)."""
+        if not self._done:
+            frames = protocol.encode_request(
+                next(self._client._ids), "cancel", fields={"target": self.request_id}
+            )
+            send_frames(self._client._connect(), frames)  # its reply is dropped as stale
+
     def close(self) -> None:
         """Cancel the generation if it is still running and wait for its final message."""
-        if self._done:
-            return
-        frames = protocol.encode_request(
-            next(self._client._ids), "cancel", fields={"target": self.request_id}
-        )
-        send_frames(self._client._connect(), frames)  # its reply is dropped as stale
-        self.text()
+        if not self._done:
+            self.cancel()
+            self.text()
 
     def _next(self) -> protocol.Reply:
         return self._client._receive(self.request_id, self._timeout)

@@ -66,6 +66,13 @@ class UnknownRequest(EdgedError):
     code = "UNKNOWN_REQUEST"
 
 
+class Cancelled(EdgedError):
+    """An ``embed`` request was cancelled before its result was ready (a cancelled ``generate``
+    ends normally instead, with ``finish_reason`` "cancelled" and the text so far)."""
+
+    code = "CANCELLED"
+
+
 class InputMismatch(EdgedError):
     """Input names differ from the model's: one is missing or one is not the model's."""
 
@@ -154,6 +161,7 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         OpNotSupported,
         ContextOverflow,
         UnknownRequest,
+        Cancelled,
         InputMismatch,
         DtypeMismatch,
         ShapeMismatch,

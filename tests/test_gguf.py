@@ -33,7 +33,7 @@ def llm_daemon(
             "models": {
                 "llm": llm_config(gguf_models["q8"]),
                 "llm4": llm_config(gguf_models["q4"]),
-                "emb": llm_config(gguf_models["embed"], gguf={"embedding": True}),
+                "emb": llm_config(gguf_models["embed"], gguf={"embedding": True, "n_batch": 64}),
                 "demo": {"path": str(models_dir / "demo.onnx")},
             }
         }
@@ -99,6 +99,12 @@ def test_closing_a_stream_cancels_it_and_frees_the_model(llm_daemon: DaemonProce
                     break
         assert stream.completion.finish_reason == "cancelled"
         assert stream.completion.completion_tokens < 400
+        stream = client.generate("llm", "the sun", max_tokens=400, temperature=0)
+        next(iter(stream))
+        stream.cancel()
+        pieces = list(stream)  # the rest arrives up to the cancellation, then the stream ends
+        assert stream.completion.finish_reason == "cancelled"
+        assert stream.completion.text.endswith("".join(pieces))
         after = client.generate("llm", "the sun", max_tokens=4, temperature=0).text()
         assert after.finish_reason == "length" and after.completion_tokens == 4
 
@@ -199,8 +205,8 @@ def test_context_overflow_and_wrong_ops_are_refused_and_serving_goes_on(
             client.embed("llm", "hello")
         with pytest.raises(OpNotSupported, match="embedding model: use embed"):
             client.generate("emb", "hello").text()
-        with pytest.raises(UnknownRequest):
-            client.cancel(999)
+        with pytest.raises(ContextOverflow, match="embeds at most 64"):
+            client.embed("emb", ["hello", "the " * 100])
         assert client.generate("llm", "hello", max_tokens=2).text().completion_tokens == 2
 
 

@@ -26,6 +26,7 @@ from edged import protocol
 from edged.config import ModelConfig
 from edged.errors import (
     BusyError,
+    Cancelled,
     ContextOverflow,
     DeadlineExceeded,
     EdgedError,
@@ -56,6 +57,9 @@ class TextBackend(Protocol):
     def n_ctx(self) -> int: ...
 
     @property
+    def n_batch(self) -> int: ...
+
+    @property
     def embedding(self) -> bool: ...
 
     def tokenize(self, text: str) -> list[int]: ...
@@ -78,7 +82,10 @@ class TextJob:
     send: ReplySink
     arrived_ns: int
     deadline_ns: int | None
+    #: the prompt's tokens (generate), to hand to the model as they are
     prompt_tokens: list[int]
+    #: tokens read: the prompt's (generate) or all texts' together (embed)
+    prompt_count: int
     #: set on the loop, read by the model's thread between tokens
     cancelled: bool = False
     replied: bool = False
@@ -88,6 +95,7 @@ class TextJob:
     started_ns: int = 0
     first_token_ns: int = 0
     last_token_ns: int = 0
+    ended_ns: int = 0
     tokens: int = 0
     finish_reason: str | None = None
     error: EdgedError | None = None
@@ -155,7 +163,7 @@ class GenerationRunner:
     def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
         self._counters.requests += 1
-        tokens = self._admit(request)
+        tokens, count = self._admit(request)
         if len(self._queue) >= self.config.queue_depth:
             self._counters.busy_rejections += 1
             raise BusyError(
@@ -165,7 +173,7 @@ class GenerationRunner:
         now = time.monotonic_ns()
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
-        self._queue.append(TextJob(request, peer, send, now, deadline_ns, tokens))
+        self._queue.append(TextJob(request, peer, send, now, deadline_ns, tokens, count))
         self._next()
 
     def cancel(self, peer: bytes, request_id: int) -> bool:
@@ -182,7 +190,7 @@ class GenerationRunner:
             if (job.peer, job.request.id) == (peer, request_id):
                 self._queue.remove(job)
                 self._counters.cancelled += 1
-                job.finish_reason = CANCELLED
+                job.cancelled = True
                 self._reply_final(job)
                 return True
         return False
@@ -223,21 +231,26 @@ class GenerationRunner:
 
     # -- on the event loop ----------------------------------------------------------------
 
-    def _admit(self, request: Request) -> list[int]:
-        """Check the op against the model and the prompt against the context."""
+    def _admit(self, request: Request) -> tuple[list[int], int]:
+        """Check the op against the model and the prompt against the context; the prompt's
+        tokens and how many tokens the request reads."""
         backend, n_ctx = self.backend, self.backend.n_ctx
         if request.op == "embed":
             if not backend.embedding:
                 raise OpNotSupported(
                     f"model {self.name!r} is a generative model: use generate, not embed"
                 )
+            limit = min(n_ctx, backend.n_batch)  # llama.cpp embeds a text in one batch
+            total = 0
             for index, text in enumerate(request.texts):
                 count = len(backend.tokenize(text))
-                if count > n_ctx:
+                if count > limit:
                     raise ContextOverflow(
-                        f"input[{index}] is {count} tokens; model {self.name!r} has n_ctx {n_ctx}"
+                        f"input[{index}] is {count} tokens; model {self.name!r} embeds at most "
+                        f"{limit} (n_ctx {n_ctx}, n_batch {backend.n_batch})"
                     )
-            return []
+                total += count
+            return [], total
         if backend.embedding:
             raise OpNotSupported(f"model {self.name!r} is an embedding model: use embed")
         generation = request.generation
@@ -249,7 +262,7 @@ class GenerationRunner:
                 f"{len(tokens) + generation.max_tokens} exceed model {self.name!r}'s n_ctx "
                 f"{n_ctx}"
             )
-        return tokens
+        return tokens, len(tokens)
 
     def _next(self) -> None:
         """Start the oldest queued job whose deadline has not passed, if the model is free."""
@@ -278,7 +291,7 @@ class GenerationRunner:
             piece = job.pending.popleft()
             text.append(piece.text)
             tokens += piece.tokens
-        if not tokens or job.replied:
+        if job.replied or not (tokens or any(text)):
             return
         job.tokens += tokens
         fields = {"more": True, "text": "".join(text), "tokens": tokens}
@@ -301,29 +314,32 @@ class GenerationRunner:
         self._next()
 
     def _reply_final(self, job: TextJob) -> None:
+        request = job.request
+        if request.op == "embed" and (job.cancelled or job.embedding is None):
+            job.fail(Cancelled(f"embed request {request.id} was cancelled"))  # no result to give
+            return
         if job.replied:
             return
         job.replied = True
-        request = job.request
-        end = job.last_token_ns or time.monotonic_ns()
+        now = time.monotonic_ns()
+        started = job.started_ns or now  # a queued job cancelled before it could start
         timing: dict[str, Any] = {
-            "queue_us": max(0, job.started_ns - job.arrived_ns) // 1000,
-            "run_us": max(0, end - job.started_ns) // 1000 if job.started_ns else 0,
+            "queue_us": (started - job.arrived_ns) // 1000,
+            "run_us": ((job.ended_ns or now) - started) // 1000,
         }
         fields: dict[str, Any] = {"model": self.name, "version": self.version, "timing": timing}
         if request.trace is not None:
             fields["trace"] = request.trace
-        if request.op == "embed":
-            fields["usage"] = {"prompt_tokens": len(job.prompt_tokens)}
-            outputs = None if job.embedding is None else {"embedding": job.embedding}
-            job.send(protocol.encode_reply(request.id, fields, outputs))
+        if job.embedding is not None:
+            fields["usage"] = {"prompt_tokens": job.prompt_count}
+            job.send(protocol.encode_reply(request.id, fields, {"embedding": job.embedding}))
             return
         if job.first_token_ns:
             timing["ttft_us"] = (job.first_token_ns - job.started_ns) // 1000
             decode_s = (job.last_token_ns - job.first_token_ns) / 1e9
             timing["tokens_per_s"] = round((job.tokens - 1) / decode_s, 1) if decode_s else 0.0
-        fields["finish_reason"] = job.finish_reason or CANCELLED
-        fields["usage"] = {"prompt_tokens": len(job.prompt_tokens), "completion_tokens": job.tokens}
+        fields["finish_reason"] = CANCELLED if job.cancelled else job.finish_reason or CANCELLED
+        fields["usage"] = {"prompt_tokens": job.prompt_count, "completion_tokens": job.tokens}
         job.send(protocol.encode_reply(request.id, fields))
 
     # -- on the model's thread -------------------------------------------------------------
@@ -333,12 +349,12 @@ class GenerationRunner:
             try:
                 if job.request.op == "embed":
                     job.embedding = self.backend.embed(job.request.texts)
-                    job.last_token_ns = time.monotonic_ns()
                 else:
                     self._generate(job)
             except Exception as exc:  # any backend failure becomes this job's error reply
                 log.warning("model %s failed: %s", self.name, exc)
                 job.error = RunFailed(f"model {self.name!r} failed: {str(exc).strip()[:500]}")
+            job.ended_ns = time.monotonic_ns()
             if not self._post(self._finished, job):
                 return
 

@@ -131,7 +131,8 @@ class GgufBackend:
         return self._options.embedding
 
     def tokenize(self, text: str) -> list[int]:
-        tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=True)
+        # special=True: a chat template's markers become its special tokens, as in llama.cpp
+        tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=True, special=True)
         return tokens
 
     def describe(self) -> dict[str, Any]:

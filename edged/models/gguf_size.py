@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 from edged.config import GgufOptions
+from edged.errors import ModelLoadError
 
 KV_ELEMENT_BYTES = 2
 FLOAT_BYTES = 4
+#: llama.cpp pads the context it allocates to a multiple of this many tokens
+N_CTX_PAD = 256
 
 
 def estimate_bytes(path: Path, options: GgufOptions) -> int:
@@ -28,7 +31,7 @@ def estimate_bytes(path: Path, options: GgufOptions) -> int:
     n_head = header["head_count"]
     n_head_kv = header.get("head_count_kv") or n_head
     head_dim = header.get("key_length") or n_embd // n_head
-    n_ctx = options.n_ctx
+    n_ctx = -(-options.n_ctx // N_CTX_PAD) * N_CTX_PAD
     kv = 2 * n_layer * n_ctx * n_head_kv * head_dim * KV_ELEMENT_BYTES
     batch = min(options.n_batch, n_ctx)
     n_ff = header.get("feed_forward_length") or 4 * n_embd
@@ -39,7 +42,12 @@ def estimate_bytes(path: Path, options: GgufOptions) -> int:
 
 def read_header(path: Path) -> dict[str, Any]:
     """The sizes an estimate needs: the architecture's hyper-parameters and the tensor bytes."""
-    from gguf import GGUFReader  # here: the daemon maps it only when it serves a GGUF model
+    try:
+        from gguf import GGUFReader  # here: the daemon maps it only when it serves a GGUF model
+    except ImportError:
+        raise ModelLoadError(
+            "GGUF models need the gguf package: pip install 'edged[gguf]'"
+        ) from None
 
     try:
         reader = GGUFReader(path)
