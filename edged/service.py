@@ -25,6 +25,7 @@ from edged.models.registry import Registry, Runner
 from edged.models.runner import Job, ModelRunner, ReplySink
 from edged.protocol import Request
 
+CANCELLABLE_OPS = frozenset({"generate", "embed"})
 #: an op's handler: the request, where its replies go, and the connection it came from
 Handler = Callable[[Request, ReplySink, bytes], None]
 
@@ -36,6 +37,8 @@ class InferenceService:
         self.registry = registry
         self.accepting = True
         self._pending: set[ModelRunner] = set()
+        #: generate/embed requests waiting for their model's load, by (peer, id): cancelled?
+        self._parked: dict[tuple[bytes, int], bool] = {}
         self._ops: dict[str, Handler] = {
             "ping": self._ping,
             "describe": self._describe,
@@ -142,14 +145,22 @@ class InferenceService:
     def _cancel(self, request: Request, send: ReplySink, peer: bytes) -> None:
         target = request.target
         assert target is not None  # the protocol guarantees it for cancel
-        for runner in self.registry.runners():
-            if isinstance(runner, GenerationRunner) and runner.cancel(peer, target):
-                send(protocol.encode_reply(request.id, _with_trace({"cancelled": target}, request)))
-                return
-        raise UnknownRequest(
-            f"no generate or embed request with id {target} is queued or running for this "
-            f"connection"
-        )
+        parked = (peer, target)
+        if self._parked.get(parked) is False:  # waiting for its model: cancelled once admitted
+            self._parked[parked] = True
+            found = True
+        else:
+            found = self._cancel_admitted(peer, target)
+        if not found:
+            raise UnknownRequest(
+                f"no generate or embed request with id {target} is queued or running for "
+                f"this connection"
+            )
+        send(protocol.encode_reply(request.id, _with_trace({"cancelled": target}, request)))
+
+    def _cancel_admitted(self, peer: bytes, target: int) -> bool:
+        runners = self.registry.runners()
+        return any(isinstance(r, GenerationRunner) and r.cancel(peer, target) for r in runners)
 
     def _check_accepting(self) -> None:
         if not self.accepting:
@@ -162,14 +173,21 @@ class InferenceService:
             slot.last_used_ns = time.monotonic_ns()
             return slot.runner
 
+        parked = (peer, request.id)
+
         def resume(error: EdgedError | None) -> None:
+            cancelled = self._parked.pop(parked, False)
             if error is not None:
                 send(protocol.encode_error(request.id, error, request.trace))
                 return
             self.handle(request, send, peer)
+            if cancelled:  # ends the way a cancelled queued request does
+                self._cancel_admitted(peer, request.id)
             self.pump()
 
         slot.when_ready(resume)
+        if request.op in CANCELLABLE_OPS:
+            self._parked[parked] = False
         return None
 
 

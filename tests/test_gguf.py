@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -300,3 +301,28 @@ def test_edged_infer_streams_a_prompt_and_embeds_text(llm_daemon: DaemonProcess)
         )
     embedded = edged("emb", "--embed", "hello", "--embed", "world")
     assert np.asarray(embedded["embedding"]).shape == (2, 256)
+
+
+def test_a_request_cancelled_while_its_model_loads_never_runs(
+    start_daemon: DaemonFactory, gguf_models: dict[str, Path], connect: Connect
+) -> None:
+    daemon = start_daemon({"models": {"llm": llm_config(gguf_models["q8"], preload=False)}})
+    sock = connect(daemon.endpoint)
+    sock.setsockopt(zmq.RCVTIMEO, 20_000)
+    sock.send(generate_header(1, max_tokens=400))  # starts the load
+    sock.send(msgpack.packb({"v": 1, "id": 2, "op": "cancel", "target": 1}))
+    assert read_until_final(sock, 2)["cancelled"] == 1
+    final = read_until_final(sock, 1)
+    assert final["finish_reason"] == "cancelled"
+    assert final["usage"]["completion_tokens"] < 400
+
+
+def test_sigterm_lets_a_running_generation_finish(llm_daemon: DaemonProcess) -> None:
+    with llm_daemon.client() as client:
+        stream = client.generate("llm", "the red", max_tokens=300, temperature=0)
+        next(iter(stream))
+        assert llm_daemon.proc is not None
+        llm_daemon.proc.send_signal(signal.SIGTERM)
+        done = stream.text()
+    assert done.finish_reason == "length" and done.completion_tokens == 300
+    assert llm_daemon.wait() == 0
