@@ -19,6 +19,9 @@ from types import TracebackType
 
 #: one request, sent and answered; what every benchmark times
 Call = Callable[[], object]
+#: one request that times itself and returns the seconds that count, for when that is not the
+#: whole call (a stream's first piece)
+Sample = Callable[[], float]
 
 ROOT = Path(__file__).resolve().parent.parent
 READY = "READY"
@@ -47,10 +50,12 @@ class Settings:
     load_rounds: int = 3
     #: how long the daemon sits idle before its RSS is read
     idle_s: float = 1.0
+    #: cold loads per model; each waits up to ~1.5 s for the daemon to unload for idleness
+    cold_loads: int = 8
 
 
 FULL = Settings(warmup_s=0.3, window_s=2.0, min_samples=30, load_s=3.0)
-QUICK = Settings(warmup_s=0.1, window_s=0.4, min_samples=10, load_s=1.0)
+QUICK = Settings(warmup_s=0.1, window_s=0.4, min_samples=10, load_s=1.0, cold_loads=3)
 
 
 @dataclass(frozen=True)
@@ -73,32 +78,52 @@ class Row:
         return {**asdict(self), **rounded, "ratio": round(self.ratio, 3)}
 
 
-def repeat_for(call: Call, seconds: float, at_least: int) -> list[float]:
-    """Call back to back for ``seconds`` and at least ``at_least`` times; each call's duration."""
-    durations: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(durations) < at_least or time.perf_counter() < deadline:
+def timed(call: Call) -> Sample:
+    """``call`` as a ``Sample``: the whole call is the span that counts."""
+
+    def sample() -> float:
         started = time.perf_counter()
         call()
-        durations.append(time.perf_counter() - started)
-    return durations
+        return time.perf_counter() - started
+
+    return sample
+
+
+def sample_for(sample: Sample, seconds: float, at_least: int) -> list[float]:
+    """Sample back to back for ``seconds`` and at least ``at_least`` times; every span."""
+    spans: list[float] = []
+    deadline = time.perf_counter() + seconds
+    while len(spans) < at_least or time.perf_counter() < deadline:
+        spans.append(sample())
+    return spans
+
+
+def repeat_for(call: Call, seconds: float, at_least: int) -> list[float]:
+    """Call back to back for ``seconds`` and at least ``at_least`` times; each call's duration."""
+    return sample_for(timed(call), seconds, at_least)
+
+
+def medians_s(samples: Mapping[str, Sample], settings: Settings) -> dict[str, float]:
+    """Median span in seconds of each sample, after a warm-up.
+
+    The samples take turns in ``settings.rounds`` short slices rather than one window each, so
+    a noisy neighbour's bursts hit them alike instead of skewing their ratio; the median shrugs
+    off single spikes.
+    """
+    for sample in samples.values():
+        sample_for(sample, settings.warmup_s, at_least=3)
+    spans: dict[str, list[float]] = {label: [] for label in samples}
+    per_slice = math.ceil(settings.min_samples / settings.rounds)
+    for _ in range(settings.rounds):
+        for label, sample in samples.items():
+            spans[label] += sample_for(sample, settings.window_s / settings.rounds, per_slice)
+    return {label: statistics.median(values) for label, values in spans.items()}
 
 
 def p50s_us(calls: Mapping[str, Call], settings: Settings) -> dict[str, float]:
-    """Median latency in us of each call, after a warm-up.
-
-    The calls take turns in ``settings.rounds`` short slices rather than one window each, so a
-    noisy neighbour's bursts hit them alike instead of skewing their ratio; the median shrugs
-    off single spikes.
-    """
-    for call in calls.values():
-        repeat_for(call, settings.warmup_s, at_least=3)
-    samples: dict[str, list[float]] = {label: [] for label in calls}
-    per_slice = math.ceil(settings.min_samples / settings.rounds)
-    for _ in range(settings.rounds):
-        for label, call in calls.items():
-            samples[label] += repeat_for(call, settings.window_s / settings.rounds, per_slice)
-    return {label: statistics.median(durations) * 1e6 for label, durations in samples.items()}
+    """Median latency in us of each call, the calls taking turns (see ``medians_s``)."""
+    medians = medians_s({label: timed(call) for label, call in calls.items()}, settings)
+    return {label: median * 1e6 for label, median in medians.items()}
 
 
 def announce_ready(info: str = "") -> None:
@@ -171,7 +196,8 @@ def format_table(rows: Sequence[Row]) -> str:
     """Aligned table; ``delta`` (value - baseline) is printed only, being derivable from a row.
 
     For ``idle_rss`` it is the MiB the daemon costs over a bare process holding the same session;
-    for a latency it is edged's overhead in us.
+    for a latency it is edged's overhead in us (in ms for ``gguf_ttft`` and ``load_time``); for
+    ``budget_accuracy`` the MiB the budget charges beyond what the model really uses.
     """
     header = ("name", "metric", "value", "unit", "baseline", "baseline_value", "ratio", "delta")
     cells = [

@@ -6,15 +6,18 @@ import functools
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 
+from bench import lifecycle, llm
 from bench.echo import echo_caller
-from bench.harness import ROOT, Row, ServerProcess, Settings, p50s_us
+from bench.harness import ROOT, Row, ServerProcess, Settings, medians_s, p50s_us
 from bench.httpjson import http_caller
+from bench.llm import GENERATION, LARGE
 from bench.load import CLIENTS, closed_loop_rates
 from bench.workloads import (
     IMAGE,
@@ -26,11 +29,18 @@ from bench.workloads import (
     open_calls,
     ort_caller,
 )
+from edged.client import Client
 from edged.testing import DaemonProcess
 
 MIB = 1024 * 1024
 FLOOR = "floor (zmq echo + ort run)"
 BARE_TIMEOUT_S = 60.0
+#: the generation model's name in its daemon
+LLM = "llm"
+MAX_TOKENS = 128
+#: short, so that the tokens/s rows are about generating, not evaluating the prompt
+RATE_PROMPT_TOKENS = 8
+TTFT_PROMPT_TOKENS = 64
 
 
 class Context:
@@ -46,10 +56,14 @@ class Context:
         self._stack = stack
         self._models: dict[str, Path] = {}
 
+    def built(self, filename: str, build: Callable[[Path], Path]) -> Path:
+        """The model file, built on first use; benchmarks share it by name."""
+        if filename not in self._models:
+            self._models[filename] = build(self.workdir / filename)
+        return self._models[filename]
+
     def model_path(self, workload: Workload) -> Path:
-        if workload.name not in self._models:
-            self._models[workload.name] = workload.build(self.workdir / f"{workload.name}.onnx")
-        return self._models[workload.name]
+        return self.built(f"{workload.name}.onnx", workload.build)
 
     def daemon_config(self, *workloads: Workload) -> dict[str, object]:
         """Models as a user declares them; ``max_batch`` as ``edged serve`` gives its demo."""
@@ -64,6 +78,22 @@ class Context:
         """A daemon serving every workload's model, at edged's default model settings."""
         daemon = DaemonProcess(self.workdir, self.daemon_config(*WORKLOADS))
         return edged_caller, self._stack.enter_context(daemon).endpoint
+
+    @functools.cached_property
+    def llm_endpoint(self) -> str:
+        """A daemon serving the larger tiny-llama alone, as ``GENERATION``."""
+        path = self.built(LARGE.filename, LARGE.build)
+        config = {"models": {LLM: llm.declaration(path, GENERATION, preload=True)}}
+        daemon = DaemonProcess(self.workdir / "llm", config)
+        return self._stack.enter_context(daemon).endpoint
+
+    @contextmanager
+    def llm_sides(self) -> Iterator[tuple[Client, Any]]:
+        """A client of that daemon, and the same model with the same settings in this process."""
+        client = Client(self.llm_endpoint, timeout=llm.STREAM_TIMEOUT_S)
+        model = llm.open_llama(self.built(LARGE.filename, LARGE.build), GENERATION)
+        with client, closing(model):
+            yield client, model
 
     @functools.cached_property
     def echo(self) -> Target:
@@ -138,10 +168,74 @@ def idle_rss(ctx: Context) -> list[Row]:
     return [Row("idle_rss", "rss", "MiB", daemon_mib, "bare python + ort session", bare_mib)]
 
 
+def gguf_tokens_per_s(ctx: Context) -> list[Row]:
+    """Streamed tokens/s through edged against llama-cpp-python in-process, on one model.
+
+    A rate is MAX_TOKENS over the median time from sending a short prompt to the last token
+    (in-process: from tokenizing it), so a row also carries the prompt's evaluation and edged's
+    time to first token, alike on both sides. Two baselines: the loop the daemon runs
+    (``Llama.generate``, each token detokenized), and ``create_completion(stream=True)``.
+    """
+    with ctx.llm_sides() as (client, model):
+        calls = llm.whole_generations(client, LLM, model, RATE_PROMPT_TOKENS, MAX_TOKENS)
+        p50 = p50s_us(calls, ctx.settings)
+    rates = {label: MAX_TOKENS / (us / 1e6) for label, us in p50.items()}
+    edged, direct = rates["edged"], rates["generate"]
+    return [
+        Row("gguf_tokens_per_s", "tokens_per_s", "tok/s", edged, "llama generate", direct),
+        Row(
+            "gguf_tokens_per_s_completion",
+            "tokens_per_s",
+            "tok/s",
+            edged,
+            "llama create_completion",
+            rates["completion"],
+        ),
+    ]
+
+
+def gguf_ttft(ctx: Context) -> list[Row]:
+    """Median time to first token through edged (send to first piece) against in-process
+    (tokenize to first detokenized token), a TTFT_PROMPT_TOKENS prompt; delta = edged's cost."""
+    with ctx.llm_sides() as (client, model):
+        medians = medians_s(llm.first_tokens(client, LLM, model, TTFT_PROMPT_TOKENS), ctx.settings)
+    edged, direct = medians["edged"] * 1e3, medians["direct"] * 1e3
+    return [Row("gguf_ttft", "p50_ttft", "ms", edged, "llama generate in-process", direct)]
+
+
+def budget_accuracy(ctx: Context) -> list[Row]:
+    """What the budget charges each model against the RSS it adds once serving its worst case;
+    |ratio - 1| is the accounting error."""
+    rows = []
+    for subject in lifecycle.SUBJECTS:
+        path = ctx.built(subject.filename, subject.build)
+        primer = ctx.built(subject.primer.filename, subject.primer.build)
+        workdir = ctx.workdir / f"budget-{subject.name}"
+        charged, used = lifecycle.charged_and_used(workdir, subject, path, primer)
+        name = f"budget_accuracy_{subject.name}"
+        rows.append(Row(name, "charged", "MiB", charged / MIB, "measured rss in use", used / MIB))
+    return rows
+
+
+def load_time(ctx: Context) -> list[Row]:
+    """Each model's cold start through edged against its backend's load in-process: the first
+    request's time minus a warm one's on both sides (see ``lifecycle.cold_load_ms``)."""
+    paths = {s: ctx.built(s.filename, s.build) for s in lifecycle.SUBJECTS}
+    cold = lifecycle.cold_load_ms(ctx.workdir / "load", paths, ctx.settings.cold_loads)
+    return [
+        Row(f"load_time_{name}", "p50_cold_load", "ms", edged, "backend load in-process", direct)
+        for name, (edged, direct) in cold.items()
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "rtt_tiny": functools.partial(rtt, workload=TINY),
     "rtt_image": functools.partial(rtt, workload=IMAGE),
     f"throughput_{CLIENTS}": throughput,
     "http_json": http_json,
     "idle_rss": idle_rss,
+    "gguf_tokens_per_s": gguf_tokens_per_s,
+    "gguf_ttft": gguf_ttft,
+    "budget_accuracy": budget_accuracy,
+    "load_time": load_time,
 }
