@@ -65,6 +65,10 @@ class GgufOptions:
     embedding: bool = False
     #: map the file rather than reading it: pages are shared with the page cache
     use_mmap: bool = True
+    #: after the first token, streamed messages are at least this far apart: tokens produced
+    #: in between share a message (each message costs the model's thread a little); 0 sends
+    #: every token as soon as it is ready
+    stream_interval_ms: float = _at_least(5.0, 0.0)
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 A llama.cpp context holds one sequence's KV cache, so a model runs one job at a time on its own
 thread while later ones wait in a bounded queue (``BUSY`` beyond ``queue_depth``). Generated
 text streams back as it comes: the thread appends pieces to the job and wakes the event loop
-once per batch of pieces, so under load several tokens share a message instead of each paying
-for a wake-up. A job stops between tokens when it is cancelled, when its client has gone (a
-send finds no peer), or when the daemon aborts it.
+at most once per ``stream_interval_ms`` (the first piece at once), so tokens that come faster
+share a message instead of each paying for a wake-up that would slow the model's own thread.
+A job stops between tokens when it is cancelled, when its client has gone (a send finds no
+peer), or when the daemon aborts it.
 """
 
 from __future__ import annotations
@@ -362,6 +363,8 @@ class GenerationRunner:
         generation = job.request.generation
         assert generation is not None
         stream = self.backend.stream(job.prompt_tokens, generation)
+        interval_ns = int(self.config.gguf.stream_interval_ms * 1e6)
+        posted_ns = 0  # the first piece goes at once
         try:
             for piece in stream:
                 now = time.monotonic_ns()
@@ -374,8 +377,8 @@ class GenerationRunner:
                     job.finish_reason = CANCELLED
                     break
                 job.pending.append(piece)
-                if not job.flush_scheduled:
-                    job.flush_scheduled = True
+                if not job.flush_scheduled and now - posted_ns >= interval_ns:
+                    job.flush_scheduled, posted_ns = True, now
                     if not self._post(self._flush, job):
                         return
         finally:
