@@ -235,7 +235,10 @@ def _generation(header: Mapping[str, Any]) -> Generation:
     prompt = header.get("prompt")
     if not isinstance(prompt, str) or not prompt:
         raise BadRequest("'prompt' must be a non-empty string")
-    values = {key: header.get(key, default) for key, default in GENERATE_DEFAULTS.items()}
+    values = {  # nil means the default, as for the other optional keys
+        key: default if header.get(key) is None else header[key]
+        for key, default in GENERATE_DEFAULTS.items()
+    }
     max_tokens = values["max_tokens"]
     if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
         raise BadRequest(f"'max_tokens' must be an integer from 1 to {MAX_TOKENS}")

@@ -22,6 +22,8 @@ def decode(**header: Any) -> protocol.Request:
 def test_generate_takes_llama_cpp_defaults_and_a_single_stop_string() -> None:
     request = decode(op="generate", model="m", prompt="hi")
     assert request.generation == protocol.Generation("hi", 128, (), 0.8, 0.95, None)
+    nils = dict.fromkeys(("max_tokens", "stop", "temperature", "top_p", "seed"))
+    assert decode(op="generate", model="m", prompt="hi", **nils).generation == request.generation
     request = decode(op="generate", model="m", prompt="hi", stop="\n", temperature=0, seed=5)
     assert request.generation is not None
     assert request.generation.stop == ("\n",) and request.generation.temperature == 0.0
