@@ -119,5 +119,6 @@ def test_no_room_when_every_loaded_model_is_pinned(
             infer(client, "c")
         message = str(info.value)
         assert "model 'c' needs" in message and "of 120 MiB are in use" in message
+        assert "MiB are free" in message
         assert "loaded: a " in message and "MiB pinned" in message
         infer(client, "a")  # the pinned ones keep serving

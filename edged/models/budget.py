@@ -59,6 +59,12 @@ class MemoryBudget:
         """What loading ``name`` will take, its past loads taken into account."""
         return int(estimate * self._correction.get(name, 1.0))
 
+    def free(self) -> int:
+        """Bytes a load could take now: within the budget and above the system reserve."""
+        system = int(psutil.virtual_memory().available) - self.reserve
+        budget = system if self.capacity is None else self.capacity - self.used
+        return max(0, min(budget, system))
+
     def shortfall(self, need: int) -> int:
         """Bytes to free before ``need`` more fit the budget and leave the reserve free."""
         over_budget = 0 if self.capacity is None else self.used + need - self.capacity

@@ -200,10 +200,11 @@ class Registry:
             if name in self._slots
         ]
         limit = "no budget" if budget.capacity is None else f"{budget.capacity / MIB:.0f} MiB"
+        free = budget.free()
         return (
-            f"model {loading.name!r} needs {need / MIB:.0f} MiB; {budget.used / MIB:.0f} MiB of "
-            f"{limit} are in use, and the system keeps {budget.reserve / MIB:.0f} MiB in "
-            f"reserve; loaded: {', '.join(loaded) or 'nothing'}"
+            f"model {loading.name!r} needs {need / MIB:.0f} MiB but only {free / MIB:.0f} MiB "
+            f"are free: {budget.used / MIB:.0f} MiB of {limit} are in use, and the system keeps "
+            f"{budget.reserve / MIB:.0f} MiB in reserve; loaded: {', '.join(loaded) or 'nothing'}"
         )
 
     async def settled(self) -> None:
