@@ -18,6 +18,7 @@ from edged.errors import (
     InternalError,
     OpNotSupported,
     ShuttingDown,
+    UnknownModel,
     UnknownRequest,
 )
 from edged.models.generation import GenerationRunner
@@ -168,10 +169,17 @@ class InferenceService:
 
     def _loaded(self, request: Request, send: ReplySink, peer: bytes) -> Runner | None:
         """The model's runner, or ``None`` after parking the request until the model loads."""
-        slot = self.registry.slot(str(request.model), request.version)
-        if slot.runner is not None:
+        slot = self.registry.slot(str(request.model))
+        runner = slot.runner_for(request.version)
+        if runner is not None:
             slot.last_used_ns = time.monotonic_ns()
-            return slot.runner
+            return runner
+        if request.version is not None and request.version != slot.version:
+            loaded = ", ".join(map(str, slot.loaded_versions())) or "none"
+            raise UnknownModel(
+                f"model {slot.name!r} has no version {request.version} loaded; "
+                f"serving {slot.version} (loaded: {loaded})"
+            )
 
         parked = (peer, request.id)
 

@@ -21,13 +21,13 @@ WIDTH = 2048  # 16 MiB of weights per model
 
 def test_charges_the_larger_of_estimate_and_measurement_and_learns() -> None:
     budget = MemoryBudget(capacity_bytes=100 * MIB, reserve_bytes=0)
-    budget.charge("a", estimate=40 * MIB, measured=20 * MIB)
+    budget.charge("a", 1, estimate=40 * MIB, measured=20 * MIB)
     assert budget.used == 40 * MIB
     assert budget.expected("a", 40 * MIB) == 20 * MIB  # the next load of "a" is expected smaller
     assert budget.expected("b", 40 * MIB) == 40 * MIB
     assert budget.shortfall(50 * MIB) == 0
     assert budget.shortfall(70 * MIB) == 10 * MIB
-    budget.release("a", returned=39 * MIB)
+    budget.release("a", 1, returned=39 * MIB)
     assert budget.used == 0 and budget.statistics().returned_bytes == {"a": 39 * MIB}
 
 
@@ -80,7 +80,7 @@ def test_a_third_model_evicts_the_least_recently_used_and_rss_stays_bounded(
         assert sorted(client.ping()["loaded"]) == ["b", "c"]
     rss = psutil.Process(daemon.pid).memory_info().rss
     assert rss <= baseline + budget_mb * MIB * 1.1
-    assert "unloading model b to make room for c" in daemon.log()
+    assert "unloading model b version 1 to make room for c" in daemon.log()
 
 
 def test_pinned_models_are_never_evicted(

@@ -77,7 +77,7 @@ def test_three_gguf_models_under_a_budget_for_two_evict_the_least_recently_used(
     assert memory["models"]["b"]["charged_bytes"] >= memory["models"]["b"]["estimated_bytes"]
     rss = psutil.Process(daemon.pid).memory_info().rss
     assert rss <= baseline + BUDGET_MB * MIB * 1.1
-    assert "unloading model b to make room for c" in daemon.log()
+    assert "unloading model b version 1 to make room for c" in daemon.log()
 
 
 def test_a_pinned_gguf_model_stays_and_an_oversized_context_is_refused(
@@ -99,9 +99,9 @@ def test_a_pinned_gguf_model_stays_and_an_oversized_context_is_refused(
 def test_corrections_survive_a_restart_and_gguf_ones_never_shrink(tmp_path: Path) -> None:
     state = tmp_path / "memory.json"
     budget = MemoryBudget(None, 0, state)
-    budget.charge("onnx", estimate=40 * MIB, measured=20 * MIB)
-    budget.charge("llm", estimate=40 * MIB, measured=10 * MIB, learn_lower=False)
-    budget.charge("big", estimate=40 * MIB, measured=60 * MIB, learn_lower=False)
+    budget.charge("onnx", 1, estimate=40 * MIB, measured=20 * MIB)
+    budget.charge("llm", 1, estimate=40 * MIB, measured=10 * MIB, learn_lower=False)
+    budget.charge("big", 1, estimate=40 * MIB, measured=60 * MIB, learn_lower=False)
     restarted = MemoryBudget(None, 0, state)
     assert restarted.expected("onnx", 40 * MIB) == 20 * MIB
     assert restarted.expected("llm", 40 * MIB) == 40 * MIB

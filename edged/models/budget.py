@@ -30,6 +30,7 @@ class BudgetStatistics:
     capacity_bytes: int | None
     reserve_bytes: int
     used_bytes: int
+    #: per model, all its loaded versions together (two while a swap overlaps them)
     charged_bytes: dict[str, int]
     #: per model, the last load's estimate and measurement
     estimated_bytes: dict[str, int]
@@ -45,7 +46,7 @@ class MemoryBudget:
         self.capacity = capacity_bytes
         self.reserve = reserve_bytes
         self._state_file = state_file
-        self._charged: dict[str, int] = {}
+        self._charged: dict[tuple[str, int], int] = {}  # (model, version) -> bytes
         self._estimated: dict[str, int] = {}
         self._measured: dict[str, int] = {}
         self._correction: dict[str, float] = _read_corrections(state_file)
@@ -71,11 +72,14 @@ class MemoryBudget:
         over_system = need + self.reserve - psutil.virtual_memory().available
         return max(0, over_budget, over_system)
 
-    def charge(self, name: str, estimate: int, measured: int, *, learn_lower: bool = True) -> None:
-        """Charge a loaded model. ``learn_lower=False`` keeps the next estimate from shrinking
-        below the file-based one: right after a load some backends have not yet touched
-        buffers they will use (llama.cpp's compute buffers fill only under long prompts)."""
-        self._charged[name] = max(estimate, measured)
+    def charge(
+        self, name: str, version: int, estimate: int, measured: int, *, learn_lower: bool = True
+    ) -> None:
+        """Charge a loaded model version. ``learn_lower=False`` keeps the next estimate from
+        shrinking below the file-based one: right after a load some backends have not yet
+        touched buffers they will use (llama.cpp's compute buffers fill only under long
+        prompts). Corrections are learned per model name: versions are alike in size."""
+        charged = self._charged[name, version] = max(estimate, measured)
         self._estimated[name], self._measured[name] = estimate, measured
         if estimate > 0 and measured > 0:
             ratio = measured / estimate if learn_lower else max(1.0, measured / estimate)
@@ -83,20 +87,22 @@ class MemoryBudget:
                 self._correction[name] = ratio
                 self._save_corrections()
         log.info(
-            "model %s: estimated %.1f MiB, measured %.1f MiB, charged %.1f MiB",
+            "model %s version %d: estimated %.1f MiB, measured %.1f MiB, charged %.1f MiB",
             name,
+            version,
             estimate / MIB,
             measured / MIB,
-            self._charged[name] / MIB,
+            charged / MIB,
         )
 
-    def release(self, name: str, returned: int) -> None:
-        charged = self._charged.pop(name, 0)
+    def release(self, name: str, version: int, returned: int) -> None:
+        charged = self._charged.pop((name, version), 0)
         self._returned[name] = returned
         if returned < charged // 2:
             log.warning(
-                "model %s unloaded but only %.1f of %.1f MiB came back",
+                "model %s version %d unloaded but only %.1f of %.1f MiB came back",
                 name,
+                version,
                 returned / MIB,
                 charged / MIB,
             )
@@ -106,11 +112,17 @@ class MemoryBudget:
             capacity_bytes=self.capacity,
             reserve_bytes=self.reserve,
             used_bytes=self.used,
-            charged_bytes=dict(self._charged),
+            charged_bytes=self._charged_by_name(),
             estimated_bytes=dict(self._estimated),
             measured_bytes=dict(self._measured),
             returned_bytes=dict(self._returned),
         )
+
+    def _charged_by_name(self) -> dict[str, int]:
+        by_name: dict[str, int] = {}
+        for (name, _), charged in self._charged.items():
+            by_name[name] = by_name.get(name, 0) + charged
+        return by_name
 
     def _save_corrections(self) -> None:
         """Write the corrections atomically: a power cut leaves the old file or the new one."""

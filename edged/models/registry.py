@@ -1,9 +1,11 @@
-"""Which models are declared and which are loaded: one slot per declared model.
+"""Which models are declared and which versions are loaded: one slot per declared model.
 
-A slot loads its model on first use (or at start when preloaded or pinned), holds the requests
-that arrive while it loads (bounded like the admission queue), and its model is unloaded after
-``keep_alive_s`` without requests, or to make room for another, unless it is pinned. Every
-unload goes through the registry, which keeps the memory budget's books.
+A slot loads its active version on first use (or at start when preloaded or pinned), holds the
+requests that arrive while it loads (bounded like the admission queue), and its model is
+unloaded after ``keep_alive_s`` without requests, or to make room for another, unless it is
+pinned. During a swap a slot may also hold the old version while it finishes its requests
+(``retiring``), or hold new requests back while one version replaces another. Every unload goes
+through the registry, which keeps the memory budget's books.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ log = logging.getLogger(__name__)
 
 #: what serves a loaded model: tensor runs (ONNX) or one text stream at a time (GGUF)
 Runner = ModelRunner | GenerationRunner
-#: builds, starts and returns the runner of a model (blocking work happens off the loop)
-Loader = Callable[["ModelSlot"], Awaitable[Runner]]
-#: called once the load settles: with ``None`` when the model is ready, else the load error
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """One version of a model: its number and its resolved declaration (file, backend)."""
+
+    version: int
+    config: ModelConfig
+
+
+#: builds, starts and returns the runner of a model version (blocking work happens off the loop)
+Loader = Callable[[str, VersionSpec], Awaitable[Runner]]
+#: called once the model is ready: with ``None`` when it is, else the error that stopped it
 Waiter = Callable[[EdgedError | None], None]
 
 
@@ -35,11 +47,14 @@ class ModelState(enum.Enum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     READY = "ready"
+    #: a swap replaces the active version: requests wait as during a load
+    SWAPPING = "swapping"
 
 
 @dataclass(frozen=True)
 class SlotStatistics:
     state: str
+    version: int
     loads: int
     unloads: int
     waiting: int
@@ -49,16 +64,19 @@ class ModelSlot:
     def __init__(
         self,
         name: str,
-        version: int,
-        config: ModelConfig,
+        spec: VersionSpec,
         loader: Loader,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.name = name
-        self.version = version
-        self.config = config
+        self.spec = spec
         self.state = ModelState.UNLOADED
         self.runner: Runner | None = None
+        #: old versions still answering the requests they had when a swap flipped routing
+        self.retiring: list[Runner] = []
+        #: what ``rollback`` goes back to
+        self.previous: VersionSpec | None = None
+        self.swapping = False
         self.last_used_ns = 0
         self._loader = loader
         self._loop = loop
@@ -68,12 +86,31 @@ class ModelSlot:
         self._loads = 0
         self._unloads = 0
 
+    @property
+    def version(self) -> int:
+        return self.spec.version
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.spec.config
+
+    def runner_for(self, version: int | None) -> Runner | None:
+        """The loaded runner serving ``version`` (the active one when ``None``)."""
+        if version is None or version == self.spec.version:
+            return self.runner
+        return next((r for r in self.retiring if r.version == version), None)
+
+    def loaded_versions(self) -> list[int]:
+        active = [self.runner.version] if self.runner is not None else []
+        return active + [runner.version for runner in self.retiring]
+
     def when_ready(self, waiter: Waiter) -> None:
-        """Call ``waiter`` once the model is loaded (starting the load), or refuse at once."""
+        """Call ``waiter`` once the active version is loaded (starting the load), or refuse at
+        once when ``queue_depth`` requests already wait."""
         if len(self._waiters) >= self.config.queue_depth:
             raise BusyError(
-                f"model {self.name!r} is loading with {len(self._waiters)} requests waiting "
-                f"(queue_depth {self.config.queue_depth}); retry later"
+                f"model {self.name!r} is {self.state.value} with {len(self._waiters)} requests "
+                f"waiting (queue_depth {self.config.queue_depth}); retry later"
             )
         self._waiters.append(waiter)
         self._start_load()
@@ -91,24 +128,53 @@ class ModelSlot:
         if self._loading is not None:
             await self._loading
 
+    def hold(self) -> None:
+        """Park new requests until ``activate`` or ``release`` (a swap that replaces)."""
+        self.state = ModelState.SWAPPING
+
+    def activate(self, runner: Runner, spec: VersionSpec) -> None:
+        """Route to ``runner`` from now on and let parked requests through."""
+        self.runner, self.spec = runner, spec
+        self.state = ModelState.READY
+        self._loads += 1
+        self.last_used_ns = time.monotonic_ns()
+        self.release(None)
+
+    def release(self, error: EdgedError | None) -> None:
+        """Answer the parked requests: ``None`` sends them on to the active version."""
+        if error is not None and self.runner is None:
+            self.state = ModelState.UNLOADED
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter(error)
+
     @property
     def evictable(self) -> bool:
-        """Loaded, not pinned, and nothing queued or running on it."""
-        return self.runner is not None and not self.config.pinned and not self.runner.busy
+        """Loaded, not pinned, not swapping, and nothing queued or running on it."""
+        return (
+            self.runner is not None
+            and not self.config.pinned
+            and not self.swapping
+            and not self.runner.busy
+        )
 
     def idle_expired(self, now_ns: int) -> bool:
         keep_alive = self.config.keep_alive_s
         return self.evictable and keep_alive > 0 and now_ns - self.last_used_ns >= keep_alive * 1e9
 
-    def close(self) -> None:
-        if self.runner is not None:
-            self.runner.close()
-            self.runner = None
+    def detach(self) -> Runner | None:
+        """Take the active runner out of routing (the caller closes it)."""
+        runner, self.runner = self.runner, None
+        if runner is not None:
             self._unloads += 1
-        self.state = ModelState.UNLOADED
+        if self.state is ModelState.READY:
+            self.state = ModelState.UNLOADED
+        return runner
 
     def statistics(self) -> SlotStatistics:
-        return SlotStatistics(self.state.value, self._loads, self._unloads, len(self._waiters))
+        return SlotStatistics(
+            self.state.value, self.version, self._loads, self._unloads, len(self._waiters)
+        )
 
     def _start_load(self) -> None:
         if self.state is ModelState.UNLOADED:
@@ -117,26 +183,25 @@ class ModelSlot:
 
     async def _load(self) -> None:
         try:
-            runner = await self._loader(self)
+            runner = await self._loader(self.name, self.spec)
         except Exception as exc:  # reported to every waiter; the next request tries again
-            if isinstance(exc, EdgedError):
-                log.error("%s", exc)
-                self._error = exc
-            else:
-                log.exception("loading model %s failed", self.name)
-                self._error = InternalError(f"model {self.name!r} failed to load; see the log")
+            self._error = as_edged_error(exc, f"model {self.name!r} failed to load; see the log")
+            log.error("%s", self._error)
             self.state = ModelState.UNLOADED
-        else:
-            self._error = None
-            self.runner = runner
-            self.state = ModelState.READY
-            self._loads += 1
-            self.last_used_ns = time.monotonic_ns()
-        finally:
             self._loading = None
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter(self._error)
+            self.release(self._error)
+            return
+        self._error = None
+        self._loading = None
+        self.activate(runner, self.spec)
+
+
+def as_edged_error(exc: Exception, unexpected: str) -> EdgedError:
+    """``exc`` itself when it is one of ours; else a logged bug, reported as ``unexpected``."""
+    if isinstance(exc, EdgedError):
+        return exc
+    log.error("unexpected failure", exc_info=exc)
+    return InternalError(unexpected)
 
 
 class Registry:
@@ -147,19 +212,21 @@ class Registry:
     def add(self, slot: ModelSlot) -> None:
         self._slots[slot.name] = slot
 
-    def slot(self, name: str, version: int | None = None) -> ModelSlot:
+    def slot(self, name: str) -> ModelSlot:
         slot = self._slots.get(name)
         if slot is None:
             known = ", ".join(sorted(self._slots)) or "none"
             raise UnknownModel(f"no model named {name!r}; serving: {known}")
-        if version is not None and version != slot.version:
-            raise UnknownModel(
-                f"model {name!r} has no version {version} loaded; serving {slot.version}"
-            )
         return slot
 
     def runners(self) -> list[Runner]:
-        return [slot.runner for slot in self._slots.values() if slot.runner is not None]
+        """Every loaded runner, retiring versions included."""
+        found: list[Runner] = []
+        for slot in self._slots.values():
+            if slot.runner is not None:
+                found.append(slot.runner)
+            found.extend(slot.retiring)
+        return found
 
     def unload_idle(self, now_ns: int) -> None:
         for slot in self._slots.values():
@@ -167,42 +234,48 @@ class Registry:
                 self.unload(slot, f"after {slot.config.keep_alive_s:g} s without requests")
 
     def unload(self, slot: ModelSlot, reason: str) -> None:
-        """Unload, release its charge, and record what the system really got back."""
-        log.info("unloading model %s %s", slot.name, reason)
-        before = footprint()
-        slot.close()
-        give_back_freed_memory()
-        self.budget.release(slot.name, before - footprint())
+        """Unload the active version (idle, evicted, at stop)."""
+        runner = slot.detach()
+        if runner is not None:
+            self.close_runner(runner, reason)
 
-    def make_room(self, loading: ModelSlot, need: int) -> None:
+    def close_runner(self, runner: Runner, reason: str) -> None:
+        """Close, release its charge, and record what the system really got back."""
+        log.info("unloading model %s version %d %s", runner.name, runner.version, reason)
+        before = footprint()
+        runner.close()
+        give_back_freed_memory()
+        self.budget.release(runner.name, runner.version, before - footprint())
+
+    def make_room(self, name: str, need: int) -> None:
         """Evict idle, unpinned models, least recently used first, until ``need`` bytes fit."""
         budget = self.budget
         if budget.capacity is not None and need > budget.capacity:
             raise BudgetExceeded(
-                f"model {loading.name!r} needs {need / MIB:.0f} MiB, more than the whole "
+                f"model {name!r} needs {need / MIB:.0f} MiB, more than the whole "
                 f"budget of {budget.capacity / MIB:.0f} MiB"
             )
         victims = sorted(
-            (s for s in self._slots.values() if s is not loading and s.evictable),
+            (s for s in self._slots.values() if s.name != name and s.evictable),
             key=lambda s: s.last_used_ns,
         )
         while budget.shortfall(need) > 0 and victims:
-            self.unload(victims.pop(0), f"to make room for {loading.name}")
+            self.unload(victims.pop(0), f"to make room for {name}")
         if budget.shortfall(need) > 0:
-            raise BudgetExceeded(self._no_room(loading, need))
+            raise BudgetExceeded(self.no_room(name, need))
 
-    def _no_room(self, loading: ModelSlot, need: int) -> str:
+    def no_room(self, name: str, need: int) -> str:
         budget = self.budget
         loaded = [
-            f"{name} {charged / MIB:.0f} MiB"
-            + (" pinned" if self._slots[name].config.pinned else " busy")
-            for name, charged in budget.statistics().charged_bytes.items()
-            if name in self._slots
+            f"{loaded} {charged / MIB:.0f} MiB"
+            + (" pinned" if self._slots[loaded].config.pinned else " busy")
+            for loaded, charged in budget.statistics().charged_bytes.items()
+            if loaded in self._slots
         ]
         limit = "no budget" if budget.capacity is None else f"{budget.capacity / MIB:.0f} MiB"
         free = budget.free()
         return (
-            f"model {loading.name!r} needs {need / MIB:.0f} MiB but only {free / MIB:.0f} MiB "
+            f"model {name!r} needs {need / MIB:.0f} MiB but only {free / MIB:.0f} MiB "
             f"are free: {budget.used / MIB:.0f} MiB of {limit} are in use, and the system keeps "
             f"{budget.reserve / MIB:.0f} MiB in reserve; loaded: {', '.join(loaded) or 'nothing'}"
         )
@@ -212,8 +285,10 @@ class Registry:
 
     def close(self) -> None:
         for slot in self._slots.values():
-            if slot.runner is not None:
-                self.unload(slot, "at stop")
+            for runner in slot.retiring:
+                self.close_runner(runner, "at stop")
+            slot.retiring.clear()
+            self.unload(slot, "at stop")
 
     def __iter__(self) -> Iterator[ModelSlot]:
         return iter(list(self._slots.values()))

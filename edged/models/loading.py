@@ -1,0 +1,146 @@
+"""Turning declarations and store versions into loaded, running model versions.
+
+Each backend is one row of ``BACKENDS``: how to estimate a model from its files, how to load
+it, and what schedules requests on it. Loads run one at a time, so that each memory
+measurement sees its own load only, and each one is charged to the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from edged.config import ModelConfig
+from edged.errors import BudgetExceeded, ModelLoadError, StoreError
+from edged.models.budget import footprint
+from edged.models.generation import GenerationRunner
+from edged.models.gguf import GgufBackend
+from edged.models.onnx import OnnxBackend
+from edged.models.registry import Registry, Runner, VersionSpec
+from edged.models.runner import ModelRunner
+from edged.store import ModelStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class BackendKind:
+    #: peak bytes a load will take, from the files alone
+    estimate: Callable[[ModelConfig], int]
+    #: the loaded model (blocking)
+    load: Callable[[ModelConfig], Any]
+    #: what schedules requests on it
+    runner: Callable[[str, int, Any, ModelConfig, asyncio.AbstractEventLoop], Runner]
+    #: whether a load that measured below the estimate may lower the next estimate
+    learn_lower: bool
+
+
+BACKENDS: dict[str, BackendKind] = {
+    "onnx": BackendKind(
+        estimate=lambda config: OnnxBackend.estimate(Path(config.path)),
+        load=lambda config: OnnxBackend.load(Path(config.path), config.onnx),
+        runner=ModelRunner,
+        learn_lower=True,
+    ),
+    "gguf": BackendKind(
+        estimate=lambda config: GgufBackend.estimate(Path(config.path), config.gguf),
+        load=lambda config: GgufBackend.load(Path(config.path), config.gguf),
+        runner=GenerationRunner,
+        # llama.cpp's compute buffers and KV pages fill only under long prompts
+        learn_lower=False,
+    ),
+}
+
+
+async def in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking ``fn`` on a thread that ends with it: an idle default executor would keep
+    its thread (and that thread's memory) for the daemon's whole life."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+
+class ModelLoader:
+    def __init__(self, registry: Registry, store: ModelStore) -> None:
+        self.registry = registry
+        self.store = store
+        self._lock = asyncio.Lock()
+
+    async def expected_bytes(self, name: str, spec: VersionSpec) -> int:
+        """What loading ``spec`` will take, past loads of the model taken into account."""
+        estimate = await in_fresh_thread(_estimate, name, spec.config)
+        return self.registry.budget.expected(name, estimate)
+
+    async def load(self, name: str, spec: VersionSpec, *, evict: bool = True) -> Runner:
+        """Estimate, make room (evicting idle models, or only checking the fit when ``evict``
+        is false), load, measure, charge, and start the runner."""
+        budget = self.registry.budget
+        async with self._lock:
+            estimate = await in_fresh_thread(_estimate, name, spec.config)
+            need = budget.expected(name, estimate)
+            if evict:
+                self.registry.make_room(name, need)
+            elif budget.shortfall(need) > 0:
+                raise BudgetExceeded(self.registry.no_room(name, need))
+            before = footprint()
+            backend = await in_fresh_thread(_open_backend, name, spec.config)
+            kind = BACKENDS[spec.config.backend]
+            measured = footprint() - before
+            budget.charge(name, spec.version, estimate, measured, learn_lower=kind.learn_lower)
+        runner = kind.runner(name, spec.version, backend, spec.config, asyncio.get_running_loop())
+        runner.start()
+        log.info("model %s version %d loaded", name, spec.version)
+        return runner
+
+    def declared(self, name: str, config: ModelConfig) -> VersionSpec:
+        """A declaration's version (blocking): its own ``path`` as version 1, or the newest
+        store version. A missing file fails here rather than at some sensor's first request."""
+        if config.path:
+            if not Path(config.path).is_file():
+                raise ModelLoadError(f"model {name!r}: no file at {config.path}")
+            return VersionSpec(
+                1, dataclasses.replace(config, backend=config.backend_for(config.path))
+            )
+        manifest = self.store.latest(name)
+        if manifest is None:
+            raise ModelLoadError(
+                f"model {name!r} has no path and the store has no version of it under "
+                f"{self.store.root / name}"
+            )
+        return self.stored(name, config, manifest.version)
+
+    def stored(self, name: str, config: ModelConfig, version: int) -> VersionSpec:
+        """Store version ``version`` of ``name``, served with the model's declared options."""
+        try:
+            manifest = self.store.manifest(name, version)
+        except StoreError as exc:
+            raise ModelLoadError(f"model {name!r} has no usable version {version}: {exc}") from None
+        path = str(self.store.model_path(manifest))
+        backend = config.backend_for(path, manifest.format)
+        return VersionSpec(version, dataclasses.replace(config, path=path, backend=backend))
+
+
+def _estimate(name: str, config: ModelConfig) -> int:
+    try:
+        return BACKENDS[config.backend].estimate(config)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model {name!r}: cannot load {config.path}: {exc}") from None
+
+
+def _open_backend(name: str, config: ModelConfig) -> Any:
+    """Load one model (blocking: runs on a loader thread)."""
+    path = Path(config.path)
+    if not path.is_file():
+        raise ModelLoadError(f"model {name!r}: no file at {path}")
+    try:
+        return BACKENDS[config.backend].load(config)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # backends raise their own untyped errors for bad files
+        raise ModelLoadError(f"model {name!r}: cannot load {path}: {exc}") from None
