@@ -24,6 +24,7 @@ from edged.errors import ConfigError, EdgedError
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
+SWAP_TIMEOUT_S = 300.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,29 +76,82 @@ def main(argv: Sequence[str] | None = None) -> int:
 def edgectl_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgectl", description="Operate a running edged")
     _add_socket_options(parser)
+    parser.add_argument(
+        "--control", help="control endpoint (default: $EDGED_CONTROL or the local IPC)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("status", help="is the daemon up, and what does it serve")
+    commands.add_parser("models", help="each model's active, loaded, previous, stored versions")
+    swap = commands.add_parser("swap", help="serve another version of a model, validated first")
+    swap.add_argument("model")
+    swap.add_argument("version", type=int, nargs="?", help="a stored version (default: newest)")
+    swap.add_argument("--path", help="a new model file instead of a stored version")
+    swap.add_argument("--policy", choices=("auto", "overlap", "replace"), default="auto")
+    swap.add_argument("--force", action="store_true", help="skip the interface check")
+    rollback = commands.add_parser("rollback", help="go back to the version before the last swap")
+    rollback.add_argument("model")
     args = parser.parse_args(argv)
-    from edged.client import Client
-
     try:
-        with Client(args.socket, timeout=args.timeout) as client:
-            status = client.ping()
+        reply = _edgectl(args)
     except EdgedError as exc:
         print(f"edgectl: {_describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     if args.json:
-        print(json.dumps(status, sort_keys=True))
+        print(json.dumps(reply, sort_keys=True))
     else:
-        print(f"edged {status['edged_version']} pid {status['pid']}: {status['state']}")
-        print(f"models: {', '.join(status['models'])}")
-        memory = status.get("memory", {})
+        print(_edgectl_text(args.command, reply))
+    return 0
+
+
+def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
+    from edged.client import Client
+    from edged.paths import default_control_endpoint
+
+    if args.command == "status":
+        with Client(args.socket, timeout=args.timeout) as client:
+            return client.ping()
+    # a swap takes as long as loading and checking a model
+    timeout = max(args.timeout, SWAP_TIMEOUT_S)
+    with Client(args.control or default_control_endpoint(), timeout=timeout) as client:
+        if args.command == "models":
+            return client.command("models")
+        if args.command == "rollback":
+            return client.command("rollback", model=args.model)
+        return client.command(
+            "swap",
+            model=args.model,
+            version=args.version,
+            path=args.path,
+            policy=args.policy,
+            force=args.force or None,
+        )
+
+
+def _edgectl_text(command: str, reply: dict[str, Any]) -> str:
+    if command == "status":
+        memory = reply.get("memory", {})
         budget = memory.get("budget_bytes")
         limit = f"of {budget / 2**20:.0f} MiB" if budget else "(no budget)"
         used = memory.get("used_bytes", 0) / 2**20
-        print(f"memory: {used:.1f} MiB {limit} charged to {', '.join(status['loaded']) or 'none'}")
-    return 0
+        loaded = ", ".join(reply["loaded"]) or "none"
+        return "\n".join(
+            [
+                f"edged {reply['edged_version']} pid {reply['pid']}: {reply['state']}",
+                f"models: {', '.join(reply['models'])}",
+                f"memory: {used:.1f} MiB {limit} charged to {loaded}",
+            ]
+        )
+    if command == "models":
+        return "\n".join(
+            f"{name}: version {m['version']} ({m['state']}), loaded {m['loaded']}, "
+            f"previous {m['previous']}, stored {m['stored']}"
+            for name, m in reply["models"].items()
+        )
+    return (
+        f"{reply['model']}: version {reply['from_version']} -> {reply['version']} "
+        f"({reply['policy']}, {reply['seconds']:.2f} s)"
+    )
 
 
 def _add_socket_options(parser: argparse.ArgumentParser) -> None:

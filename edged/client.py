@@ -199,6 +199,22 @@ class Client:
         frames = protocol.encode_request(request_id, "describe", model=model)
         return self._call(request_id, frames, timeout).fields
 
+    def command(
+        self,
+        op: str,
+        *,
+        model: str | None = None,
+        version: int | None = None,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """A control command (``swap``, ``rollback``, ``models``) on a client of the control
+        socket; unset ``fields`` are left out. Returns the reply's keys."""
+        request_id = next(self._ids)
+        given = {key: value for key, value in fields.items() if value is not None}
+        frames = protocol.encode_request(request_id, op, model=model, version=version, fields=given)
+        return self._call(request_id, frames, timeout).fields
+
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         request_id = next(self._ids)
         return self._call(request_id, protocol.encode_request(request_id, "ping"), timeout).fields

@@ -132,6 +132,9 @@ class DaemonConfig:
     log_level: str = _choice("info", "debug", "info", "warning", "error")
     #: on SIGTERM, how long in-flight and queued requests may take to finish
     drain_timeout_s: float = _at_least(10.0, 0.0)
+    #: after a swap, how long the old version may take to finish its requests (a running
+    #: generation included) before they fail
+    swap_grace_s: float = _at_least(30.0, 0.0)
     #: "uvloop" needs the uvloop package; it measured no faster here and costs ~5 MB of RSS
     event_loop: str = _choice("asyncio", "asyncio", "uvloop")
 

@@ -22,14 +22,16 @@ from typing import Any, TypeVar
 import zmq
 
 from edged.config import Config, ModelConfig
+from edged.control.service import ControlService
 from edged.demo import build_demo_model
 from edged.errors import ConfigError, ShuttingDown
 from edged.lockfile import instance_lock
 from edged.models.budget import MIB, MemoryBudget
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec
+from edged.models.swap import Swapper
 from edged.paths import Paths, default_infer_endpoint, resolve_paths
-from edged.server import InferenceEndpoint
+from edged.server import Endpoint, Service
 from edged.service import InferenceService
 from edged.store import Manifest, ModelStore
 
@@ -88,6 +90,8 @@ class Daemon:
         )
         self.registry = Registry(budget)
         self.loader = ModelLoader(self.registry, ModelStore(self.paths.models))
+        swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
+        self.control = ControlService(self.registry, self.loader, swapper)
         self.service = InferenceService(self.registry)
         self._stop: asyncio.Event | None = None
 
@@ -133,13 +137,20 @@ class Daemon:
             self.registry.add(slot)
             if spec.config.preload or spec.config.pinned:
                 await slot.load()
-        endpoints = [self.paths.infer_endpoint, *self.config.server.tcp]
-        endpoint = InferenceEndpoint(context, endpoints, self.config.server, self.service, loop)
-        stack.callback(self.paths.infer_socket.unlink, missing_ok=True)
-        endpoint.start()
-        stack.callback(endpoint.stop)
+        stack.callback(self.control.close)
+        paths = self.paths
+        endpoints: list[tuple[Path, list[str], Service]] = [
+            (paths.infer_socket, [paths.infer_endpoint, *self.config.server.tcp], self.service),
+            (paths.control_socket, [paths.control_endpoint], self.control),
+        ]
+        for socket_file, addresses, service in endpoints:
+            endpoint = Endpoint(context, addresses, self.config.server, service, loop)
+            stack.callback(socket_file.unlink, missing_ok=True)
+            endpoint.start()
+            stack.callback(endpoint.stop)
         names = ", ".join(slot.name for slot in self.registry)
-        log.info("serving %s on %s", names, ", ".join(endpoints))
+        serving = ", ".join(address for _, addresses, _ in endpoints for address in addresses)
+        log.info("serving %s on %s", names, serving)
         model = next(iter(self.registry)).name
         log.info("try: %s infer %s --random%s", _edged_command(), model, self._socket_hint())
 

@@ -99,6 +99,17 @@ class BudgetExceeded(EdgedError):
     code = "BUDGET_EXCEEDED"
 
 
+class SwapInProgress(BusyError):
+    """A swap or rollback of this model is already running; retry once it is done."""
+
+
+class SwapRejected(EdgedError):
+    """The new version failed validation (interface, warm-up, golden vectors); the old one
+    keeps serving."""
+
+    code = "SWAP_REJECTED"
+
+
 class DeadlineExceeded(EdgedError):
     """The request's deadline passed before its run could start."""
 
@@ -167,6 +178,7 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         ShapeMismatch,
         BusyError,
         BudgetExceeded,
+        SwapRejected,
         DeadlineExceeded,
         RunFailed,
         ShuttingDown,

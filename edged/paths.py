@@ -43,6 +43,14 @@ class Paths:
     def infer_endpoint(self) -> str:
         return f"ipc://{self.infer_socket}"
 
+    @property
+    def control_socket(self) -> Path:
+        return self.runtime / "control.sock"
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.control_socket}"
+
 
 def default_runtime_dir() -> Path:
     systemd = os.environ.get("RUNTIME_DIRECTORY")
@@ -68,12 +76,17 @@ def resolve_paths(config: Config) -> Paths:
     )
     state = Path(config.daemon.state_dir) if config.daemon.state_dir else default_state_dir()
     paths = Paths(runtime=runtime.absolute(), state=state.absolute())
-    if len(os.fsencode(paths.infer_socket)) > MAX_IPC_PATH:
+    if len(os.fsencode(paths.control_socket)) > MAX_IPC_PATH:  # the longer of the two
         raise ConfigError(
-            f"{config.source}: socket path {paths.infer_socket} is longer than the "
+            f"{config.source}: socket path {paths.control_socket} is longer than the "
             f"{MAX_IPC_PATH} bytes a Unix socket allows; set daemon.runtime_dir to a shorter path"
         )
     return paths
+
+
+def default_control_endpoint() -> str:
+    """The control endpoint on this machine ($EDGED_CONTROL overrides)."""
+    return os.environ.get("EDGED_CONTROL") or f"ipc://{default_runtime_dir() / 'control.sock'}"
 
 
 def default_infer_endpoint() -> str:

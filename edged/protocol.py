@@ -68,10 +68,15 @@ OP_KEYS: dict[str, frozenset[str]] = {
     "generate": frozenset({"model", "version", "deadline_ms", "prompt", *GENERATE_DEFAULTS}),
     "embed": frozenset({"model", "version", "deadline_ms", "input"}),
     "cancel": frozenset({"target"}),
+    # control socket only
+    "swap": frozenset({"model", "version", "path", "policy", "force"}),
+    "rollback": frozenset({"model"}),
+    "models": frozenset(),
 }
+SWAP_POLICIES = ("auto", "overlap", "replace")
 ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
-MODEL_OPS = frozenset({"describe", "infer", "generate", "embed"})
+MODEL_OPS = frozenset({"describe", "infer", "generate", "embed", "swap", "rollback"})
 MAX_ID = 2**64 - 1
 MAX_TRACE_LEN = 128
 MAX_NAME_LEN = 256
@@ -105,6 +110,15 @@ class Generation:
 
 
 @dataclass(frozen=True, slots=True)
+class SwapArgs:
+    """What a ``swap`` asks for besides the model and its target ``version``."""
+
+    path: str | None = None
+    policy: str = "auto"
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     id: int
     op: str
@@ -119,6 +133,8 @@ class Request:
     texts: tuple[str, ...] = ()
     #: ``cancel`` only: the id of the request to cancel (sent earlier on the same connection)
     target: int | None = None
+    #: ``swap`` only: ``path`` (a new model file), ``policy`` and ``force``
+    swap: SwapArgs | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,7 +244,21 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
         generation=_generation(header) if op == "generate" else None,
         texts=_texts(header.get("input")) if op == "embed" else (),
         target=target,
+        swap=_swap_args(header) if op == "swap" else None,
     )
+
+
+def _swap_args(header: Mapping[str, Any]) -> SwapArgs:
+    path = _optional(header, "path", str)
+    if path is not None and (not path or header.get("version") is not None):
+        raise BadRequest("'path' must be a non-empty string, and not given with 'version'")
+    policy = header.get("policy") or "auto"
+    if policy not in SWAP_POLICIES:
+        raise BadRequest(f"'policy' must be one of {', '.join(SWAP_POLICIES)}")
+    force = header.get("force") or False
+    if type(force) is not bool:
+        raise BadRequest("'force' must be a boolean")
+    return SwapArgs(path, policy, force)
 
 
 def _generation(header: Mapping[str, Any]) -> Generation:

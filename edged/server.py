@@ -1,4 +1,6 @@
-"""The inference endpoint: one ZeroMQ ROUTER socket bound on IPC (and TCP if configured).
+"""An endpoint: one ZeroMQ ROUTER socket bound on IPC (and TCP if configured), feeding a service.
+
+The daemon runs two: the inference socket (the data path) and the control socket.
 
 The socket is driven straight from the event loop's reader callback rather than through
 zmq.asyncio futures: each wake-up drains every ready message without blocking, admits them, then
@@ -15,14 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import zmq
 
 from edged import protocol
 from edged.config import ServerConfig
-from edged.protocol import Limits, RequestRejected
-from edged.service import InferenceService
+from edged.models.runner import ReplySink
+from edged.protocol import Limits, Request, RequestRejected
 from edged.zmqio import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -33,17 +35,25 @@ BURST = 256
 LINGER_MS = 500
 
 
+class Service(Protocol):
+    """What an endpoint hands decoded requests to."""
+
+    def handle(self, request: Request, send: ReplySink, peer: bytes) -> None: ...
+
+    def pump(self) -> None: ...
+
+
 def _readable(sock: zmq.Socket[Any]) -> bool:
     return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
 
 
-class InferenceEndpoint:
+class Endpoint:
     def __init__(
         self,
         context: zmq.Context[Any],
         endpoints: list[str],
         config: ServerConfig,
-        service: InferenceService,
+        service: Service,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.endpoints = endpoints

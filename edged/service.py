@@ -19,6 +19,7 @@ from edged.errors import (
     OpNotSupported,
     ShuttingDown,
     UnknownModel,
+    UnknownOp,
     UnknownRequest,
 )
 from edged.models.generation import GenerationRunner
@@ -51,7 +52,10 @@ class InferenceService:
 
     def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
         try:
-            self._ops[request.op](request, send, peer)
+            handler = self._ops.get(request.op)
+            if handler is None:
+                raise UnknownOp(f"op {request.op!r} is served on the control socket, not here")
+            handler(request, send, peer)
         except EdgedError as exc:
             send(protocol.encode_error(request.id, exc, request.trace))
         except Exception:  # a bug becomes INTERNAL; the traceback stays in the log

@@ -106,8 +106,9 @@ class ModelStore:
         ]
         return max(taken, default=0) + 1
 
-    def add(self, name: str, source: Path, fmt: str) -> Manifest:
-        """Install ``source`` as the next version of ``name``; returns its manifest."""
+    def add(self, name: str, source: Path, fmt: str, golden: Path | None = None) -> Manifest:
+        """Install ``source`` as the next version of ``name``, with the golden vectors a swap
+        checks it against when given (``edged.models.validation``); returns its manifest."""
         if fmt not in FORMATS:
             raise StoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
         staging_root = self.root / STAGING
@@ -116,6 +117,8 @@ class ModelStore:
         staging = Path(tempfile.mkdtemp(dir=staging_root))
         target = staging / source.name
         size, digest = _copy_hashing(source, target)
+        if golden is not None:
+            _copy_hashing(golden, target.with_suffix(".golden.npz"))
         version = self._next_version(name)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = Manifest(name, version, fmt, source.name, size, digest, created)

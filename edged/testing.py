@@ -52,12 +52,20 @@ class DaemonProcess:
         return f"ipc://{self.runtime_dir / 'infer.sock'}"
 
     @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir / 'control.sock'}"
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None, "daemon not started"
         return self.proc.pid
 
     def client(self, timeout: float = 10.0) -> Client:
         return Client(self.endpoint, timeout=timeout)
+
+    def control(self, timeout: float = 60.0) -> Client:
+        """A client of the control socket, for ``command`` (swap, rollback, models)."""
+        return Client(self.control_endpoint, timeout=timeout)
 
     def start(self, timeout: float = START_TIMEOUT_S) -> DaemonProcess:
         import tomli_w

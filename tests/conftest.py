@@ -42,8 +42,10 @@ def start_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonFac
     """Start daemons on short IPC paths; every one is stopped (then killed) at teardown."""
     started: list[DaemonProcess] = []
 
-    def start(config: dict[str, Any] | None = None, **kwargs: Any) -> DaemonProcess:
-        daemon = DaemonProcess(tmp_path_factory.mktemp("d"), config, **kwargs)
+    def start(
+        config: dict[str, Any] | None = None, workdir: Path | None = None, **kwargs: Any
+    ) -> DaemonProcess:
+        daemon = DaemonProcess(workdir or tmp_path_factory.mktemp("d"), config, **kwargs)
         started.append(daemon)
         return daemon.start()
 

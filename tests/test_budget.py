@@ -23,7 +23,10 @@ def test_charges_the_larger_of_estimate_and_measurement_and_learns() -> None:
     budget = MemoryBudget(capacity_bytes=100 * MIB, reserve_bytes=0)
     budget.charge("a", 1, estimate=40 * MIB, measured=20 * MIB)
     assert budget.used == 40 * MIB
-    assert budget.expected("a", 40 * MIB) == 20 * MIB  # the next load of "a" is expected smaller
+    assert budget.expected("a", 40 * MIB) == 40 * MIB  # a lower measurement lowers nothing
+    budget.charge("a", 2, estimate=10 * MIB, measured=15 * MIB)
+    assert budget.expected("a", 10 * MIB) == 15 * MIB  # a higher one is learned
+    budget.release("a", 2, returned=15 * MIB)
     assert budget.expected("b", 40 * MIB) == 40 * MIB
     assert budget.shortfall(50 * MIB) == 0
     assert budget.shortfall(70 * MIB) == 10 * MIB

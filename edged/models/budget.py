@@ -47,6 +47,7 @@ class MemoryBudget:
         self.reserve = reserve_bytes
         self._state_file = state_file
         self._charged: dict[tuple[str, int], int] = {}  # (model, version) -> bytes
+        self._measured_versions: dict[tuple[str, int], int] = {}
         self._estimated: dict[str, int] = {}
         self._measured: dict[str, int] = {}
         self._correction: dict[str, float] = _read_corrections(state_file)
@@ -72,17 +73,18 @@ class MemoryBudget:
         over_system = need + self.reserve - psutil.virtual_memory().available
         return max(0, over_budget, over_system)
 
-    def charge(
-        self, name: str, version: int, estimate: int, measured: int, *, learn_lower: bool = True
-    ) -> None:
-        """Charge a loaded model version. ``learn_lower=False`` keeps the next estimate from
-        shrinking below the file-based one: right after a load some backends have not yet
-        touched buffers they will use (llama.cpp's compute buffers fill only under long
-        prompts). Corrections are learned per model name: versions are alike in size."""
-        charged = self._charged[name, version] = max(estimate, measured)
+    def charge(self, name: str, version: int, estimate: int, measured: int) -> None:
+        """Charge a loaded model version the larger of what was expected and what its load
+        measured, and learn for the next load. Corrections only grow: a load's RSS delta runs
+        low when the allocator reuses pages an earlier unload freed, and some buffers fill only
+        later (llama.cpp's compute buffers, under long prompts). They are learned per model
+        name, as versions are alike in size."""
+        expected = self.expected(name, estimate)
+        charged = self._charged[name, version] = max(expected, measured)
+        self._measured_versions[name, version] = measured
         self._estimated[name], self._measured[name] = estimate, measured
         if estimate > 0 and measured > 0:
-            ratio = measured / estimate if learn_lower else max(1.0, measured / estimate)
+            ratio = max(1.0, measured / estimate, self._correction.get(name, 1.0))
             if self._correction.get(name) != ratio:
                 self._correction[name] = ratio
                 self._save_corrections()
@@ -96,15 +98,17 @@ class MemoryBudget:
         )
 
     def release(self, name: str, version: int, returned: int) -> None:
-        charged = self._charged.pop((name, version), 0)
+        self._charged.pop((name, version), None)
+        took = self._measured_versions.pop((name, version), 0)
         self._returned[name] = returned
-        if returned < charged // 2:
+        if returned < took // 2:
             log.warning(
-                "model %s version %d unloaded but only %.1f of %.1f MiB came back",
+                "model %s version %d unloaded but only %.1f of the %.1f MiB its load took "
+                "came back",
                 name,
                 version,
                 returned / MIB,
-                charged / MIB,
+                took / MIB,
             )
 
     def statistics(self) -> BudgetStatistics:

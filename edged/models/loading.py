@@ -38,8 +38,6 @@ class BackendKind:
     load: Callable[[ModelConfig], Any]
     #: what schedules requests on it
     runner: Callable[[str, int, Any, ModelConfig, asyncio.AbstractEventLoop], Runner]
-    #: whether a load that measured below the estimate may lower the next estimate
-    learn_lower: bool
 
 
 BACKENDS: dict[str, BackendKind] = {
@@ -47,14 +45,11 @@ BACKENDS: dict[str, BackendKind] = {
         estimate=lambda config: OnnxBackend.estimate(Path(config.path)),
         load=lambda config: OnnxBackend.load(Path(config.path), config.onnx),
         runner=ModelRunner,
-        learn_lower=True,
     ),
     "gguf": BackendKind(
         estimate=lambda config: GgufBackend.estimate(Path(config.path), config.gguf),
         load=lambda config: GgufBackend.load(Path(config.path), config.gguf),
         runner=GenerationRunner,
-        # llama.cpp's compute buffers and KV pages fill only under long prompts
-        learn_lower=False,
     ),
 }
 
@@ -92,7 +87,7 @@ class ModelLoader:
             backend = await in_fresh_thread(_open_backend, name, spec.config)
             kind = BACKENDS[spec.config.backend]
             measured = footprint() - before
-            budget.charge(name, spec.version, estimate, measured, learn_lower=kind.learn_lower)
+            budget.charge(name, spec.version, estimate, measured)
         runner = kind.runner(name, spec.version, backend, spec.config, asyncio.get_running_loop())
         runner.start()
         log.info("model %s version %d loaded", name, spec.version)

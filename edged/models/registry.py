@@ -18,7 +18,14 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from edged.config import ModelConfig
-from edged.errors import BudgetExceeded, BusyError, EdgedError, InternalError, UnknownModel
+from edged.errors import (
+    BudgetExceeded,
+    BusyError,
+    EdgedError,
+    InternalError,
+    RunFailed,
+    UnknownModel,
+)
 from edged.models.budget import MIB, MemoryBudget, footprint, give_back_freed_memory
 from edged.models.generation import GenerationRunner
 from edged.models.runner import ModelRunner
@@ -141,8 +148,9 @@ class ModelSlot:
         self.release(None)
 
     def release(self, error: EdgedError | None) -> None:
-        """Answer the parked requests: ``None`` sends them on to the active version."""
-        if error is not None and self.runner is None:
+        """Answer the parked requests: ``None`` sends them on to the active version (and, if
+        none is loaded, the first of them loads it)."""
+        if self.runner is None:
             self.state = ModelState.UNLOADED
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
@@ -242,6 +250,8 @@ class Registry:
     def close_runner(self, runner: Runner, reason: str) -> None:
         """Close, release its charge, and record what the system really got back."""
         log.info("unloading model %s version %d %s", runner.name, runner.version, reason)
+        # a request that reached it after it was last seen idle gets an answer, not silence
+        runner.abort(RunFailed(f"model {runner.name!r} version {runner.version} was unloaded"))
         before = footprint()
         runner.close()
         give_back_freed_memory()

@@ -1,0 +1,129 @@
+"""Operator commands on the control socket: ``swap``, ``rollback`` and ``models``.
+
+A swap takes as long as loading and validating a model, so each runs as a task on the event
+loop and its reply is sent when it is done; the data path keeps serving meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edged import protocol
+from edged.errors import BadRequest, EdgedError, ModelLoadError, UnknownOp
+from edged.models.loading import ModelLoader
+from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
+from edged.models.runner import ReplySink
+from edged.models.swap import Swapper
+from edged.protocol import Request
+
+log = logging.getLogger(__name__)
+
+
+class ControlService:
+    def __init__(self, registry: Registry, loader: ModelLoader, swapper: Swapper) -> None:
+        self.registry = registry
+        self.loader = loader
+        self.swapper = swapper
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._ops: dict[str, Callable[[Request, ReplySink], None]] = {
+            "ping": self._ping,
+            "swap": self._swap,
+            "rollback": self._rollback,
+            "models": self._models,
+        }
+
+    def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
+        try:
+            handler = self._ops.get(request.op)
+            if handler is None:
+                raise UnknownOp(
+                    f"op {request.op!r} is not a control command; the control socket serves "
+                    f"{', '.join(sorted(self._ops))}"
+                )
+            handler(request, send)
+        except EdgedError as exc:
+            send(protocol.encode_error(request.id, exc, request.trace))
+
+    def pump(self) -> None:
+        """Nothing is batched here."""
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    def _ping(self, request: Request, send: ReplySink) -> None:
+        send(protocol.encode_reply(request.id, {"server": "edged", "socket": "control"}))
+
+    def _swap(self, request: Request, send: ReplySink) -> None:
+        """Make another version of a model the active one: a stored ``version``, a new model
+        file at ``path``, or (neither) the newest stored version."""
+        slot = self.registry.slot(str(request.model))
+        args = request.swap
+        assert args is not None  # the protocol guarantees it for swap
+        target = self._target(slot, request.version, args.path)
+        if target.version == slot.version:
+            raise BadRequest(f"model {slot.name!r} already serves version {target.version}")
+        self._run(request, send, self.swapper.swap(slot, target, args.policy, args.force))
+
+    def _rollback(self, request: Request, send: ReplySink) -> None:
+        """Go back to the version that served before the last swap (no interface check: it
+        served before)."""
+        slot = self.registry.slot(str(request.model))
+        if slot.previous is None:
+            raise BadRequest(f"model {slot.name!r} has no previous version to roll back to")
+        self._run(request, send, self.swapper.swap(slot, slot.previous, force=True))
+
+    def _models(self, request: Request, send: ReplySink) -> None:
+        """Each model's active, loaded, previous and stored versions."""
+        models = {}
+        for slot in self.registry:
+            previous = slot.previous
+            models[slot.name] = {
+                "version": slot.version,
+                "state": slot.state.value,
+                "swapping": slot.swapping,
+                "loaded": slot.loaded_versions(),
+                "previous": None if previous is None else previous.version,
+                "stored": self.loader.store.versions(slot.name),
+                "path": slot.config.path,
+                "backend": slot.config.backend,
+            }
+        send(protocol.encode_reply(request.id, {"models": models}))
+
+    def _target(self, slot: ModelSlot, version: int | None, path: str | None) -> VersionSpec:
+        if path is not None:
+            file = Path(path).resolve()
+            if not file.is_file():
+                raise ModelLoadError(f"model {slot.name!r}: no file at {file}")
+            known = [slot.version, *slot.loaded_versions(), *self.loader.store.versions(slot.name)]
+            if slot.previous is not None:
+                known.append(slot.previous.version)
+            config = dataclasses.replace(slot.config, path=str(file))
+            return VersionSpec(max(known) + 1, config)
+        if version is None:
+            stored = self.loader.store.versions(slot.name)
+            if not stored:
+                raise BadRequest(
+                    f"model {slot.name!r} has no stored versions; name a 'version' or a 'path'"
+                )
+            version = stored[-1]
+        return self.loader.stored(slot.name, slot.config, version)
+
+    def _run(self, request: Request, send: ReplySink, swap: Any) -> None:
+        async def reply() -> None:
+            try:
+                report = await swap
+            except Exception as exc:  # the swap's error is the command's reply
+                error = as_edged_error(exc, "the swap failed unexpectedly; see the log")
+                send(protocol.encode_error(request.id, error, request.trace))
+            else:
+                send(protocol.encode_reply(request.id, report.fields()))
+
+        task = asyncio.get_running_loop().create_task(reply())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
