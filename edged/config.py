@@ -75,6 +75,8 @@ class GgufOptions:
 class ModelConfig:
     #: the model file; "" serves the newest version in the store, <state>/models/<name>/
     path: str = ""
+    #: with no path: the store version to serve at start; 0 means the newest
+    version: int = _at_least(0, 0)
     #: "auto" picks by the store manifest's format, else by the file name (.gguf or not)
     backend: str = _choice("auto", "auto", "onnx", "gguf")
     #: requests waiting for a run beyond this many get BUSY at once
@@ -94,13 +96,10 @@ class ModelConfig:
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     gguf: GgufOptions = field(default_factory=GgufOptions)
 
-    def backend_for(self, path: str, stored_format: str | None = None) -> str:
-        """The backend that serves ``path``: the configured one, else the stored format, else
-        the file name's suffix."""
+    def backend_for(self, path: str) -> str:
+        """The backend that serves the file at ``path``: the configured one, else by suffix."""
         if self.backend != "auto":
             return self.backend
-        if stored_format is not None:
-            return stored_format
         return "gguf" if path.lower().endswith(".gguf") else "onnx"
 
 

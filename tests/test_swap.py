@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,12 +11,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
 import onnxruntime as ort
+import pytest
+import zmq
 
+from edged.errors import BusyError, ModelLoadError, SwapRejected, UnknownModel, UnknownOp
 from edged.store import ModelStore
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory
+from tests.conftest import Connect, DaemonFactory
 from tests.models import build_wide_model
 
 CLIENTS = 3
@@ -119,3 +124,104 @@ def test_with_room_for_one_version_swaps_replace_and_still_fail_nothing(
         reports = swap_back_and_forth(daemon)
     assert {r["policy"] for r in reports} == {"replace"}
     assert_nothing_failed(tallies)
+
+
+def write_golden(path: Path, model: Path, width: int, *, wrong: bool = False) -> Path:
+    """Golden vectors for ``model``: its real outputs, or deliberately wrong ones."""
+    x = np.ones((2, width), np.float32)
+    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+    np.savez(path, **{"input.x": x, "output.y": y + 1.0 if wrong else y})
+    return path
+
+
+@pytest.fixture
+def swappable(start_daemon: DaemonFactory, tmp_path: Path) -> DaemonProcess:
+    """Model m: v1 and v2 compatible (v2 with passing golden vectors), v3 with another
+    signature, v4 failing its golden vectors, v5 not a model at all."""
+    good = wide_versions(tmp_path, 64)
+    other = build_wide_model(tmp_path / "other.onnx", 32, 5)
+    failing = build_wide_model(tmp_path / "failing.onnx", 64, 6)
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model" * 10)
+    golden = {
+        "wide1.onnx": write_golden(tmp_path / "g1.npz", good[1], 64),
+        "failing.onnx": write_golden(tmp_path / "g4.npz", failing, 64, wrong=True),
+    }
+    store_versions(tmp_path / "d", "m", [*good, other, failing, broken], **golden)
+    return start_daemon({"models": {"m": {"preload": True, "version": 1}}}, workdir=tmp_path / "d")
+
+
+def serving_version(daemon: DaemonProcess) -> int:
+    with daemon.client() as client:
+        return client.infer("m", {"x": np.ones((1, 64), np.float32)}).version
+
+
+def test_bad_versions_are_rejected_and_the_old_one_keeps_serving(swappable: DaemonProcess) -> None:
+    with swappable.control() as control:
+        assert control.command("swap", model="m", version=2)["version"] == 2  # golden vectors pass
+        cases = [
+            (3, "overlap", SwapRejected, "input x: float32[?, 64] became x: float32[?, 32]"),
+            (4, "overlap", SwapRejected, "fails its golden vectors: output 'y' differs by up to 1"),
+            (5, "overlap", ModelLoadError, "cannot load"),
+            (3, "replace", SwapRejected, "incompatible"),  # unloaded first, then loaded back
+            (5, "replace", ModelLoadError, "cannot load"),
+        ]
+        for version, policy, error, message in cases:
+            with pytest.raises(error, match=re.escape(message)):
+                control.command("swap", model="m", version=version, policy=policy)
+            assert serving_version(swappable) == 2
+        models = control.command("models")["models"]["m"]
+    assert (
+        models["version"] == 2 and models["loaded"] == [2] and models["stored"] == [1, 2, 3, 4, 5]
+    )
+    assert "loading version 2 back" in swappable.log()
+
+
+def test_rollback_pinning_and_one_swap_at_a_time(
+    swappable: DaemonProcess, connect: Connect
+) -> None:
+    with swappable.control() as control:
+        control.command("swap", model="m", version=2)
+        report = control.command("rollback", model="m")
+        assert (report["from_version"], report["version"]) == (2, 1)
+        assert serving_version(swappable) == 1
+        with pytest.raises(SwapRejected):  # force skips the interface check, not the warm-up
+            control.command("swap", model="m", version=4, force=True)
+        with swappable.client() as client, pytest.raises(UnknownModel, match="no version 2"):
+            client.infer("m", {"x": np.ones((1, 64), np.float32)}, version=2)
+    sock = connect(swappable.control_endpoint)
+    sock.setsockopt(zmq.RCVTIMEO, 30_000)
+    for request_id in (1, 2):  # the second arrives while the first is loading version 2
+        header = {"v": 1, "id": request_id, "op": "swap", "model": "m", "version": 2}
+        sock.send(msgpack.packb(header))
+    replies = {reply["id"]: reply for reply in (msgpack.unpackb(sock.recv()) for _ in range(2))}
+    assert replies[1]["ok"] and replies[1]["version"] == 2
+    assert replies[2]["error"]["code"] == BusyError.code
+    assert "already swapping" in replies[2]["error"]["message"]
+
+
+def test_control_and_inference_ops_stay_on_their_own_sockets(swappable: DaemonProcess) -> None:
+    with swappable.client() as client, pytest.raises(UnknownOp, match="control socket"):
+        client.command("swap", model="m", version=2)
+    with swappable.control() as control, pytest.raises(UnknownOp, match="not a control command"):
+        control.infer("m", {"x": np.ones((1, 64), np.float32)})
+
+
+def test_a_gguf_swap_lets_the_running_generation_finish_on_the_old_version(
+    start_daemon: DaemonFactory, gguf_models: dict[str, Path], models_dir: Path, tmp_path: Path
+) -> None:
+    versions = [gguf_models["q8"], gguf_models["q4"], models_dir / "demo.onnx"]
+    store_versions(tmp_path / "d", "llm", versions)
+    model = {"preload": True, "version": 2, "gguf": {"n_ctx": 512, "n_threads": 1}}
+    daemon = start_daemon({"models": {"llm": model}}, workdir=tmp_path / "d")
+    with daemon.client() as client, daemon.control() as control:
+        with pytest.raises(SwapRejected, match="serves infer where the active version serves"):
+            control.command("swap", model="llm", version=3)
+        stream = client.generate("llm", "the cat", max_tokens=300, temperature=0)
+        next(iter(stream))  # version 2 is generating
+        report = control.command("swap", model="llm", version=1)  # returns once 2 is done
+        done = stream.text()
+        after = client.generate("llm", "the cat", max_tokens=3).text()
+    assert report["policy"] == "overlap"
+    assert done.version == 2 and done.completion_tokens == 300 and done.finish_reason == "length"
+    assert after.version == 1

@@ -94,14 +94,17 @@ class ModelLoader:
         return runner
 
     def declared(self, name: str, config: ModelConfig) -> VersionSpec:
-        """A declaration's version (blocking): its own ``path`` as version 1, or the newest
-        store version. A missing file fails here rather than at some sensor's first request."""
+        """A declaration's version (blocking): its own ``path`` as version 1, else the store
+        version it names, else the newest one. A missing file fails here rather than at some
+        sensor's first request."""
         if config.path:
             if not Path(config.path).is_file():
                 raise ModelLoadError(f"model {name!r}: no file at {config.path}")
             return VersionSpec(
                 1, dataclasses.replace(config, backend=config.backend_for(config.path))
             )
+        if config.version:
+            return self.stored(name, config, config.version)
         manifest = self.store.latest(name)
         if manifest is None:
             raise ModelLoadError(
@@ -116,9 +119,8 @@ class ModelLoader:
             manifest = self.store.manifest(name, version)
         except StoreError as exc:
             raise ModelLoadError(f"model {name!r} has no usable version {version}: {exc}") from None
-        path = str(self.store.model_path(manifest))
-        backend = config.backend_for(path, manifest.format)
-        return VersionSpec(version, dataclasses.replace(config, path=path, backend=backend))
+        path = str(self.store.model_path(manifest))  # the store knows each version's format
+        return VersionSpec(version, dataclasses.replace(config, path=path, backend=manifest.format))
 
 
 def _estimate(name: str, config: ModelConfig) -> int:
