@@ -25,6 +25,8 @@ from edged.errors import ConfigError, EdgedError
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
 SWAP_TIMEOUT_S = 300.0
+#: reply keys every reply has
+HEADER = ("v", "id", "ok")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,6 +93,7 @@ def edgectl_main(argv: Sequence[str] | None = None) -> int:
     swap.add_argument("--force", action="store_true", help="skip the interface check")
     rollback = commands.add_parser("rollback", help="go back to the version before the last swap")
     rollback.add_argument("model")
+    commands.add_parser("reload", help="serve what the config file and the store say now")
     args = parser.parse_args(argv)
     try:
         reply = _edgectl(args)
@@ -114,8 +117,8 @@ def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
     # a swap takes as long as loading and checking a model
     timeout = max(args.timeout, SWAP_TIMEOUT_S)
     with Client(args.control or default_control_endpoint(), timeout=timeout) as client:
-        if args.command == "models":
-            return client.command("models")
+        if args.command in ("models", "reload"):
+            return client.command(args.command)
         if args.command == "rollback":
             return client.command("rollback", model=args.model)
         return client.command(
@@ -148,6 +151,8 @@ def _edgectl_text(command: str, reply: dict[str, Any]) -> str:
             f"previous {m['previous']}, stored {m['stored']}"
             for name, m in reply["models"].items()
         )
+    if command == "reload":
+        return "\n".join(f"{key}: {value}" for key, value in reply.items() if key not in HEADER)
     return (
         f"{reply['model']}: version {reply['from_version']} -> {reply['version']} "
         f"({reply['policy']}, {reply['seconds']:.2f} s)"

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import zmq
 
 from edged.config import Config, ModelConfig
+from edged.control.reload import Reloader
 from edged.control.service import ControlService
 from edged.demo import build_demo_model
 from edged.errors import ConfigError, ShuttingDown
@@ -55,15 +56,17 @@ def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
 
 
 @contextlib.contextmanager
-def stop_signals(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM and SIGINT become a graceful stop; handlers are removed on exit."""
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop)
+def signal_handlers(
+    loop: asyncio.AbstractEventLoop, stop: Callable[[], None], reload: Callable[[], None]
+) -> Iterator[None]:
+    """SIGTERM and SIGINT become a graceful stop, SIGHUP a reload; removed on exit."""
+    handlers = {signal.SIGTERM: stop, signal.SIGINT: stop, signal.SIGHUP: reload}
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
     try:
         yield
     finally:
-        for sig in signals:
+        for sig in handlers:
             loop.remove_signal_handler(sig)
 
 
@@ -91,7 +94,8 @@ class Daemon:
         self.registry = Registry(budget)
         self.loader = ModelLoader(self.registry, ModelStore(self.paths.models))
         swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
-        self.control = ControlService(self.registry, self.loader, swapper)
+        reloader = Reloader(config, self.registry, self.loader, swapper)
+        self.control = ControlService(self.registry, self.loader, swapper, reloader)
         self.service = InferenceService(self.registry)
         self._stop: asyncio.Event | None = None
 
@@ -127,7 +131,7 @@ class Daemon:
         self.paths.runtime.mkdir(parents=True, exist_ok=True)
         stack.enter_context(instance_lock(self.paths.lock_file, self.paths.infer_endpoint))
         # first in, last out: a SIGTERM during loading or teardown is still a graceful stop
-        stack.enter_context(stop_signals(loop, self.request_stop))
+        stack.enter_context(signal_handlers(loop, self.request_stop, self.control.reload_later))
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
         stack.callback(self.registry.close)

@@ -184,6 +184,7 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         ShuttingDown,
         InternalError,
         ModelLoadError,
+        ConfigError,
         ClientTimeout,
     )
 }

@@ -71,6 +71,7 @@ OP_KEYS: dict[str, frozenset[str]] = {
     # control socket only
     "swap": frozenset({"model", "version", "path", "policy", "force"}),
     "rollback": frozenset({"model"}),
+    "reload": frozenset(),
     "models": frozenset(),
 }
 SWAP_POLICIES = ("auto", "overlap", "replace")

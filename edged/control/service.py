@@ -1,7 +1,8 @@
-"""Operator commands on the control socket: ``swap``, ``rollback`` and ``models``.
+"""Operator commands on the control socket: ``swap``, ``rollback``, ``reload`` and ``models``.
 
 A swap takes as long as loading and validating a model, so each runs as a task on the event
-loop and its reply is sent when it is done; the data path keeps serving meanwhile.
+loop and its reply is sent when it is done; the data path keeps serving meanwhile. SIGHUP is
+one more client: it runs the same reload.
 """
 
 from __future__ import annotations
@@ -9,31 +10,36 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from edged import protocol
+from edged.control.reload import Reloader
 from edged.errors import BadRequest, EdgedError, ModelLoadError, UnknownOp
 from edged.models.loading import ModelLoader
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.runner import ReplySink
-from edged.models.swap import Swapper
+from edged.models.swap import Swapper, SwapReport
 from edged.protocol import Request
 
 log = logging.getLogger(__name__)
 
 
 class ControlService:
-    def __init__(self, registry: Registry, loader: ModelLoader, swapper: Swapper) -> None:
+    def __init__(
+        self, registry: Registry, loader: ModelLoader, swapper: Swapper, reloader: Reloader
+    ) -> None:
         self.registry = registry
         self.loader = loader
         self.swapper = swapper
+        self.reloader = reloader
         self._tasks: set[asyncio.Task[None]] = set()
         self._ops: dict[str, Callable[[Request, ReplySink], None]] = {
             "ping": self._ping,
             "swap": self._swap,
             "rollback": self._rollback,
+            "reload": self._reload,
             "models": self._models,
         }
 
@@ -68,7 +74,24 @@ class ControlService:
         target = self._target(slot, request.version, args.path)
         if target.version == slot.version:
             raise BadRequest(f"model {slot.name!r} already serves version {target.version}")
-        self._run(request, send, self.swapper.swap(slot, target, args.policy, args.force))
+        self._run(
+            request, send, self._report(self.swapper.swap(slot, target, args.policy, args.force))
+        )
+
+    def reload_later(self) -> None:
+        """SIGHUP: reload in the background; the outcome goes to the log."""
+
+        async def reload() -> None:
+            try:
+                await self.reloader.reload()
+            except EdgedError as exc:
+                log.error("reload refused, nothing changed: %s", exc)
+
+        self._start(reload())
+
+    def _reload(self, request: Request, send: ReplySink) -> None:
+        """Re-read the config file and the store, and serve what they say now."""
+        self._run(request, send, self.reloader.reload())
 
     def _rollback(self, request: Request, send: ReplySink) -> None:
         """Go back to the version that served before the last swap (no interface check: it
@@ -76,7 +99,7 @@ class ControlService:
         slot = self.registry.slot(str(request.model))
         if slot.previous is None:
             raise BadRequest(f"model {slot.name!r} has no previous version to roll back to")
-        self._run(request, send, self.swapper.swap(slot, slot.previous, force=True))
+        self._run(request, send, self._report(self.swapper.swap(slot, slot.previous, force=True)))
 
     def _models(self, request: Request, send: ReplySink) -> None:
         """Each model's active, loaded, previous and stored versions."""
@@ -100,11 +123,8 @@ class ControlService:
             file = Path(path).resolve()
             if not file.is_file():
                 raise ModelLoadError(f"model {slot.name!r}: no file at {file}")
-            known = [slot.version, *slot.loaded_versions(), *self.loader.store.versions(slot.name)]
-            if slot.previous is not None:
-                known.append(slot.previous.version)
             config = dataclasses.replace(slot.config, path=str(file))
-            return VersionSpec(max(known) + 1, config)
+            return VersionSpec(self.loader.next_version(slot), config)
         if version is None:
             stored = self.loader.store.versions(slot.name)
             if not stored:
@@ -114,16 +134,25 @@ class ControlService:
             version = stored[-1]
         return self.loader.stored(slot.name, slot.config, version)
 
-    def _run(self, request: Request, send: ReplySink, swap: Any) -> None:
+    @staticmethod
+    async def _report(swap: Awaitable[SwapReport]) -> dict[str, Any]:
+        return (await swap).fields()
+
+    def _run(self, request: Request, send: ReplySink, work: Awaitable[dict[str, Any]]) -> None:
+        """Reply with ``work``'s result, or its error, once it is done."""
+
         async def reply() -> None:
             try:
-                report = await swap
-            except Exception as exc:  # the swap's error is the command's reply
-                error = as_edged_error(exc, "the swap failed unexpectedly; see the log")
+                fields = await work
+            except Exception as exc:  # the command's error is its reply
+                error = as_edged_error(exc, f"{request.op} failed unexpectedly; see the log")
                 send(protocol.encode_error(request.id, error, request.trace))
             else:
-                send(protocol.encode_reply(request.id, report.fields()))
+                send(protocol.encode_reply(request.id, fields))
 
-        task = asyncio.get_running_loop().create_task(reply())
+        self._start(reply())
+
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -22,7 +22,7 @@ from edged.models.budget import footprint
 from edged.models.generation import GenerationRunner
 from edged.models.gguf import GgufBackend
 from edged.models.onnx import OnnxBackend
-from edged.models.registry import Registry, Runner, VersionSpec
+from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec
 from edged.models.runner import ModelRunner
 from edged.store import ModelStore
 
@@ -112,6 +112,13 @@ class ModelLoader:
                 f"{self.store.root / name}"
             )
         return self.stored(name, config, manifest.version)
+
+    def next_version(self, slot: ModelSlot) -> int:
+        """A version number for a new model file: past every version known for the model."""
+        known = [slot.version, *slot.loaded_versions(), *self.store.versions(slot.name)]
+        if slot.previous is not None:
+            known.append(slot.previous.version)
+        return max(known) + 1
 
     def stored(self, name: str, config: ModelConfig, version: int) -> VersionSpec:
         """Store version ``version`` of ``name``, served with the model's declared options."""

@@ -220,6 +220,10 @@ class Registry:
     def add(self, slot: ModelSlot) -> None:
         self._slots[slot.name] = slot
 
+    def remove(self, name: str) -> ModelSlot:
+        """Stop routing to a model; its requests in flight are the caller's to finish."""
+        return self._slots.pop(name)
+
     def slot(self, name: str) -> ModelSlot:
         slot = self._slots.get(name)
         if slot is None:

@@ -108,7 +108,7 @@ class Swapper:
         slot.retiring.append(old)
         slot.activate(new, target)  # from here on, requests go to the new version
         try:
-            await self._finish(old)
+            await self.finish(old)
         finally:
             slot.retiring.remove(old)
             self.registry.close_runner(old, f"after the swap to version {target.version}")
@@ -121,7 +121,7 @@ class Swapper:
         slot.hold()
         if old is not None:
             slot.detach()  # new requests wait in the slot from here on
-            await self._finish(old)
+            await self.finish(old)
             self.registry.close_runner(old, f"to make room for version {target.version}")
         try:
             new = await self.loader.load(slot.name, target)
@@ -162,7 +162,7 @@ class Swapper:
             check_compatible(name, old, interface_of(new))
         await in_fresh_thread(rehearse, name, new)
 
-    async def _finish(self, old: Runner) -> None:
+    async def finish(self, old: Runner) -> None:
         """Let the old version answer what it has; past the grace period, fail the rest."""
         try:
             await asyncio.wait_for(old.drained(), self.grace_s)
