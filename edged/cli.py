@@ -94,6 +94,22 @@ def edgectl_main(argv: Sequence[str] | None = None) -> int:
     rollback = commands.add_parser("rollback", help="go back to the version before the last swap")
     rollback.add_argument("model")
     commands.add_parser("reload", help="serve what the config file and the store say now")
+    for mode, text in (
+        ("canary", "serve a share of the model's requests with another version"),
+        ("shadow", "run the model's requests on another version too and compare the outputs"),
+    ):
+        trial = commands.add_parser(mode, help=text)
+        trial.add_argument("model")
+        trial.add_argument("version", type=int, nargs="?", help="a stored version")
+        trial.add_argument("--path", help="a new model file instead of a stored version")
+        trial.add_argument("--force", action="store_true", help="skip the interface check")
+        if mode == "canary":
+            trial.add_argument("--fraction", type=float, default=0.1, help="share of requests")
+    for verb, text in (
+        ("promote", "make the candidate version the active one"),
+        ("discard", "end the candidate's trial and unload it"),
+    ):
+        commands.add_parser(verb, help=text).add_argument("model")
     args = parser.parse_args(argv)
     try:
         reply = _edgectl(args)
@@ -119,14 +135,16 @@ def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
     with Client(args.control or default_control_endpoint(), timeout=timeout) as client:
         if args.command in ("models", "reload"):
             return client.command(args.command)
-        if args.command == "rollback":
-            return client.command("rollback", model=args.model)
+        if args.command in ("rollback", "promote", "discard"):
+            return client.command(args.command, model=args.model)
+        options = vars(args)
         return client.command(
-            "swap",
+            args.command,
             model=args.model,
             version=args.version,
             path=args.path,
-            policy=args.policy,
+            policy=options.get("policy"),
+            fraction=options.get("fraction"),
             force=args.force or None,
         )
 
@@ -151,7 +169,7 @@ def _edgectl_text(command: str, reply: dict[str, Any]) -> str:
             f"previous {m['previous']}, stored {m['stored']}"
             for name, m in reply["models"].items()
         )
-    if command == "reload":
+    if command in ("reload", "canary", "shadow", "discard"):
         return "\n".join(f"{key}: {value}" for key, value in reply.items() if key not in HEADER)
     return (
         f"{reply['model']}: version {reply['from_version']} -> {reply['version']} "

@@ -71,13 +71,22 @@ OP_KEYS: dict[str, frozenset[str]] = {
     # control socket only
     "swap": frozenset({"model", "version", "path", "policy", "force"}),
     "rollback": frozenset({"model"}),
+    "canary": frozenset({"model", "version", "path", "fraction", "force"}),
+    "shadow": frozenset({"model", "version", "path", "force"}),
+    "promote": frozenset({"model"}),
+    "discard": frozenset({"model"}),
     "reload": frozenset(),
     "models": frozenset(),
 }
 SWAP_POLICIES = ("auto", "overlap", "replace")
 ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
-MODEL_OPS = frozenset({"describe", "infer", "generate", "embed", "swap", "rollback"})
+MODEL_OPS = frozenset(
+    {"describe", "infer", "generate", "embed", "swap", "rollback", "canary", "shadow"}
+    | {"promote", "discard"}
+)
+#: control ops that name a version to load: a stored ``version`` or a new file at ``path``
+VERSION_OPS = frozenset({"swap", "canary", "shadow"})
 MAX_ID = 2**64 - 1
 MAX_TRACE_LEN = 128
 MAX_NAME_LEN = 256
@@ -117,6 +126,8 @@ class SwapArgs:
     path: str | None = None
     policy: str = "auto"
     force: bool = False
+    #: ``canary``: the share of requests the candidate serves
+    fraction: float = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +145,7 @@ class Request:
     texts: tuple[str, ...] = ()
     #: ``cancel`` only: the id of the request to cancel (sent earlier on the same connection)
     target: int | None = None
-    #: ``swap`` only: ``path`` (a new model file), ``policy`` and ``force``
+    #: ``swap``, ``canary``, ``shadow``: ``path`` (a new model file), ``policy``, ``force``...
     swap: SwapArgs | None = None
 
 
@@ -245,7 +256,7 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
         generation=_generation(header) if op == "generate" else None,
         texts=_texts(header.get("input")) if op == "embed" else (),
         target=target,
-        swap=_swap_args(header) if op == "swap" else None,
+        swap=_swap_args(header) if op in VERSION_OPS else None,
     )
 
 
@@ -259,7 +270,10 @@ def _swap_args(header: Mapping[str, Any]) -> SwapArgs:
     force = header.get("force") or False
     if type(force) is not bool:
         raise BadRequest("'force' must be a boolean")
-    return SwapArgs(path, policy, force)
+    fraction = header.get("fraction", 0.1)
+    if not (_is_number(fraction) and 0 < fraction <= 1):
+        raise BadRequest("'fraction' must be a number above 0 and at most 1")
+    return SwapArgs(path, policy, force, float(fraction))
 
 
 def _generation(header: Mapping[str, Any]) -> Generation:

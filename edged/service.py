@@ -22,6 +22,7 @@ from edged.errors import (
     UnknownOp,
     UnknownRequest,
 )
+from edged.models.candidate import Candidate
 from edged.models.generation import GenerationRunner
 from edged.models.registry import Registry, Runner
 from edged.models.runner import Job, ModelRunner, ReplySink
@@ -132,8 +133,11 @@ class InferenceService:
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
         job = Job(request.id, request.trace, request.inputs, send, now, deadline_ns)
+        shadow = self._shadow(request, runner, job)
         runner.submit(job)
         self._pending.add(runner)
+        if shadow is not None:
+            self._submit_shadow(shadow, job)
 
     def _generate(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """``generate`` and ``embed``: queued on the model's one context, streamed back."""
@@ -171,12 +175,34 @@ class InferenceService:
         if not self.accepting:
             raise ShuttingDown("the daemon is shutting down; retry against its successor")
 
+    def _shadow(self, request: Request, runner: ModelRunner, job: Job) -> Candidate | None:
+        """The model's shadow candidate when ``job`` runs on its active version."""
+        candidate = self.registry.slot(runner.name).candidate
+        if candidate is None or candidate.mode != "shadow" or request.version is not None:
+            return None
+        return candidate if candidate.runner is not runner else None
+
+    def _submit_shadow(self, candidate: Candidate, job: Job) -> None:
+        shadow = candidate.runner
+        assert isinstance(shadow, ModelRunner)  # shadows are tensor models
+        try:
+            shadow.submit(candidate.shadow_job(job))
+        except EdgedError:  # a busy candidate skips the comparison, never delays the request
+            candidate.shadow.skipped += 1
+            job.observe = None
+            return
+        self._pending.add(shadow)
+
     def _loaded(self, request: Request, send: ReplySink, peer: bytes) -> Runner | None:
-        """The model's runner, or ``None`` after parking the request until the model loads."""
+        """The model's runner (or its canary's), or ``None`` after parking the request until
+        the model loads."""
         slot = self.registry.slot(str(request.model))
         runner = slot.runner_for(request.version)
         if runner is not None:
             slot.last_used_ns = time.monotonic_ns()
+            candidate = slot.candidate
+            if candidate is not None and request.version is None and candidate.takes_request():
+                return candidate.runner
             return runner
         if request.version is not None and request.version != slot.version:
             loaded = ", ".join(map(str, slot.loaded_versions())) or "none"

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from edged.demo import build_demo_model, build_image_model
+from edged.store import ModelStore
 from edged.testing import DaemonProcess
 from tests.models import build_slow_model
 
@@ -106,3 +107,12 @@ def llm_config(path: Path, **overrides: Any) -> dict[str, Any]:
     """A GGUF model entry: loaded at start, a small context, one compute thread."""
     gguf = {"n_ctx": 512, "n_threads": 1, **overrides.pop("gguf", {})}
     return {"path": str(path), "preload": True, "gguf": gguf, **overrides}
+
+
+def store_versions(daemon_dir: Path, name: str, files: list[Path], **golden: Path) -> ModelStore:
+    """Store ``files`` as versions 1, 2, ... of ``name`` in a daemon directory's state, each
+    with its golden vectors (by file name) when given; before the daemon starts."""
+    store = ModelStore(daemon_dir / "state" / "models")
+    for file in files:
+        store.add(name, file, "gguf" if file.suffix == ".gguf" else "onnx", golden.get(file.name))
+    return store

@@ -18,20 +18,12 @@ import pytest
 import zmq
 
 from edged.errors import BusyError, ModelLoadError, SwapRejected, UnknownModel, UnknownOp
-from edged.store import ModelStore
 from edged.testing import DaemonProcess
-from tests.conftest import Connect, DaemonFactory
+from tests.conftest import Connect, DaemonFactory, store_versions
 from tests.models import build_wide_model
 
 CLIENTS = 3
 SWAPS = 20
-
-
-def store_versions(daemon_dir: Path, name: str, files: list[Path], **golden: Path) -> ModelStore:
-    store = ModelStore(daemon_dir / "state" / "models")
-    for file in files:
-        store.add(name, file, "gguf" if file.suffix == ".gguf" else "onnx", golden.get(file.name))
-    return store
 
 
 def wide_versions(root: Path, width: int) -> list[Path]:

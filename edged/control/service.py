@@ -39,6 +39,10 @@ class ControlService:
             "ping": self._ping,
             "swap": self._swap,
             "rollback": self._rollback,
+            "canary": self._try_out,
+            "shadow": self._try_out,
+            "promote": self._promote,
+            "discard": self._discard,
             "reload": self._reload,
             "models": self._models,
         }
@@ -78,6 +82,28 @@ class ControlService:
             request, send, self._report(self.swapper.swap(slot, target, args.policy, args.force))
         )
 
+    def _try_out(self, request: Request, send: ReplySink) -> None:
+        """Load a version beside the active one: ``canary`` serves a ``fraction`` of requests
+        with it, ``shadow`` runs every request on it too and compares the outputs."""
+        slot = self.registry.slot(str(request.model))
+        args = request.swap
+        assert args is not None  # the protocol guarantees it for these ops
+        target = self._target(slot, request.version, args.path)
+        if target.version == slot.version:
+            raise BadRequest(f"model {slot.name!r} already serves version {target.version}")
+        trial = self.swapper.try_out(slot, target, request.op, args.fraction, args.force)
+        self._run(request, send, trial)
+
+    def _promote(self, request: Request, send: ReplySink) -> None:
+        """Make the candidate the active version (it is loaded: the flip is immediate)."""
+        slot = self.registry.slot(str(request.model))
+        self._run(request, send, self._report(self.swapper.promote(slot)))
+
+    def _discard(self, request: Request, send: ReplySink) -> None:
+        """End the candidate's trial and unload it."""
+        slot = self.registry.slot(str(request.model))
+        self._run(request, send, self.swapper.discard(slot))
+
     def reload_later(self) -> None:
         """SIGHUP: reload in the background; the outcome goes to the log."""
 
@@ -112,6 +138,7 @@ class ControlService:
                 "swapping": slot.swapping,
                 "loaded": slot.loaded_versions(),
                 "previous": None if previous is None else previous.version,
+                "candidate": None if slot.candidate is None else slot.candidate.fields(),
                 "stored": self.loader.store.versions(slot.name),
                 "path": slot.config.path,
                 "backend": slot.config.backend,

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from edged.config import ModelConfig
 from edged.errors import (
@@ -29,6 +30,9 @@ from edged.errors import (
 from edged.models.budget import MIB, MemoryBudget, footprint, give_back_freed_memory
 from edged.models.generation import GenerationRunner
 from edged.models.runner import ModelRunner
+
+if TYPE_CHECKING:
+    from edged.models.candidate import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +87,8 @@ class ModelSlot:
         self.retiring: list[Runner] = []
         #: what ``rollback`` goes back to
         self.previous: VersionSpec | None = None
+        #: a version on trial beside the active one (canary or shadow)
+        self.candidate: Candidate | None = None
         self.swapping = False
         self.last_used_ns = 0
         self._loader = loader
@@ -105,11 +111,13 @@ class ModelSlot:
         """The loaded runner serving ``version`` (the active one when ``None``)."""
         if version is None or version == self.spec.version:
             return self.runner
-        return next((r for r in self.retiring if r.version == version), None)
+        trial = [self.candidate.runner] if self.candidate is not None else []
+        return next((r for r in [*self.retiring, *trial] if r.version == version), None)
 
     def loaded_versions(self) -> list[int]:
         active = [self.runner.version] if self.runner is not None else []
-        return active + [runner.version for runner in self.retiring]
+        trial = [self.candidate.runner.version] if self.candidate is not None else []
+        return active + [runner.version for runner in self.retiring] + trial
 
     def when_ready(self, waiter: Waiter) -> None:
         """Call ``waiter`` once the active version is loaded (starting the load), or refuse at
@@ -238,6 +246,8 @@ class Registry:
             if slot.runner is not None:
                 found.append(slot.runner)
             found.extend(slot.retiring)
+            if slot.candidate is not None:
+                found.append(slot.candidate.runner)
         return found
 
     def unload_idle(self, now_ns: int) -> None:
@@ -299,9 +309,11 @@ class Registry:
 
     def close(self) -> None:
         for slot in self._slots.values():
-            for runner in slot.retiring:
+            trial = [slot.candidate.runner] if slot.candidate is not None else []
+            for runner in [*slot.retiring, *trial]:
                 self.close_runner(runner, "at stop")
             slot.retiring.clear()
+            slot.candidate = None
             self.unload(slot, "at stop")
 
     def __iter__(self) -> Iterator[ModelSlot]:

@@ -22,9 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from edged.errors import RunFailed, SwapInProgress
+from edged.errors import BadRequest, OpNotSupported, RunFailed, SwapInProgress
+from edged.models.candidate import Candidate
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec, as_edged_error
+from edged.models.runner import ModelRunner
 from edged.models.validation import Interface, check_compatible, interface_of, rehearse
 
 log = logging.getLogger(__name__)
@@ -61,9 +63,7 @@ class Swapper:
         self, slot: ModelSlot, target: VersionSpec, policy: str = "auto", force: bool = False
     ) -> SwapReport:
         """Make ``target`` the active version; ``force`` skips the interface check only."""
-        if slot.swapping:
-            raise SwapInProgress(f"model {slot.name!r} is already swapping; retry when it is done")
-        slot.swapping = True
+        self._begin(slot)
         started = time.monotonic()
         previous = slot.spec
         try:
@@ -89,6 +89,73 @@ class Swapper:
             report.seconds,
         )
         return report
+
+    async def try_out(
+        self, slot: ModelSlot, target: VersionSpec, mode: str, fraction: float, force: bool
+    ) -> dict[str, Any]:
+        """Load and validate ``target`` as the model's candidate (canary or shadow)."""
+        old = slot.runner
+        if old is None:
+            raise BadRequest(f"model {slot.name!r} is not loaded: nothing to compare with")
+        if mode == "shadow" and not isinstance(old, ModelRunner):
+            raise OpNotSupported("shadow compares tensor outputs: GGUF models take canaries")
+        self._begin(slot)
+        try:
+            if slot.candidate is not None:
+                raise BadRequest(
+                    f"model {slot.name!r} already has candidate version "
+                    f"{slot.candidate.spec.version}; promote or discard it first"
+                )
+            new = await self.loader.load(slot.name, target)
+            try:
+                await self._validate(slot.name, interface_of(old), new, force)
+            except BaseException:
+                self.registry.close_runner(new, "after failing validation")
+                raise
+            slot.candidate = Candidate(new, target, mode, fraction)
+        finally:
+            slot.swapping = False
+        log.info("model %s: version %d on trial (%s)", slot.name, target.version, mode)
+        return {"model": slot.name, "version": slot.version, "candidate": slot.candidate.fields()}
+
+    async def promote(self, slot: ModelSlot) -> SwapReport:
+        """The candidate becomes the active version at once; the old one retires."""
+        candidate = self._candidate(slot)
+        self._begin(slot)
+        started, previous = time.monotonic(), slot.spec
+        try:
+            old, slot.candidate = slot.runner, None
+            slot.activate(candidate.runner, candidate.spec)
+            if old is not None:
+                slot.retiring.append(old)
+                try:
+                    await self.finish(old)
+                finally:
+                    slot.retiring.remove(old)
+                    self.registry.close_runner(old, "after its candidate was promoted")
+        finally:
+            slot.swapping = False
+        slot.previous = previous
+        seconds = time.monotonic() - started
+        return SwapReport(slot.name, previous.version, candidate.spec.version, "promote", seconds)
+
+    async def discard(self, slot: ModelSlot) -> dict[str, Any]:
+        """Unload the candidate once it has answered what it had."""
+        candidate = self._candidate(slot)
+        slot.candidate = None
+        await self.finish(candidate.runner)
+        self.registry.close_runner(candidate.runner, "as its trial ended")
+        return {"model": slot.name, "version": slot.version, "discarded": candidate.fields()}
+
+    def _candidate(self, slot: ModelSlot) -> Candidate:
+        if slot.candidate is None:
+            raise BadRequest(f"model {slot.name!r} has no candidate version")
+        return slot.candidate
+
+    def _begin(self, slot: ModelSlot) -> None:
+        if slot.swapping:
+            raise SwapInProgress(f"model {slot.name!r} is already swapping; retry when it is done")
+        slot.swapping = True
 
     async def _choose(self, slot: ModelSlot, target: VersionSpec, policy: str) -> str:
         if policy != "auto":
