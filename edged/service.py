@@ -52,17 +52,7 @@ class InferenceService:
         }
 
     def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
-        try:
-            handler = self._ops.get(request.op)
-            if handler is None:
-                raise UnknownOp(f"op {request.op!r} is served on the control socket, not here")
-            handler(request, send, peer)
-        except EdgedError as exc:
-            send(protocol.encode_error(request.id, exc, request.trace))
-        except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
-            log.exception("request %s (op %s) failed", request.id, request.op)
-            error = InternalError("internal error; the daemon log has the details")
-            send(protocol.encode_error(request.id, error, request.trace))
+        dispatch(self._ops, request, send, peer, "is served on the control socket, not here")
 
     def pump(self) -> None:
         """Start runs for what was admitted since the last pump (batches form in between)."""
@@ -227,6 +217,24 @@ class InferenceService:
         if request.op in CANCELLABLE_OPS:
             self._parked[parked] = False
         return None
+
+
+def dispatch(
+    ops: dict[str, Handler], request: Request, send: ReplySink, peer: bytes, elsewhere: str
+) -> None:
+    """Run the op's handler; the one place where errors become replies (tracebacks stay in
+    the log). ``elsewhere`` completes the message for an op this socket does not serve."""
+    try:
+        handler = ops.get(request.op)
+        if handler is None:
+            raise UnknownOp(f"op {request.op!r} {elsewhere}")
+        handler(request, send, peer)
+    except EdgedError as exc:
+        send(protocol.encode_error(request.id, exc, request.trace))
+    except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
+        log.exception("request %s (op %s) failed", request.id, request.op)
+        error = InternalError("internal error; the daemon log has the details")
+        send(protocol.encode_error(request.id, error, request.trace))
 
 
 def _with_trace(fields: dict[str, Any], request: Request) -> dict[str, Any]:

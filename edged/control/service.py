@@ -10,18 +10,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from edged import protocol
 from edged.control.reload import Reloader
-from edged.errors import BadRequest, EdgedError, ModelLoadError, UnknownOp
+from edged.errors import BadRequest, EdgedError, ModelLoadError
 from edged.models.loading import ModelLoader
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.runner import ReplySink
 from edged.models.swap import Swapper, SwapReport
 from edged.protocol import Request
+from edged.service import Handler, dispatch
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ class ControlService:
         self.swapper = swapper
         self.reloader = reloader
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ops: dict[str, Callable[[Request, ReplySink], None]] = {
+        self._ops: dict[str, Handler] = {
             "ping": self._ping,
             "swap": self._swap,
             "rollback": self._rollback,
@@ -48,16 +49,8 @@ class ControlService:
         }
 
     def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
-        try:
-            handler = self._ops.get(request.op)
-            if handler is None:
-                raise UnknownOp(
-                    f"op {request.op!r} is not a control command; the control socket serves "
-                    f"{', '.join(sorted(self._ops))}"
-                )
-            handler(request, send)
-        except EdgedError as exc:
-            send(protocol.encode_error(request.id, exc, request.trace))
+        served = ", ".join(sorted(self._ops))
+        dispatch(self._ops, request, send, peer, f"is not a control command; served: {served}")
 
     def pump(self) -> None:
         """Nothing is batched here."""
@@ -66,10 +59,10 @@ class ControlService:
         for task in self._tasks:
             task.cancel()
 
-    def _ping(self, request: Request, send: ReplySink) -> None:
+    def _ping(self, request: Request, send: ReplySink, peer: bytes) -> None:
         send(protocol.encode_reply(request.id, {"server": "edged", "socket": "control"}))
 
-    def _swap(self, request: Request, send: ReplySink) -> None:
+    def _swap(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Make another version of a model the active one: a stored ``version``, a new model
         file at ``path``, or (neither) the newest stored version."""
         slot = self.registry.slot(str(request.model))
@@ -82,7 +75,7 @@ class ControlService:
             request, send, self._report(self.swapper.swap(slot, target, args.policy, args.force))
         )
 
-    def _try_out(self, request: Request, send: ReplySink) -> None:
+    def _try_out(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Load a version beside the active one: ``canary`` serves a ``fraction`` of requests
         with it, ``shadow`` runs every request on it too and compares the outputs."""
         slot = self.registry.slot(str(request.model))
@@ -94,12 +87,12 @@ class ControlService:
         trial = self.swapper.try_out(slot, target, request.op, args.fraction, args.force)
         self._run(request, send, trial)
 
-    def _promote(self, request: Request, send: ReplySink) -> None:
+    def _promote(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Make the candidate the active version (it is loaded: the flip is immediate)."""
         slot = self.registry.slot(str(request.model))
         self._run(request, send, self._report(self.swapper.promote(slot)))
 
-    def _discard(self, request: Request, send: ReplySink) -> None:
+    def _discard(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """End the candidate's trial and unload it."""
         slot = self.registry.slot(str(request.model))
         self._run(request, send, self.swapper.discard(slot))
@@ -115,11 +108,11 @@ class ControlService:
 
         self._start(reload())
 
-    def _reload(self, request: Request, send: ReplySink) -> None:
+    def _reload(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Re-read the config file and the store, and serve what they say now."""
         self._run(request, send, self.reloader.reload())
 
-    def _rollback(self, request: Request, send: ReplySink) -> None:
+    def _rollback(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Go back to the version that served before the last swap (no interface check: it
         served before)."""
         slot = self.registry.slot(str(request.model))
@@ -127,7 +120,7 @@ class ControlService:
             raise BadRequest(f"model {slot.name!r} has no previous version to roll back to")
         self._run(request, send, self._report(self.swapper.swap(slot, slot.previous, force=True)))
 
-    def _models(self, request: Request, send: ReplySink) -> None:
+    def _models(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Each model's active, loaded, previous and stored versions."""
         models = {}
         for slot in self.registry:
