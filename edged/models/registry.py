@@ -166,11 +166,12 @@ class ModelSlot:
 
     @property
     def evictable(self) -> bool:
-        """Loaded, not pinned, not swapping, and nothing queued or running on it."""
+        """Loaded, not pinned, not swapping or on trial, and nothing queued or running."""
         return (
             self.runner is not None
             and not self.config.pinned
             and not self.swapping
+            and self.candidate is None
             and not self.runner.busy
         )
 

@@ -63,6 +63,8 @@ class Swapper:
         self, slot: ModelSlot, target: VersionSpec, policy: str = "auto", force: bool = False
     ) -> SwapReport:
         """Make ``target`` the active version; ``force`` skips the interface check only."""
+        if slot.candidate is not None and slot.candidate.spec.version == target.version:
+            raise BadRequest(f"version {target.version} is on trial: promote it instead")
         self._begin(slot)
         started = time.monotonic()
         previous = slot.spec
