@@ -48,6 +48,9 @@ class Settings:
     rounds: int = 10
     #: fewer, longer slices under load: 16 processes take a while to all get going
     load_rounds: int = 3
+    #: the swap benchmark's window per side (steady, swapping), also cut into slices
+    swap_s: float = 8.0
+    swap_rounds: int = 8
     #: how long the daemon sits idle before its RSS is read
     idle_s: float = 1.0
     #: cold loads per model; each waits up to ~1.5 s for the daemon to unload for idleness
@@ -55,7 +58,15 @@ class Settings:
 
 
 FULL = Settings(warmup_s=0.3, window_s=2.0, min_samples=30, load_s=3.0)
-QUICK = Settings(warmup_s=0.1, window_s=0.4, min_samples=10, load_s=1.0, cold_loads=3)
+QUICK = Settings(
+    warmup_s=0.1,
+    window_s=0.4,
+    min_samples=10,
+    load_s=1.0,
+    swap_s=2.0,
+    swap_rounds=2,
+    cold_loads=3,
+)
 
 
 @dataclass(frozen=True)

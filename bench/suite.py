@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from bench import lifecycle, llm
+from bench import lifecycle, llm, swap
 from bench.echo import echo_caller
 from bench.harness import ROOT, Row, ServerProcess, Settings, medians_s, p50s_us
 from bench.httpjson import http_caller
@@ -30,6 +30,7 @@ from bench.workloads import (
     ort_caller,
 )
 from edged.client import Client
+from edged.demo import build_image_model
 from edged.testing import DaemonProcess
 
 MIB = 1024 * 1024
@@ -65,13 +66,13 @@ class Context:
     def model_path(self, workload: Workload) -> Path:
         return self.built(f"{workload.name}.onnx", workload.build)
 
+    def declaration(self, workload: Workload) -> dict[str, object]:
+        """The model as a user declares it; ``max_batch`` as ``edged serve`` gives its demo."""
+        return {"path": str(self.model_path(workload)), "max_batch": 8, "preload": True}
+
     def daemon_config(self, *workloads: Workload) -> dict[str, object]:
-        """Models as a user declares them; ``max_batch`` as ``edged serve`` gives its demo."""
-        models = {
-            w.model: {"path": str(self.model_path(w)), "max_batch": 8, "preload": True}
-            for w in workloads
-        }
-        return {"models": models}
+        """Each workload's model, declared as ``declaration`` has it."""
+        return {"models": {w.model: self.declaration(w) for w in workloads}}
 
     @functools.cached_property
     def edged(self) -> Target:
@@ -94,6 +95,22 @@ class Context:
         model = llm.open_llama(self.built(LARGE.filename, LARGE.build), GENERATION)
         with client, closing(model):
             yield client, model
+
+    @functools.cached_property
+    def swaps(self) -> swap.Windows:
+        """The image model's steady and swapping windows, shared by the swap benchmarks.
+
+        Its versions are the image model and the same graph built with other weights. The image
+        model rather than the demo one: its 600 KB input and its run are most of a request, as a
+        camera frame's would be, so a swap's load competes with real work; against the demo model's
+        ~100 us round trips the ratio would mostly measure the scheduler of a busy box.
+        """
+        versions = [
+            self.model_path(IMAGE),
+            self.built("image-seed1.onnx", functools.partial(build_image_model, seed=1)),
+        ]
+        workdir = self.workdir / "swap"
+        return swap.measure(workdir, IMAGE, self.declaration(IMAGE), versions, self.settings)
 
     @functools.cached_property
     def echo(self) -> Target:
@@ -228,6 +245,23 @@ def load_time(ctx: Context) -> list[Row]:
     ]
 
 
+def swap_p99(ctx: Context) -> list[Row]:
+    """p99 round trip while the model swaps back and forth (overlap) against the same clients'
+    steady p99, slices of each taking turns; target ratio <= 3."""
+    steady, swapping = ctx.swaps.steady, ctx.swaps.swapping
+    p99, baseline = swapping.p99_us(), steady.p99_us()
+    return [Row("swap_p99", "p99_rtt", "us", p99, "steady p99, same clients", baseline)]
+
+
+def swap_failed(ctx: Context) -> list[Row]:
+    """Requests failed while swapping (an error, a timeout, outputs not of the version the
+    reply names) against all requests sent meanwhile: the ratio is the failure fraction. The
+    steady window's failures are printed, with the number of swaps."""
+    swapping = ctx.swaps.swapping
+    failed, sent = float(swapping.failed), float(len(swapping.spans))
+    return [Row("swap_failed", "failed", "requests", failed, "requests during swaps", sent)]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "rtt_tiny": functools.partial(rtt, workload=TINY),
     "rtt_image": functools.partial(rtt, workload=IMAGE),
@@ -238,4 +272,6 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "gguf_ttft": gguf_ttft,
     "budget_accuracy": budget_accuracy,
     "load_time": load_time,
+    "swap_p99": swap_p99,
+    "swap_failed": swap_failed,
 }

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -165,9 +167,13 @@ def give_back_freed_memory() -> None:
     Without this a model's freed small allocations stay in the process's arenas, and RSS (and
     the system's available memory) would not show the unload at all. No-op off glibc.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None)
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """libc's malloc_trim, looked up once: find_library runs ``ldconfig -p`` (about 2 ms)."""
+    name = ctypes.util.find_library("c")
+    return None if name is None else getattr(ctypes.CDLL(name), "malloc_trim", None)
