@@ -25,6 +25,7 @@ from edged.errors import ConfigError, EdgedError
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
 SWAP_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 5.0
 #: reply keys every reply has
 HEADER = ("v", "id", "ok")
 
@@ -77,39 +78,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def edgectl_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edgectl", description="Operate a running edged")
-    _add_socket_options(parser)
-    parser.add_argument(
-        "--control", help="control endpoint (default: $EDGED_CONTROL or the local IPC)"
-    )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_edgectl_options(parser, DEFAULT_TIMEOUT_S)
+    # the same options after the command too (edgectl status --json); SUPPRESS keeps a value
+    # given before the command when it is not given again after it
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _add_edgectl_options(common, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("status", help="is the daemon up, and what does it serve")
-    commands.add_parser("models", help="each model's active, loaded, previous, stored versions")
-    swap = commands.add_parser("swap", help="serve another version of a model, validated first")
-    swap.add_argument("model")
-    swap.add_argument("version", type=int, nargs="?", help="a stored version (default: newest)")
-    swap.add_argument("--path", help="a new model file instead of a stored version")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, parents=[common])
+
+    command("status", "is the daemon up, and what does it serve")
+    command("models", "each model's active, loaded, previous, stored versions")
+    command("reload", "serve what the config file and the store say now")
+    swap = command("swap", "serve another version of a model, validated first")
     swap.add_argument("--policy", choices=("auto", "overlap", "replace"), default="auto")
-    swap.add_argument("--force", action="store_true", help="skip the interface check")
-    rollback = commands.add_parser("rollback", help="go back to the version before the last swap")
-    rollback.add_argument("model")
-    commands.add_parser("reload", help="serve what the config file and the store say now")
-    for mode, text in (
-        ("canary", "serve a share of the model's requests with another version"),
-        ("shadow", "run the model's requests on another version too and compare the outputs"),
-    ):
-        trial = commands.add_parser(mode, help=text)
-        trial.add_argument("model")
-        trial.add_argument("version", type=int, nargs="?", help="a stored version")
-        trial.add_argument("--path", help="a new model file instead of a stored version")
-        trial.add_argument("--force", action="store_true", help="skip the interface check")
-        if mode == "canary":
-            trial.add_argument("--fraction", type=float, default=0.1, help="share of requests")
+    trials = {
+        "canary": command("canary", "serve a share of the model's requests with another version"),
+        "shadow": command("shadow", "run requests on another version too and compare outputs"),
+    }
+    trials["canary"].add_argument("--fraction", type=float, default=0.1, help="share of requests")
+    for sub in (swap, *trials.values()):
+        sub.add_argument("model")
+        sub.add_argument("version", type=int, nargs="?", help="a stored version (default: newest)")
+        sub.add_argument("--path", help="a new model file instead of a stored version")
+        sub.add_argument("--force", action="store_true", help="skip the interface check")
     for verb, text in (
+        ("rollback", "go back to the version before the last swap"),
         ("promote", "make the candidate version the active one"),
         ("discard", "end the candidate's trial and unload it"),
     ):
-        commands.add_parser(verb, help=text).add_argument("model")
+        command(verb, text).add_argument("model")
     args = parser.parse_args(argv)
     try:
         reply = _edgectl(args)
@@ -123,6 +122,14 @@ def edgectl_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _add_edgectl_options(parser: argparse.ArgumentParser, timeout: Any) -> None:
+    _add_socket_options(parser, timeout)
+    parser.add_argument(
+        "--control", help="control endpoint (default: $EDGED_CONTROL or the local IPC)"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
 def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
     from edged.client import Client
     from edged.paths import default_control_endpoint
@@ -130,22 +137,26 @@ def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
     if args.command == "status":
         with Client(args.socket, timeout=args.timeout) as client:
             return client.ping()
-    # a swap takes as long as loading and checking a model
-    timeout = max(args.timeout, SWAP_TIMEOUT_S)
-    with Client(args.control or default_control_endpoint(), timeout=timeout) as client:
-        if args.command in ("models", "reload"):
-            return client.command(args.command)
+    with Client(args.control or default_control_endpoint(), timeout=args.timeout) as client:
+        client.command("ping")  # a daemon that is down is reported within --timeout
+        if args.command == "models":
+            return client.command("models")
+        # a swap (or a reload that swaps) takes as long as loading and checking a model
+        timeout = max(args.timeout, SWAP_TIMEOUT_S)
+        if args.command == "reload":
+            return client.command("reload", timeout=timeout)
         if args.command in ("rollback", "promote", "discard"):
-            return client.command(args.command, model=args.model)
+            return client.command(args.command, model=args.model, timeout=timeout)
         options = vars(args)
         return client.command(
             args.command,
             model=args.model,
             version=args.version,
-            path=args.path,
+            path=str(Path(args.path).resolve()) if args.path else None,  # the daemon's cwd differs
             policy=options.get("policy"),
             fraction=options.get("fraction"),
             force=args.force or None,
+            timeout=timeout,
         )
 
 
@@ -177,11 +188,13 @@ def _edgectl_text(command: str, reply: dict[str, Any]) -> str:
     )
 
 
-def _add_socket_options(parser: argparse.ArgumentParser) -> None:
+def _add_socket_options(parser: argparse.ArgumentParser, timeout: Any = DEFAULT_TIMEOUT_S) -> None:
     parser.add_argument(
         "--socket", help="daemon endpoint (default: $EDGED_SOCKET or the local IPC)"
     )
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a reply")
+    parser.add_argument(
+        "--timeout", type=float, default=timeout, help="seconds to wait for a reply"
+    )
 
 
 def _describe_error(exc: BaseException) -> str:

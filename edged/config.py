@@ -177,10 +177,15 @@ def load_config(path: Path | None) -> Config:
 
 def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     config: Config = _build(Config, data, source, "")
-    for name in config.models:
+    for name, model in config.models.items():
         if not MODEL_NAME.fullmatch(name):
             raise ConfigError(
                 f"{source}: model name {name!r} must be letters, digits, '.', '_' or '-'"
+            )
+        if model.path and model.version:
+            raise ConfigError(
+                f"{source}: 'models.{name}': a 'version' picks a stored version; a model with "
+                f"a 'path' has none"
             )
     models = {
         name: dataclasses.replace(model, path=str(base_dir / model.path) if model.path else "")

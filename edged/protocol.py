@@ -264,13 +264,16 @@ def _swap_args(header: Mapping[str, Any]) -> SwapArgs:
     path = _optional(header, "path", str)
     if path is not None and (not path or header.get("version") is not None):
         raise BadRequest("'path' must be a non-empty string, and not given with 'version'")
-    policy = header.get("policy") or "auto"
-    if policy not in SWAP_POLICIES:
+    policy = header.get("policy")
+    policy = "auto" if policy is None else policy
+    if type(policy) is not str or policy not in SWAP_POLICIES:
         raise BadRequest(f"'policy' must be one of {', '.join(SWAP_POLICIES)}")
-    force = header.get("force") or False
+    force = header.get("force")
+    force = False if force is None else force
     if type(force) is not bool:
         raise BadRequest("'force' must be a boolean")
-    fraction = header.get("fraction", 0.1)
+    fraction = header.get("fraction")
+    fraction = 0.1 if fraction is None else fraction
     if not (_is_number(fraction) and 0 < fraction <= 1):
         raise BadRequest("'fraction' must be a number above 0 and at most 1")
     return SwapArgs(path, policy, force, float(fraction))

@@ -71,7 +71,7 @@ class InferenceService:
             "loaded": [slot.name for slot in self.registry if slot.runner is not None],
             "memory": self._memory(),
         }
-        send(protocol.encode_reply(request.id, _with_trace(fields, request)))
+        send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
     def _memory(self) -> dict[str, Any]:
         stats = self.registry.budget.statistics()
@@ -107,7 +107,7 @@ class InferenceService:
                 "outputs": [spec.describe() for spec in signature.outputs],
             }
             fields["max_batch"] = runner.config.max_batch if runner.batching else 1
-        send(protocol.encode_reply(request.id, _with_trace(fields, request)))
+        send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
     def _infer(self, request: Request, send: ReplySink, peer: bytes) -> None:
         self._check_accepting()
@@ -155,7 +155,7 @@ class InferenceService:
                 f"no generate or embed request with id {target} is queued or running for "
                 f"this connection"
             )
-        send(protocol.encode_reply(request.id, _with_trace({"cancelled": target}, request)))
+        send(protocol.encode_reply(request.id, with_trace({"cancelled": target}, request)))
 
     def _cancel_admitted(self, peer: bytes, target: int) -> bool:
         runners = self.registry.runners()
@@ -191,7 +191,12 @@ class InferenceService:
         if runner is not None:
             slot.last_used_ns = time.monotonic_ns()
             candidate = slot.candidate
-            if candidate is not None and request.version is None and candidate.takes_request():
+            if (
+                candidate is not None
+                and request.version is None
+                and request.op != "describe"
+                and candidate.takes_request()
+            ):
                 return candidate.runner
             return runner
         if request.version is not None and request.version != slot.version:
@@ -237,7 +242,7 @@ def dispatch(
         send(protocol.encode_error(request.id, error, request.trace))
 
 
-def _with_trace(fields: dict[str, Any], request: Request) -> dict[str, Any]:
+def with_trace(fields: dict[str, Any], request: Request) -> dict[str, Any]:
     if request.trace is not None:
         fields["trace"] = request.trace
     return fields

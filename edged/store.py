@@ -2,17 +2,20 @@
 
 A version appears only complete: files are written and fsynced in a staging directory, then the
 directory is renamed into place, so a power cut leaves either nothing or the whole version (a
-staging leftover is never read as a version and is removed on the next add).
+staging leftover is never read as a version, and a later add removes it once it is an hour
+old).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -27,6 +30,7 @@ STAGING = ".staging"
 FORMATS = ("onnx", "gguf")
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
 _CHUNK = 1 << 20
+STALE_STAGING_S = 3600
 
 
 @dataclass(frozen=True)
@@ -112,25 +116,38 @@ class ModelStore:
         if fmt not in FORMATS:
             raise StoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
         staging_root = self.root / STAGING
-        shutil.rmtree(staging_root, ignore_errors=True)  # leftovers of an interrupted add
         staging_root.mkdir(parents=True, exist_ok=True)
+        _remove_stale(staging_root)
         staging = Path(tempfile.mkdtemp(dir=staging_root))
-        target = staging / source.name
-        size, digest = _copy_hashing(source, target)
-        if golden is not None:
-            _copy_hashing(golden, target.with_suffix(".golden.npz"))
-        version = self._next_version(name)
-        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        manifest = Manifest(name, version, fmt, source.name, size, digest, created)
-        _write_synced(staging / MANIFEST, json.dumps(asdict(manifest), indent=2).encode())
-        _fsync_dir(staging)
-        final = self.root / name / str(version)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(final)
+        try:
+            target = staging / source.name
+            size, digest = _copy_hashing(source, target)
+            if golden is not None:
+                _copy_hashing(golden, target.with_suffix(".golden.npz"))
+            version = self._next_version(name)
+            created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            manifest = Manifest(name, version, fmt, source.name, size, digest, created)
+            _write_synced(staging / MANIFEST, json.dumps(asdict(manifest), indent=2).encode())
+            _fsync_dir(staging)
+            final = self.root / name / str(version)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         _fsync_dir(final.parent)
-        shutil.rmtree(staging_root, ignore_errors=True)
         log.info("stored %s version %d (%d bytes, sha256 %s)", name, version, size, digest[:12])
         return manifest
+
+
+def _remove_stale(staging_root: Path) -> None:
+    """Staging left by adds that a power cut or a crash interrupted; a recent one may belong
+    to an add still running in another process."""
+    cutoff = time.time() - STALE_STAGING_S
+    for entry in staging_root.iterdir():
+        with contextlib.suppress(OSError):
+            if entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:

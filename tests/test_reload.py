@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -84,3 +87,29 @@ def test_reload_takes_new_store_versions_but_never_undoes_a_rollback(
         report = control.command("reload")
     assert report["swapped"]["m"]["version"] == 3
     wait_for_version(daemon, "m", 3)
+
+
+def test_a_failed_addition_is_retried_by_the_next_reload_and_edgectl_drives_it(
+    start_daemon: DaemonFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    demo = {"path": str(models_dir / "demo.onnx")}
+    daemon = start_daemon({"models": {"demo": demo}})
+    later = tmp_path / "later.onnx"
+    rewrite(daemon, {"demo": demo, "late": {"path": str(later)}})
+    with daemon.control() as control:
+        assert "no file at" in control.command("reload")["failed"]["late"]
+        build_wide_model(later, 64, 4)
+        assert control.command("reload")["added"] == ["late"]
+        rewrite(daemon, {})
+        with pytest.raises(ConfigError, match="declares no models"):
+            control.command("reload")
+    script = "from edged.cli import edgectl_main; raise SystemExit(edgectl_main())"
+    edgectl = [sys.executable, "-c", script]
+    done = subprocess.run(
+        [*edgectl, "--control", daemon.control_endpoint, "models", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert sorted(json.loads(done.stdout)["models"]) == ["demo", "late"]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from edged.errors import StoreError
-from edged.store import MANIFEST, STAGING, ModelStore
+from edged.store import MANIFEST, STAGING, STALE_STAGING_S, ModelStore
 from edged.testing import DaemonExited
 from tests.conftest import DaemonFactory
 
@@ -33,11 +35,15 @@ def test_add_numbers_versions_and_writes_a_manifest(tmp_path: Path, models_dir: 
 def test_incomplete_versions_are_never_served_nor_reused(tmp_path: Path, models_dir: Path) -> None:
     store = ModelStore(tmp_path)
     (tmp_path / "m" / "1").mkdir(parents=True)  # a version directory without its manifest
-    (tmp_path / STAGING / "leftover").mkdir(parents=True)  # an add cut off by a power loss
+    old = tmp_path / STAGING / "leftover"  # an add cut off by a power loss, hours ago
+    old.mkdir(parents=True)
+    os.utime(old, (time.time() - 2 * STALE_STAGING_S,) * 2)
+    recent = tmp_path / STAGING / "running"  # an add still running in another process
+    recent.mkdir()
     assert store.versions("m") == [] and store.latest("m") is None
     manifest = store.add("m", models_dir / "demo.onnx", "onnx")
     assert manifest.version == 2
-    assert not (tmp_path / STAGING).exists()
+    assert sorted(p.name for p in (tmp_path / STAGING).iterdir()) == ["running"]
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_err
 from edged.models.runner import ReplySink
 from edged.models.swap import Swapper, SwapReport
 from edged.protocol import Request
-from edged.service import Handler, dispatch
+from edged.service import Handler, dispatch, with_trace
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class ControlService:
             task.cancel()
 
     def _ping(self, request: Request, send: ReplySink, peer: bytes) -> None:
-        send(protocol.encode_reply(request.id, {"server": "edged", "socket": "control"}))
+        fields = {"server": "edged", "socket": "control"}
+        send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
     def _swap(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Make another version of a model the active one: a stored ``version``, a new model
@@ -136,7 +137,7 @@ class ControlService:
                 "path": slot.config.path,
                 "backend": slot.config.backend,
             }
-        send(protocol.encode_reply(request.id, {"models": models}))
+        send(protocol.encode_reply(request.id, with_trace({"models": models}, request)))
 
     def _target(self, slot: ModelSlot, version: int | None, path: str | None) -> VersionSpec:
         if path is not None:
@@ -168,7 +169,7 @@ class ControlService:
                 error = as_edged_error(exc, f"{request.op} failed unexpectedly; see the log")
                 send(protocol.encode_error(request.id, error, request.trace))
             else:
-                send(protocol.encode_reply(request.id, fields))
+                send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
         self._start(reply())
 

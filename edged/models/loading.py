@@ -127,7 +127,8 @@ class ModelLoader:
         except StoreError as exc:
             raise ModelLoadError(f"model {name!r} has no usable version {version}: {exc}") from None
         path = str(self.store.model_path(manifest))  # the store knows each version's format
-        return VersionSpec(version, dataclasses.replace(config, path=path, backend=manifest.format))
+        resolved = dataclasses.replace(config, path=path, backend=manifest.format, version=version)
+        return VersionSpec(version, resolved)
 
 
 def _estimate(name: str, config: ModelConfig) -> int:

@@ -78,7 +78,8 @@ class Swapper:
                 await self._replace(slot, old, target, force)
         finally:
             slot.swapping = False
-        slot.previous = previous
+        if target.version != previous.version:  # an in-place reload keeps the rollback target
+            slot.previous = previous
         report = SwapReport(
             slot.name, previous.version, target.version, chosen, time.monotonic() - started
         )
