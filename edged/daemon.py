@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import zmq
 
 from edged.config import Config, ModelConfig
+from edged.control.metrics import Metrics
 from edged.control.reload import Reloader
 from edged.control.service import ControlService
 from edged.demo import build_demo_model
@@ -95,8 +96,9 @@ class Daemon:
         self.loader = ModelLoader(self.registry, ModelStore(self.paths.models))
         swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
         reloader = Reloader(config, self.registry, self.loader, swapper)
-        self.control = ControlService(self.registry, self.loader, swapper, reloader)
         self.service = InferenceService(self.registry)
+        self.metrics = Metrics(self.registry, self.service.errors)
+        self.control = ControlService(self.registry, self.loader, swapper, reloader, self.metrics)
         self._stop: asyncio.Event | None = None
 
     def run(self) -> None:

@@ -77,6 +77,7 @@ OP_KEYS: dict[str, frozenset[str]] = {
     "discard": frozenset({"model"}),
     "reload": frozenset(),
     "models": frozenset(),
+    "metrics": frozenset(),
 }
 SWAP_POLICIES = ("auto", "overlap", "replace")
 ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}

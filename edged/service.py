@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,8 @@ from edged.models.runner import Job, ModelRunner, ReplySink
 from edged.protocol import Request
 
 CANCELLABLE_OPS = frozenset({"generate", "embed"})
+#: error replies by (model, wire code)
+ErrorCounts = Counter[tuple[str, str]]
 #: an op's handler: the request, where its replies go, and the connection it came from
 Handler = Callable[[Request, ReplySink, bytes], None]
 
@@ -40,6 +43,8 @@ class InferenceService:
         self.registry = registry
         self.accepting = True
         self._pending: set[ModelRunner] = set()
+        #: error replies by (model, code), for the metrics
+        self.errors: ErrorCounts = Counter()
         #: generate/embed requests waiting for their model's load, by (peer, id): cancelled?
         self._parked: dict[tuple[bytes, int], bool] = {}
         self._ops: dict[str, Handler] = {
@@ -52,7 +57,8 @@ class InferenceService:
         }
 
     def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
-        dispatch(self._ops, request, send, peer, "is served on the control socket, not here")
+        elsewhere = "is served on the control socket, not here"
+        dispatch(self._ops, request, send, peer, elsewhere, errors=self.errors)
 
     def pump(self) -> None:
         """Start runs for what was admitted since the last pump (batches form in between)."""
@@ -211,6 +217,7 @@ class InferenceService:
         def resume(error: EdgedError | None) -> None:
             cancelled = self._parked.pop(parked, False)
             if error is not None:
+                self.errors[slot.name, error.code] += 1
                 send(protocol.encode_error(request.id, error, request.trace))
                 return
             self.handle(request, send, peer)
@@ -225,16 +232,25 @@ class InferenceService:
 
 
 def dispatch(
-    ops: dict[str, Handler], request: Request, send: ReplySink, peer: bytes, elsewhere: str
+    ops: dict[str, Handler],
+    request: Request,
+    send: ReplySink,
+    peer: bytes,
+    elsewhere: str,
+    *,
+    errors: ErrorCounts | None = None,
 ) -> None:
     """Run the op's handler; the one place where errors become replies (tracebacks stay in
-    the log). ``elsewhere`` completes the message for an op this socket does not serve."""
+    the log), counted per model in ``errors``. ``elsewhere`` completes the message for an op
+    this socket does not serve."""
     try:
         handler = ops.get(request.op)
         if handler is None:
             raise UnknownOp(f"op {request.op!r} {elsewhere}")
         handler(request, send, peer)
     except EdgedError as exc:
+        if errors is not None:
+            errors[request.model or "", exc.code] += 1
         send(protocol.encode_error(request.id, exc, request.trace))
     except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
         log.exception("request %s (op %s) failed", request.id, request.op)

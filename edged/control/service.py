@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from edged import protocol
+from edged.control.metrics import Metrics, loaded_runners, runner_errors
 from edged.control.reload import Reloader
 from edged.errors import BadRequest, EdgedError, ModelLoadError
 from edged.models.loading import ModelLoader
@@ -29,9 +31,15 @@ log = logging.getLogger(__name__)
 
 class ControlService:
     def __init__(
-        self, registry: Registry, loader: ModelLoader, swapper: Swapper, reloader: Reloader
+        self,
+        registry: Registry,
+        loader: ModelLoader,
+        swapper: Swapper,
+        reloader: Reloader,
+        metrics: Metrics,
     ) -> None:
         self.registry = registry
+        self.metrics = metrics
         self.loader = loader
         self.swapper = swapper
         self.reloader = reloader
@@ -46,6 +54,7 @@ class ControlService:
             "discard": self._discard,
             "reload": self._reload,
             "models": self._models,
+            "metrics": self._metrics,
         }
 
     def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
@@ -121,8 +130,29 @@ class ControlService:
             raise BadRequest(f"model {slot.name!r} has no previous version to roll back to")
         self._run(request, send, self._report(self.swapper.swap(slot, slot.previous, force=True)))
 
+    def _metrics(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Every metric in the Prometheus text format (``text``)."""
+        text = self.metrics.exposition().decode()
+        send(protocol.encode_reply(request.id, with_trace({"text": text}, request)))
+
     def _models(self, request: Request, send: ReplySink, peer: bytes) -> None:
-        """Each model's active, loaded, previous and stored versions."""
+        """Each model's versions (active, loaded, previous, stored), memory and traffic."""
+        memory = self.registry.budget.statistics()
+        errors: dict[str, Counter[str]] = {}
+        for (model, code), count in self.metrics.errors.items():
+            errors.setdefault(model, Counter())[code] += count
+        traffic: dict[str, dict[str, Any]] = {}
+        for role, runner in loaded_runners(self.registry):
+            stats = runner.statistics()
+            model_errors = errors.setdefault(runner.name, Counter())
+            model_errors.update(runner_errors(runner))
+            traffic.setdefault(runner.name, {})[str(runner.version)] = {
+                "role": role,
+                "requests": stats.requests,
+                "queued": stats.queued,
+                "latency": runner.latency.percentiles(),
+                "mean_batch": _mean(runner.latency.batch.total, runner.latency.batch.count),
+            }
         models = {}
         for slot in self.registry:
             previous = slot.previous
@@ -136,6 +166,14 @@ class ControlService:
                 "stored": self.loader.store.versions(slot.name),
                 "path": slot.config.path,
                 "backend": slot.config.backend,
+                "memory": {
+                    "charged_bytes": memory.charged_bytes.get(slot.name),
+                    "estimated_bytes": memory.estimated_bytes.get(slot.name),
+                    "measured_bytes": memory.measured_bytes.get(slot.name),
+                    "returned_bytes": memory.returned_bytes.get(slot.name),
+                },
+                "versions": traffic.get(slot.name, {}),
+                "errors": {code: n for code, n in sorted(errors.get(slot.name, {}).items()) if n},
             }
         send(protocol.encode_reply(request.id, with_trace({"models": models}, request)))
 
@@ -177,3 +215,7 @@ class ControlService:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _mean(total: float, count: int) -> float | None:
+    return round(total / count, 2) if count else None

@@ -34,6 +34,7 @@ from edged.errors import (
     OpNotSupported,
     RunFailed,
 )
+from edged.models.latency import RequestLatency
 from edged.models.runner import ReplySink
 from edged.protocol import Generation, Request
 
@@ -153,6 +154,7 @@ class GenerationRunner:
         self._thread = threading.Thread(target=self._work, name=f"gen-{name}", daemon=True)
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._counters = _Counters()
+        self.latency = RequestLatency()
 
     def start(self) -> None:
         self._thread.start()
@@ -324,6 +326,11 @@ class GenerationRunner:
         job.replied = True
         now = time.monotonic_ns()
         started = job.started_ns or now  # a queued job cancelled before it could start
+        self.latency.observe(
+            (started - job.arrived_ns) / 1e9,
+            ((job.ended_ns or now) - started) / 1e9,
+            (now - job.arrived_ns) / 1e9,
+        )
         timing: dict[str, Any] = {
             "queue_us": (started - job.arrived_ns) // 1000,
             "run_us": ((job.ended_ns or now) - started) // 1000,

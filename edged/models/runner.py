@@ -25,6 +25,7 @@ from edged.config import ModelConfig
 from edged.errors import BusyError, DeadlineExceeded, EdgedError, RunFailed
 from edged.models import batching
 from edged.models.backend import Arrays, Backend
+from edged.models.latency import RequestLatency
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class ModelRunner:
         self._draining = False
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._counters = _Counters()
+        self.latency = RequestLatency()
 
     def start(self) -> None:
         self._thread.start()
@@ -294,6 +296,7 @@ class ModelRunner:
         c = self._counters
         c.runs += 1
         c.rows += sum(rows)
+        self.latency.batch.observe(len(run.jobs))
         parts: list[Outputs] = []
         if run.outputs is not None:
             try:
@@ -324,6 +327,9 @@ class ModelRunner:
             fields["trace"] = job.trace
         if job.observe is not None:
             job.observe(outputs)
+        queue_s = (run.started_ns - job.arrived_ns) / 1e9
+        run_s = (run.ended_ns - run.started_ns) / 1e9
+        self.latency.observe(queue_s, run_s, (time.monotonic_ns() - job.arrived_ns) / 1e9)
         try:
             frames = protocol.encode_reply(job.request_id, fields, outputs)
         except EdgedError as exc:
