@@ -14,13 +14,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from edged import __version__
 from edged.config import find_config_file, load_config
 from edged.errors import ConfigError, EdgedError
+
+if TYPE_CHECKING:
+    from edged.client import Client
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
@@ -89,6 +92,10 @@ def edgectl_main(argv: Sequence[str] | None = None) -> int:
         return commands.add_parser(name, help=text, parents=[common])
 
     command("status", "is the daemon up, and what does it serve")
+    keys = command("keys", "CurveZMQ key pairs for remote control")
+    keys.add_argument("action", choices=("gen",), help="gen: make a key pair")
+    keys.add_argument("name", help="file name stem: NAME.key (public) and NAME.key_secret")
+    keys.add_argument("--dir", default=".", help="where to write them (default: here)")
     command("models", "each model's active, loaded, previous, stored versions")
     command("reload", "serve what the config file and the store say now")
     swap = command("swap", "serve another version of a model, validated first")
@@ -127,17 +134,25 @@ def _add_edgectl_options(parser: argparse.ArgumentParser, timeout: Any) -> None:
     parser.add_argument(
         "--control", help="control endpoint (default: $EDGED_CONTROL or the local IPC)"
     )
+    parser.add_argument(
+        "--remote", metavar="tcp://HOST:PORT", help="a remote daemon's control socket (CurveZMQ)"
+    )
+    parser.add_argument("--server-key", metavar="FILE", help="with --remote: the daemon's .key")
+    parser.add_argument(
+        "--client-key", metavar="FILE", help="with --remote: this client's .key_secret"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
     from edged.client import Client
-    from edged.paths import default_control_endpoint
 
-    if args.command == "status":
+    if args.command == "keys":
+        return _generate_keys(Path(args.dir), args.name)
+    if args.command == "status" and not args.remote:
         with Client(args.socket, timeout=args.timeout) as client:
             return client.ping()
-    with Client(args.control or default_control_endpoint(), timeout=args.timeout) as client:
+    with _control_client(args) as client:
         client.command("ping")  # a daemon that is down is reported within --timeout
         if args.command == "models":
             return client.command("models")
@@ -160,6 +175,28 @@ def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
         )
 
 
+def _control_client(args: argparse.Namespace) -> Client:
+    """The local control socket, or ``--remote`` with CurveZMQ keys."""
+    from edged.client import Client, CurveKeys  # here: edged infer and serve never need it
+    from edged.paths import default_control_endpoint
+
+    if not args.remote:
+        return Client(args.control or default_control_endpoint(), timeout=args.timeout)
+    if not (args.server_key and args.client_key):
+        raise EdgedError("--remote needs --server-key (the daemon's .key) and --client-key")
+    keys = CurveKeys.load(args.server_key, args.client_key)
+    return Client(args.remote, timeout=args.timeout, curve=keys)
+
+
+def _generate_keys(directory: Path, name: str) -> dict[str, Any]:
+    import zmq.auth
+
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    Path(secret).chmod(0o600)
+    return {"public": str(public), "secret": str(secret)}
+
+
 def _edgectl_text(command: str, reply: dict[str, Any]) -> str:
     if command == "status":
         memory = reply.get("memory", {})
@@ -180,6 +217,8 @@ def _edgectl_text(command: str, reply: dict[str, Any]) -> str:
             f"previous {m['previous']}, stored {m['stored']}"
             for name, m in reply["models"].items()
         )
+    if command == "keys":
+        return f"public key {reply['public']}\nsecret key {reply['secret']} (keep it private)"
     if command in ("reload", "canary", "shadow", "discard"):
         return "\n".join(f"{key}: {value}" for key, value in reply.items() if key not in HEADER)
     return (

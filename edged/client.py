@@ -108,11 +108,42 @@ def _as_arrays(inputs: Inputs) -> dict[str, np.ndarray[Any, Any]]:
     return {name: np.asarray(value) for name, value in inputs.items()}
 
 
-def _timeout_error(endpoint: str, timeout: float) -> ClientTimeout:
-    return ClientTimeout(
-        f"no reply from {endpoint} within {timeout:g} s: is edged running, and was the "
-        f"message within its size limit?"
+@dataclass(frozen=True)
+class CurveKeys:
+    """CurveZMQ keys for the remote control socket: the daemon's public key and the client's
+    pair (the client's public key must be in the daemon's ``control.authorized_keys``)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def load(cls, server_key: str, client_key: str) -> CurveKeys:
+        """From ``edgectl keys gen`` files: the daemon's ``.key``, this client's ``.key_secret``."""
+        import zmq.auth
+
+        try:
+            server_public, _ = zmq.auth.load_certificate(server_key)
+            public, secret = zmq.auth.load_certificate(client_key)
+        except (OSError, ValueError) as exc:
+            raise EdgedError(f"cannot read a key file: {exc}") from None
+        if secret is None:
+            raise EdgedError(f"{client_key} holds no secret key: give the .key_secret file")
+        return cls(server_public, public, secret)
+
+    def apply(self, sock: zmq.Socket[Any]) -> None:
+        sock.setsockopt(zmq.CURVE_SERVERKEY, self.server_public)
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.public)
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.secret)
+
+
+def _timeout_error(endpoint: str, timeout: float, curve: bool = False) -> ClientTimeout:
+    why = (
+        "is edged running there, and does it accept this client key (and is that its server key)?"
+        if curve
+        else "is edged running, and was the message within its size limit?"
     )
+    return ClientTimeout(f"no reply from {endpoint} within {timeout:g} s: {why}")
 
 
 class Client:
@@ -123,9 +154,11 @@ class Client:
         endpoint: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
         context: zmq.Context[Any] | None = None,
+        curve: CurveKeys | None = None,
     ) -> None:
         self.endpoint = endpoint or default_infer_endpoint()
         self.timeout = timeout
+        self.curve = curve
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
         self._rcvtimeo_ms = -1
@@ -234,6 +267,8 @@ class Client:
         if self._socket is None:
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            if self.curve is not None:
+                self.curve.apply(sock)
             sock.connect(self.endpoint)
             self._socket = sock
             self._rcvtimeo_ms = -1
@@ -263,7 +298,7 @@ class Client:
                 if wait_ms > 0:  # woken early (the peer went away): wait out the rest
                     continue
                 self.close()  # drop whatever is queued for a daemon that may be gone
-                raise _timeout_error(self.endpoint, timeout) from None
+                raise _timeout_error(self.endpoint, timeout, self.curve is not None) from None
             reply = protocol.decode_reply([part.buffer for part in parts])
             if reply.id == request_id:
                 return reply

@@ -28,6 +28,7 @@ SYSTEM_CONFIG = Path("/etc/edged/edged.toml")
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULTS_SOURCE = "<defaults>"
 MIB = 1024 * 1024
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def _choice(default: str, *choices: str) -> Any:
@@ -115,6 +116,26 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class ControlConfig:
+    """Remote control: the control socket on TCP, where CurveZMQ is mandatory."""
+
+    #: TCP endpoints for the control socket besides its IPC one, e.g. "tcp://0.0.0.0:5556"
+    tcp: tuple[str, ...] = ()
+    #: the daemon's key pair, a ``.key_secret`` file from ``edgectl keys gen``
+    server_key: str = ""
+    #: a directory of client public key files (``.key``) that may connect
+    authorized_keys: str = ""
+    #: allow TCP without CurveZMQ: anyone who reaches the port controls the daemon
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    #: also serve the Prometheus metrics over HTTP at this loopback "HOST:PORT" ("" = off)
+    http: str = ""
+
+
+@dataclass(frozen=True)
 class MemoryConfig:
     #: memory for all loaded models together; 0 means only the reserve limits loads
     budget_mb: int = _at_least(0, 0)
@@ -143,6 +164,8 @@ class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: model name -> declaration; empty means "serve the built-in demo model"
     models: dict[str, ModelConfig] = field(default_factory=dict)
     #: where this config came from (a path or "<defaults>"), for messages
@@ -197,7 +220,44 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         runtime_dir=str(base_dir / daemon.runtime_dir) if daemon.runtime_dir else "",
         state_dir=str(base_dir / daemon.state_dir) if daemon.state_dir else "",
     )
-    return dataclasses.replace(config, daemon=daemon, models=models, source=source)
+    control = config.control
+    control = dataclasses.replace(
+        control,
+        server_key=str(base_dir / control.server_key) if control.server_key else "",
+        authorized_keys=str(base_dir / control.authorized_keys) if control.authorized_keys else "",
+    )
+    _check_remote_control(control, source)
+    _check_metrics(config.metrics, source)
+    return dataclasses.replace(config, daemon=daemon, control=control, models=models, source=source)
+
+
+def _check_remote_control(control: ControlConfig, source: str) -> None:
+    """TCP control without CurveZMQ is refused unless explicitly, knowingly asked for."""
+    for endpoint in control.tcp:
+        if not endpoint.startswith("tcp://"):
+            raise ConfigError(f"{source}: 'control.tcp' entries must be tcp:// endpoints")
+    curve = bool(control.server_key and control.authorized_keys)
+    if control.tcp and not curve and not control.insecure:
+        raise ConfigError(
+            f"{source}: 'control.tcp' needs CurveZMQ: set 'control.server_key' and "
+            f"'control.authorized_keys' (edgectl keys gen), or 'control.insecure = true' to let "
+            f"anyone who reaches the port control the daemon"
+        )
+    if bool(control.server_key) != bool(control.authorized_keys):
+        raise ConfigError(
+            f"{source}: 'control.server_key' and 'control.authorized_keys' go together"
+        )
+
+
+def _check_metrics(metrics: MetricsConfig, source: str) -> None:
+    if not metrics.http:
+        return
+    host, _, port = metrics.http.rpartition(":")
+    if host.strip("[]") not in LOOPBACK or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{source}: 'metrics.http' must be a loopback HOST:PORT such as 127.0.0.1:9464 "
+            f"(put a proxy in front to scrape it from elsewhere), got {metrics.http!r}"
+        )
 
 
 # A small hand-written mapper rather than pydantic or dacite: it keeps start-up import cost near

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import zmq
 
 from edged.config import Config, ModelConfig
+from edged.control.auth import HandshakeLog, curve_server, load_server_keys, start_authenticator
 from edged.control.metrics import Metrics
 from edged.control.reload import Reloader
 from edged.control.service import ControlService
@@ -154,11 +155,43 @@ class Daemon:
             stack.callback(socket_file.unlink, missing_ok=True)
             endpoint.start()
             stack.callback(endpoint.stop)
+        remote = self._remote_control(stack, context, loop)
+        if self.config.metrics.http:
+            stack.callback(self.metrics.serve_http(self.config.metrics.http))
         names = ", ".join(slot.name for slot in self.registry)
-        serving = ", ".join(address for _, addresses, _ in endpoints for address in addresses)
-        log.info("serving %s on %s", names, serving)
+        serving = [address for _, addresses, _ in endpoints for address in addresses] + remote
+        log.info("serving %s on %s", names, ", ".join(serving))
         model = next(iter(self.registry)).name
         log.info("try: %s infer %s --random%s", _edged_command(), model, self._socket_hint())
+
+    def _remote_control(
+        self, stack: contextlib.AsyncExitStack, context: zmq.Context[Any], loop: Any
+    ) -> list[str]:
+        """The control socket on TCP: CurveZMQ with an allow-list, unless ``insecure``."""
+        control = self.config.control
+        if not control.tcp:
+            return []
+        configure = None
+        if control.server_key:
+            public, secret = load_server_keys(Path(control.server_key))
+            # ZAP must be running before the CURVE socket binds; it stops after the socket
+            authenticator = start_authenticator(context, Path(control.authorized_keys))
+            stack.callback(authenticator.stop)
+            configure = curve_server(public, secret)
+        else:
+            log.warning(
+                "control.insecure: the control socket on %s accepts ANY client, unauthenticated "
+                "and unencrypted: anyone who reaches it can swap, unload and reconfigure models",
+                ", ".join(control.tcp),
+            )
+        endpoint = Endpoint(
+            context, list(control.tcp), self.config.server, self.control, loop, configure=configure
+        )
+        endpoint.start()
+        stack.callback(endpoint.stop)
+        if configure is not None:
+            stack.callback(HandshakeLog(endpoint.socket, loop).close)
+        return list(control.tcp)
 
     async def drain(self) -> None:
         """Refuse new work, let queued and running requests finish, answer the rest."""

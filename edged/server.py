@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import zmq
@@ -55,12 +56,15 @@ class Endpoint:
         config: ServerConfig,
         service: Service,
         loop: asyncio.AbstractEventLoop,
+        *,
+        configure: Callable[[zmq.Socket[Any]], None] | None = None,
     ) -> None:
         self.endpoints = endpoints
         self._context = context
         self._config = config
         self._service = service
         self._loop = loop
+        self._configure = configure
         self._limits = Limits(max_message_bytes=config.max_message_bytes)
         self._socket: zmq.Socket[Any] | None = None
         self._fd = -1
@@ -74,6 +78,8 @@ class Endpoint:
         sock.setsockopt(zmq.SNDHWM, self._config.send_hwm)
         sock.setsockopt(zmq.RCVHWM, self._config.recv_hwm)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self._configure is not None:
+            self._configure(sock)
         try:
             for endpoint in self.endpoints:
                 sock.bind(endpoint)
@@ -84,6 +90,11 @@ class Endpoint:
         self._fd = cast(int, sock.getsockopt(zmq.FD))
         self._loop.add_reader(self._fd, self._on_readable)
         self._on_readable()  # edge-triggered: pick up anything queued before the reader existed
+
+    @property
+    def socket(self) -> zmq.Socket[Any]:
+        assert self._socket is not None, "endpoint not started"
+        return self._socket
 
     def stop(self) -> None:
         sock, self._socket = self._socket, None

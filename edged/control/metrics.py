@@ -8,16 +8,19 @@ in docs/OPERATIONS.md.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from edged.models.generation import GenerationRunner
 from edged.models.latency import Histogram, RequestLatency
 from edged.models.registry import Registry, Runner
 from edged.service import ErrorCounts
+
+log = logging.getLogger(__name__)
 
 
 class Metrics:
@@ -34,12 +37,16 @@ class Metrics:
 
         return bytes(generate_latest(collectors))
 
-    def serve_http(self, address: str, port: int) -> None:
-        """Serve the metrics over HTTP on ``address`` (a thread of prometheus-client's)."""
+    def serve_http(self, address: str) -> Callable[[], None]:
+        """Serve the metrics over HTTP at ``HOST:PORT`` (a thread of prometheus-client's);
+        returns what stops it."""
         collectors = self._collectors()
         from prometheus_client import start_http_server
 
-        start_http_server(port, addr=address, registry=collectors)
+        host, _, port = address.rpartition(":")
+        server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=collectors)
+        log.info("metrics on http://%s/metrics", address)
+        return server.shutdown
 
     def _collectors(self) -> Any:
         if self._prometheus is None:
