@@ -23,6 +23,8 @@ import zmq
 
 from edged.config import Config, ModelConfig
 from edged.control.auth import HandshakeLog, curve_server, load_server_keys, start_authenticator
+from edged.control.diagnostics import Diagnostics
+from edged.control.logring import LogRing
 from edged.control.metrics import Metrics
 from edged.control.reload import Reloader
 from edged.control.service import ControlService
@@ -99,7 +101,18 @@ class Daemon:
         reloader = Reloader(config, self.registry, self.loader, swapper)
         self.service = InferenceService(self.registry)
         self.metrics = Metrics(self.registry, self.service.errors)
-        self.control = ControlService(self.registry, self.loader, swapper, reloader, self.metrics)
+        self.logs = LogRing()
+        diagnostics = Diagnostics(
+            config, self.registry, self.service, self.logs, str(self.paths.state)
+        )
+        self.control = ControlService(
+            self.registry,
+            self.loader,
+            swapper,
+            reloader,
+            metrics=self.metrics,
+            diagnostics=diagnostics,
+        )
         self._stop: asyncio.Event | None = None
 
     def run(self) -> None:
@@ -131,6 +144,9 @@ class Daemon:
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
+        self.logs.attach(loop)
+        logging.getLogger().addHandler(self.logs)
+        stack.callback(logging.getLogger().removeHandler, self.logs)
         self.paths.runtime.mkdir(parents=True, exist_ok=True)
         stack.enter_context(instance_lock(self.paths.lock_file, self.paths.infer_endpoint))
         # first in, last out: a SIGTERM during loading or teardown is still a graceful stop

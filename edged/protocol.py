@@ -78,13 +78,23 @@ OP_KEYS: dict[str, frozenset[str]] = {
     "reload": frozenset(),
     "models": frozenset(),
     "metrics": frozenset(),
+    "status": frozenset(),
+    "sysinfo": frozenset(),
+    "logs": frozenset({"last", "level", "follow"}),
+    "config": frozenset(),
+    "stack": frozenset(),
+    "selftest": frozenset(),
+    "load": frozenset({"model"}),
+    "unload": frozenset({"model"}),
 }
+#: ops whose keys their handlers check (``Request.args``)
+ARGS_OPS = frozenset({"logs"})
 SWAP_POLICIES = ("auto", "overlap", "replace")
 ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
 MODEL_OPS = frozenset(
     {"describe", "infer", "generate", "embed", "swap", "rollback", "canary", "shadow"}
-    | {"promote", "discard"}
+    | {"promote", "discard", "load", "unload"}
 )
 #: control ops that name a version to load: a stored ``version`` or a new file at ``path``
 VERSION_OPS = frozenset({"swap", "canary", "shadow"})
@@ -146,6 +156,8 @@ class Request:
     texts: tuple[str, ...] = ()
     #: ``cancel`` only: the id of the request to cancel (sent earlier on the same connection)
     target: int | None = None
+    #: the op's own keys, checked by its handler (``ARGS_OPS``)
+    args: dict[str, Any] = field(default_factory=dict)
     #: ``swap``, ``canary``, ``shadow``: ``path`` (a new model file), ``policy``, ``force``...
     swap: SwapArgs | None = None
 
@@ -258,6 +270,7 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
         texts=_texts(header.get("input")) if op == "embed" else (),
         target=target,
         swap=_swap_args(header) if op in VERSION_OPS else None,
+        args={key: header[key] for key in OP_KEYS[op] if key in header} if op in ARGS_OPS else {},
     )
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from edged import protocol
+from edged.control.diagnostics import Diagnostics
 from edged.control.metrics import Metrics, loaded_runners, runner_errors
 from edged.control.reload import Reloader
-from edged.errors import BadRequest, EdgedError, ModelLoadError
+from edged.errors import BadRequest, EdgedError, ModelLoadError, SwapInProgress, UnknownRequest
 from edged.models.loading import ModelLoader
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.runner import ReplySink
@@ -36,10 +37,13 @@ class ControlService:
         loader: ModelLoader,
         swapper: Swapper,
         reloader: Reloader,
+        *,
         metrics: Metrics,
+        diagnostics: Diagnostics,
     ) -> None:
         self.registry = registry
         self.metrics = metrics
+        self.diagnostics = diagnostics
         self.loader = loader
         self.swapper = swapper
         self.reloader = reloader
@@ -55,6 +59,10 @@ class ControlService:
             "reload": self._reload,
             "models": self._models,
             "metrics": self._metrics,
+            "load": self._load,
+            "unload": self._unload,
+            "cancel": self._cancel,
+            **diagnostics.ops,
         }
 
     def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
@@ -106,6 +114,35 @@ class ControlService:
         """End the candidate's trial and unload it."""
         slot = self.registry.slot(str(request.model))
         self._run(request, send, self.swapper.discard(slot))
+
+    def _load(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Load a model now (its active version), as its first request would."""
+        slot = self.registry.slot(str(request.model))
+
+        async def load() -> dict[str, Any]:
+            await slot.load()
+            return {"model": slot.name, "version": slot.version, "state": slot.state.value}
+
+        self._run(request, send, load())
+
+    def _unload(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Unload a model's active version now; refused while it has requests or a swap."""
+        slot = self.registry.slot(str(request.model))
+        if slot.runner is None:
+            raise BadRequest(f"model {slot.name!r} is not loaded")
+        if slot.swapping or slot.runner.busy:
+            raise SwapInProgress(f"model {slot.name!r} is busy; retry when it is idle")
+        self.registry.unload(slot, "on request")
+        fields = {"model": slot.name, "version": slot.version, "state": slot.state.value}
+        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+
+    def _cancel(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Stop a ``logs`` follow sent on this connection."""
+        target = request.target
+        assert target is not None  # the protocol guarantees it for cancel
+        if not self.diagnostics.cancel(peer, target):
+            raise UnknownRequest(f"no logs follow with id {target} on this connection")
+        send(protocol.encode_reply(request.id, with_trace({"cancelled": target}, request)))
 
     def reload_later(self) -> None:
         """SIGHUP: reload in the background; the outcome goes to the log."""
