@@ -1,4 +1,4 @@
-"""Command lines: ``edged`` (serve, infer, config check) and ``edgectl`` (operator commands).
+"""The ``edged`` command line: serve, infer, config check (``edgectl`` is edged.edgectl).
 
 Argument parsing only; the work happens in the modules it calls. Exit codes: 0 success,
 1 failure (an error reply, a timeout, a failed start), 2 usage, 78 invalid configuration
@@ -14,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -22,15 +22,9 @@ from edged import __version__
 from edged.config import find_config_file, load_config
 from edged.errors import ConfigError, EdgedError
 
-if TYPE_CHECKING:
-    from edged.client import Client
-
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
-SWAP_TIMEOUT_S = 300.0
 DEFAULT_TIMEOUT_S = 5.0
-#: reply keys every reply has
-HEADER = ("v", "id", "ok")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,154 +71,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EdgedError, OSError) as exc:
         print(f"edged: {_describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
-
-
-def edgectl_main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edgectl", description="Operate a running edged")
-    _add_edgectl_options(parser, DEFAULT_TIMEOUT_S)
-    # the same options after the command too (edgectl status --json); SUPPRESS keeps a value
-    # given before the command when it is not given again after it
-    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    _add_edgectl_options(common, argparse.SUPPRESS)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    def command(name: str, text: str) -> argparse.ArgumentParser:
-        return commands.add_parser(name, help=text, parents=[common])
-
-    command("status", "is the daemon up, and what does it serve")
-    keys = command("keys", "CurveZMQ key pairs for remote control")
-    keys.add_argument("action", choices=("gen",), help="gen: make a key pair")
-    keys.add_argument("name", help="file name stem: NAME.key (public) and NAME.key_secret")
-    keys.add_argument("--dir", default=".", help="where to write them (default: here)")
-    command("models", "each model's active, loaded, previous, stored versions")
-    command("reload", "serve what the config file and the store say now")
-    swap = command("swap", "serve another version of a model, validated first")
-    swap.add_argument("--policy", choices=("auto", "overlap", "replace"), default="auto")
-    trials = {
-        "canary": command("canary", "serve a share of the model's requests with another version"),
-        "shadow": command("shadow", "run requests on another version too and compare outputs"),
-    }
-    trials["canary"].add_argument("--fraction", type=float, default=0.1, help="share of requests")
-    for sub in (swap, *trials.values()):
-        sub.add_argument("model")
-        sub.add_argument("version", type=int, nargs="?", help="a stored version (default: newest)")
-        sub.add_argument("--path", help="a new model file instead of a stored version")
-        sub.add_argument("--force", action="store_true", help="skip the interface check")
-    for verb, text in (
-        ("rollback", "go back to the version before the last swap"),
-        ("promote", "make the candidate version the active one"),
-        ("discard", "end the candidate's trial and unload it"),
-    ):
-        command(verb, text).add_argument("model")
-    args = parser.parse_args(argv)
-    try:
-        reply = _edgectl(args)
-    except EdgedError as exc:
-        print(f"edgectl: {_describe_error(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
-    if args.json:
-        print(json.dumps(reply, sort_keys=True))
-    else:
-        print(_edgectl_text(args.command, reply))
-    return 0
-
-
-def _add_edgectl_options(parser: argparse.ArgumentParser, timeout: Any) -> None:
-    _add_socket_options(parser, timeout)
-    parser.add_argument(
-        "--control", help="control endpoint (default: $EDGED_CONTROL or the local IPC)"
-    )
-    parser.add_argument(
-        "--remote", metavar="tcp://HOST:PORT", help="a remote daemon's control socket (CurveZMQ)"
-    )
-    parser.add_argument("--server-key", metavar="FILE", help="with --remote: the daemon's .key")
-    parser.add_argument(
-        "--client-key", metavar="FILE", help="with --remote: this client's .key_secret"
-    )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
-
-
-def _edgectl(args: argparse.Namespace) -> dict[str, Any]:
-    from edged.client import Client
-
-    if args.command == "keys":
-        return _generate_keys(Path(args.dir), args.name)
-    if args.command == "status" and not args.remote:
-        with Client(args.socket, timeout=args.timeout) as client:
-            return client.ping()
-    with _control_client(args) as client:
-        client.command("ping")  # a daemon that is down is reported within --timeout
-        if args.command == "models":
-            return client.command("models")
-        # a swap (or a reload that swaps) takes as long as loading and checking a model
-        timeout = max(args.timeout, SWAP_TIMEOUT_S)
-        if args.command == "reload":
-            return client.command("reload", timeout=timeout)
-        if args.command in ("rollback", "promote", "discard"):
-            return client.command(args.command, model=args.model, timeout=timeout)
-        options = vars(args)
-        return client.command(
-            args.command,
-            model=args.model,
-            version=args.version,
-            path=str(Path(args.path).resolve()) if args.path else None,  # the daemon's cwd differs
-            policy=options.get("policy"),
-            fraction=options.get("fraction"),
-            force=args.force or None,
-            timeout=timeout,
-        )
-
-
-def _control_client(args: argparse.Namespace) -> Client:
-    """The local control socket, or ``--remote`` with CurveZMQ keys."""
-    from edged.client import Client, CurveKeys  # here: edged infer and serve never need it
-    from edged.paths import default_control_endpoint
-
-    if not args.remote:
-        return Client(args.control or default_control_endpoint(), timeout=args.timeout)
-    if not (args.server_key and args.client_key):
-        raise EdgedError("--remote needs --server-key (the daemon's .key) and --client-key")
-    keys = CurveKeys.load(args.server_key, args.client_key)
-    return Client(args.remote, timeout=args.timeout, curve=keys)
-
-
-def _generate_keys(directory: Path, name: str) -> dict[str, Any]:
-    import zmq.auth
-
-    directory.mkdir(parents=True, exist_ok=True)
-    public, secret = zmq.auth.create_certificates(str(directory), name)
-    Path(secret).chmod(0o600)
-    return {"public": str(public), "secret": str(secret)}
-
-
-def _edgectl_text(command: str, reply: dict[str, Any]) -> str:
-    if command == "status":
-        memory = reply.get("memory", {})
-        budget = memory.get("budget_bytes")
-        limit = f"of {budget / 2**20:.0f} MiB" if budget else "(no budget)"
-        used = memory.get("used_bytes", 0) / 2**20
-        loaded = ", ".join(reply["loaded"]) or "none"
-        return "\n".join(
-            [
-                f"edged {reply['edged_version']} pid {reply['pid']}: {reply['state']}",
-                f"models: {', '.join(reply['models'])}",
-                f"memory: {used:.1f} MiB {limit} charged to {loaded}",
-            ]
-        )
-    if command == "models":
-        return "\n".join(
-            f"{name}: version {m['version']} ({m['state']}), loaded {m['loaded']}, "
-            f"previous {m['previous']}, stored {m['stored']}"
-            for name, m in reply["models"].items()
-        )
-    if command == "keys":
-        return f"public key {reply['public']}\nsecret key {reply['secret']} (keep it private)"
-    if command in ("reload", "canary", "shadow", "discard"):
-        return "\n".join(f"{key}: {value}" for key, value in reply.items() if key not in HEADER)
-    return (
-        f"{reply['model']}: version {reply['from_version']} -> {reply['version']} "
-        f"({reply['policy']}, {reply['seconds']:.2f} s)"
-    )
 
 
 def _add_socket_options(parser: argparse.ArgumentParser, timeout: Any = DEFAULT_TIMEOUT_S) -> None:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,6 +233,30 @@ class Client:
         frames = protocol.encode_request(request_id, "describe", model=model)
         return self._call(request_id, frames, timeout).fields
 
+    def stream(
+        self, op: str, *, timeout: float | None = None, **fields: Any
+    ) -> Generator[dict[str, Any], None, None]:
+        """A command whose replies stream (``logs`` with ``follow``): each reply's keys, until
+        the final one. ``timeout`` bounds the wait for each reply (``math.inf``: forever).
+        Leaving the loop early cancels the command in the daemon."""
+        timeout = self.timeout if timeout is None else timeout
+        request_id = next(self._ids)
+        given = {key: value for key, value in fields.items() if value is not None}
+        send_frames(self._connect(), protocol.encode_request(request_id, op, fields=given))
+        finished = False
+        try:
+            while not finished:
+                reply = self._receive(request_id, timeout)
+                reply.raise_for_error()
+                finished = not reply.fields.get("more")
+                yield reply.fields
+        finally:
+            if not finished and self._socket is not None:
+                cancel = {"target": request_id}
+                send_frames(
+                    self._socket, protocol.encode_request(next(self._ids), "cancel", fields=cancel)
+                )
+
     def command(
         self,
         op: str,
@@ -285,7 +310,7 @@ class Client:
         """The next reply to ``request_id``, dropping any other (stale) reply on the way."""
         sock = self._connect()
         deadline = time.monotonic() + timeout
-        wait_ms = int(timeout * 1000)
+        wait_ms = -1 if math.isinf(timeout) else int(timeout * 1000)
         while True:
             # RCVTIMEO rather than poll(): one system call less per request; set only on change
             if wait_ms != self._rcvtimeo_ms:

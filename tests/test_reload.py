@@ -103,7 +103,7 @@ def test_a_failed_addition_is_retried_by_the_next_reload_and_edgectl_drives_it(
         rewrite(daemon, {})
         with pytest.raises(ConfigError, match="declares no models"):
             control.command("reload")
-    script = "from edged.cli import edgectl_main; raise SystemExit(edgectl_main())"
+    script = "from edged.edgectl import main; raise SystemExit(main())"
     edgectl = [sys.executable, "-c", script]
     done = subprocess.run(
         [*edgectl, "--control", daemon.control_endpoint, "models", "--json"],

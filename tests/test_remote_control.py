@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from edged.cli import edgectl_main
 from edged.client import Client, CurveKeys
 from edged.config import parse_config
+from edged.edgectl import main as edgectl_main
 from edged.errors import ClientTimeout, ConfigError
 from edged.testing import DaemonProcess
 from tests.conftest import DaemonFactory
@@ -22,7 +22,7 @@ from tests.conftest import DaemonFactory
 EDGECTL = [
     sys.executable,
     "-c",
-    "from edged.cli import edgectl_main; raise SystemExit(edgectl_main())",
+    "from edged.edgectl import main; raise SystemExit(main())",
 ]
 
 

@@ -1,0 +1,258 @@
+"""``edgectl``: the operator's command line for a running edged, local or remote.
+
+Every command talks to the control socket (``--control``, or ``--remote`` with CurveZMQ keys),
+pings it first within ``--timeout`` so that a daemon that is down is reported at once, and
+prints a readable summary, or with ``--json`` the reply's keys (documented in PROTOCOL.md).
+Exit codes: 0 success, 1 failure (an error reply, no reply, a failed self-test), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from edged.client import Client, CurveKeys
+from edged.errors import EdgedError
+from edged.paths import default_control_endpoint
+
+EXIT_FAILURE = 1
+DEFAULT_TIMEOUT_S = 5.0
+#: commands that load or swap models: their reply comes when that is done
+LONG_TIMEOUT_S = 300.0
+HEADER = ("v", "id", "ok")
+SIMPLE = {
+    "status": "the daemon at a glance: version, uptime, memory, models, recent errors",
+    "models": "each model's versions, memory, traffic, latency and errors",
+    "metrics": "every metric in the Prometheus text format",
+    "sysinfo": "CPU, memory, disks, temperatures (GPU, power rails on a Jetson)",
+    "config": "the configuration in effect, secrets redacted",
+    "stack": "every thread's and asyncio task's stack (a hung or busy daemon)",
+    "selftest": "run every loaded model on its golden vectors; exit 1 if any fails",
+    "reload": "serve what the config file and the store say now",
+}
+MODEL_COMMANDS = {
+    "load": "load a model now",
+    "unload": "unload a model now (refused while it is busy)",
+    "rollback": "go back to the version before the last swap",
+    "promote": "make the candidate version the active one",
+    "discard": "end the candidate's trial and unload it",
+}
+LONG = frozenset({"selftest", "reload", "load", "swap", "rollback", "canary", "shadow", "promote"})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "keys":
+            return _print(args, _generate_keys(Path(args.dir), args.name))
+        with _client(args) as client:
+            client.command("ping")  # a daemon that is down is reported within --timeout
+            if args.command == "logs":
+                return _logs(client, args)
+            reply = _run(client, args)
+    except EdgedError as exc:
+        code = f"{exc.code}: " if exc.code else ""
+        print(f"edgectl: {code}{exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    _print(args, reply)
+    return EXIT_FAILURE if reply.get("ok_all") is False else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgectl", description="Operate a running edged")
+    _options(parser, DEFAULT_TIMEOUT_S)
+    # the same options after the command too (edgectl status --json); SUPPRESS keeps a value
+    # given before the command when it is not given again after it
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    _options(common, argparse.SUPPRESS)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text, parents=[common])
+
+    for name, text in SIMPLE.items():
+        command(name, text)
+    for name, text in MODEL_COMMANDS.items():
+        command(name, text).add_argument("model")
+    logs = command("logs", "the daemon's recent log records; --follow for new ones as they come")
+    logs.add_argument("-n", "--last", type=int, default=50, help="how many (default 50)")
+    logs.add_argument("--level", help="this level or worse, e.g. WARNING")
+    logs.add_argument("-f", "--follow", action="store_true", help="then every new record")
+    swap = command("swap", "serve another version of a model, validated first")
+    swap.add_argument("--policy", choices=("auto", "overlap", "replace"), default="auto")
+    canary = command("canary", "serve a share of the model's requests with another version")
+    canary.add_argument("--fraction", type=float, default=0.1, help="share of requests")
+    shadow = command("shadow", "run requests on another version too and compare outputs")
+    for sub in (swap, canary, shadow):
+        sub.add_argument("model")
+        sub.add_argument("version", type=int, nargs="?", help="a stored version (default: newest)")
+        sub.add_argument("--path", help="a new model file instead of a stored version")
+        sub.add_argument("--force", action="store_true", help="skip the interface check")
+    keys = command("keys", "make a CurveZMQ key pair for remote control")
+    keys.add_argument("action", choices=("gen",), help="gen: make a key pair")
+    keys.add_argument("name", help="file name stem: NAME.key (public) and NAME.key_secret")
+    keys.add_argument("--dir", default=".", help="where to write them (default: here)")
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser, timeout: Any) -> None:
+    parser.add_argument(
+        "--control", help="control endpoint (default: $EDGED_CONTROL or the local IPC)"
+    )
+    parser.add_argument(
+        "--remote", metavar="tcp://HOST:PORT", help="a remote daemon's control socket (CurveZMQ)"
+    )
+    parser.add_argument("--server-key", metavar="FILE", help="with --remote: the daemon's .key")
+    parser.add_argument(
+        "--client-key", metavar="FILE", help="with --remote: this client's .key_secret"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=timeout, help="seconds to wait for a reply"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _client(args: argparse.Namespace) -> Client:
+    """The local control socket, or ``--remote`` with CurveZMQ keys."""
+    if not args.remote:
+        return Client(args.control or default_control_endpoint(), timeout=args.timeout)
+    if not (args.server_key and args.client_key):
+        raise EdgedError("--remote needs --server-key (the daemon's .key) and --client-key")
+    keys = CurveKeys.load(args.server_key, args.client_key)
+    return Client(args.remote, timeout=args.timeout, curve=keys)
+
+
+def _run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
+    timeout = max(args.timeout, LONG_TIMEOUT_S) if args.command in LONG else args.timeout
+    if args.command in SIMPLE:
+        return client.command(args.command, timeout=timeout)
+    if args.command in MODEL_COMMANDS:
+        return client.command(args.command, model=args.model, timeout=timeout)
+    options = vars(args)
+    return client.command(
+        args.command,
+        model=args.model,
+        version=args.version,
+        path=str(Path(args.path).resolve()) if args.path else None,  # the daemon's cwd differs
+        policy=options.get("policy"),
+        fraction=options.get("fraction"),
+        force=args.force or None,
+        timeout=timeout,
+    )
+
+
+def _logs(client: Client, args: argparse.Namespace) -> int:
+    """Print the backlog, and with --follow every new record until interrupted."""
+    replies = client.stream(
+        "logs",
+        last=args.last,
+        level=args.level,
+        follow=args.follow or None,
+        timeout=math.inf if args.follow else args.timeout,
+    )
+    try:
+        for reply in replies:
+            for record in reply.get("records", []):
+                print(json.dumps(record) if args.json else _log_line(record), flush=True)
+    except KeyboardInterrupt:
+        replies.close()  # cancels the follow in the daemon
+    return 0
+
+
+def _log_line(record: dict[str, Any]) -> str:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
+    trace = f" [trace {record['trace']}]" if record.get("trace") else ""
+    return f"{stamp} {record['level']} {record['logger']}: {record['message']}{trace}"
+
+
+def _generate_keys(directory: Path, name: str) -> dict[str, Any]:
+    import zmq.auth
+
+    directory.mkdir(parents=True, exist_ok=True)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    Path(secret).chmod(0o600)
+    return {"public": str(public), "secret": str(secret)}
+
+
+def _print(args: argparse.Namespace, reply: dict[str, Any]) -> int:
+    fields = {key: value for key, value in reply.items() if key not in HEADER}
+    if args.json:
+        print(json.dumps(fields, sort_keys=True))
+    else:
+        print(TEXT.get(args.command, _pretty)(fields))
+    return 0
+
+
+def _pretty(fields: dict[str, Any]) -> str:
+    return json.dumps(fields, indent=2, sort_keys=True)
+
+
+def _status(fields: dict[str, Any]) -> str:
+    memory, process = fields["memory"], fields["process"]
+    budget = memory["budget_bytes"]
+    limit = f"of {budget / 2**20:.0f} MiB" if budget else "(no budget)"
+    lines = [
+        f"edged {fields['edged_version']} pid {fields['pid']}: {fields['state']}, "
+        f"up {fields['uptime_s']:.0f} s",
+        f"process: {process['rss_bytes'] / 2**20:.1f} MiB RSS, {process['cpu_percent']:.0f}% CPU",
+        f"models: {memory['used_bytes'] / 2**20:.1f} MiB {limit}, "
+        f"{memory['free_bytes'] / 2**20:.0f} MiB free",
+    ]
+    lines += [f"  {name}: v{m['version']} {m['state']}" for name, m in fields["models"].items()]
+    lines.append(f"errors answered: {fields['errors']}")
+    lines += [f"  {_log_line(record)}" for record in fields["last_errors"]]
+    return "\n".join(lines)
+
+
+def _models(fields: dict[str, Any]) -> str:
+    lines = []
+    for name, model in fields["models"].items():
+        lines.append(
+            f"{name}: v{model['version']} {model['state']}, loaded {model['loaded']}, "
+            f"previous {model['previous']}, stored {model['stored']}"
+        )
+        for version, traffic in model["versions"].items():
+            latency = traffic["latency"]
+            lines.append(
+                f"  v{version} ({traffic['role']}): {traffic['requests']} requests, "
+                f"{traffic['queued']} queued, p50/p95/p99 {latency['p50_us']}/"
+                f"{latency['p95_us']}/{latency['p99_us']} us"
+            )
+        if model["errors"]:
+            lines.append(f"  errors: {model['errors']}")
+    return "\n".join(lines)
+
+
+def _stack(fields: dict[str, Any]) -> str:
+    lines = []
+    for kind in ("threads", "tasks"):
+        for entry in fields[kind]:
+            lines.append(f"{kind[:-1]} {entry['name']}:")
+            lines += [f"    {frame}" for frame in entry["stack"]]
+    return "\n".join(lines)
+
+
+def _swap(fields: dict[str, Any]) -> str:
+    return (
+        f"{fields['model']}: version {fields['from_version']} -> {fields['version']} "
+        f"({fields['policy']}, {fields['seconds']:.2f} s)"
+    )
+
+
+TEXT: dict[str, Callable[[dict[str, Any]], str]] = {
+    "status": _status,
+    "models": _models,
+    "metrics": lambda fields: str(fields["text"]).rstrip("\n"),
+    "stack": _stack,
+    "selftest": lambda fields: "\n".join(f"{m}: {r}" for m, r in fields["results"].items()),
+    "swap": _swap,
+    "rollback": _swap,
+    "promote": _swap,
+    "keys": lambda f: f"public key {f['public']}\nsecret key {f['secret']} (keep it private)",
+}
