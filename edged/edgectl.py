@@ -25,7 +25,7 @@ EXIT_FAILURE = 1
 DEFAULT_TIMEOUT_S = 5.0
 #: commands that load or swap models: their reply comes when that is done
 LONG_TIMEOUT_S = 300.0
-HEADER = ("v", "id", "ok")
+HEADER = ("v", "id", "ok", "trace")
 SIMPLE = {
     "status": "the daemon at a glance: version, uptime, memory, models, recent errors",
     "models": "each model's versions, memory, traffic, latency and errors",

@@ -8,7 +8,9 @@ validated here before any model is touched. Tensors are views on the received bu
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -237,7 +239,7 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
     extra = header.keys() - allowed
     if extra:
         raise BadRequest(f"unknown header key(s) for op {op!r}: {', '.join(map(repr, extra))}")
-    trace = _optional(header, "trace", str)
+    trace = _optional(header, "trace", str) or new_trace()
     if trace is not None and len(trace) > MAX_TRACE_LEN:
         raise BadRequest(f"'trace' is longer than {MAX_TRACE_LEN} characters")
     model = _optional(header, "model", str)
@@ -392,6 +394,16 @@ def _tensor_spec(
                 f"{limits.max_message_bytes}"
             )
     return name, dtype, tuple(shape)
+
+
+def new_trace() -> str:
+    """A trace id for a request that brought none: unique per daemon run and readable in logs
+    (a random per-process prefix and a counter: cheaper than a random id per request)."""
+    return f"{_TRACE_PREFIX}-{next(_TRACE_COUNTER):x}"
+
+
+_TRACE_PREFIX = os.urandom(4).hex()
+_TRACE_COUNTER = itertools.count(1)
 
 
 def _optional(header: Mapping[str, Any], key: str, kind: type) -> Any:

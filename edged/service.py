@@ -253,7 +253,13 @@ def dispatch(
             errors[request.model or "", exc.code] += 1
         send(protocol.encode_error(request.id, exc, request.trace))
     except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
-        log.exception("request %s (op %s) failed", request.id, request.op)
+        log.exception(
+            "request %s (op %s) failed [trace %s]",
+            request.id,
+            request.op,
+            request.trace,
+            extra={"trace": request.trace},
+        )
         error = InternalError("internal error; the daemon log has the details")
         send(protocol.encode_error(request.id, error, request.trace))
 

@@ -168,7 +168,7 @@ VANISHING_CLIENT = """
 import os, sys
 from edged.client import Client
 client = Client(sys.argv[1], timeout=20)
-stream = client.generate("llm", "the tree", max_tokens=480, temperature=0)
+stream = client.generate("llm", "the tree", max_tokens=480, temperature=0, trace="vanish-1")
 next(iter(stream))
 print("streaming", flush=True)
 os._exit(0)  # gone mid-stream, without a cancel
@@ -188,6 +188,9 @@ def test_a_client_vanishing_mid_stream_stops_its_generation(llm_daemon: DaemonPr
         time.sleep(0.05)
     with llm_daemon.client() as client:
         assert client.generate("llm", "the", max_tokens=3).text().completion_tokens == 3
+    with llm_daemon.control() as control:  # the log record about the request carries its trace
+        records = control.command("logs", last=100)["records"]
+    assert any(r["trace"] == "vanish-1" and "has gone" in r["message"] for r in records)
 
 
 def test_context_overflow_and_wrong_ops_are_refused_and_serving_goes_on(

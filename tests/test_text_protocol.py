@@ -83,3 +83,9 @@ def test_stop_scanner_holds_back_what_may_become_a_stop_sequence() -> None:
     assert scanner.feed("tail E") == ("tail ", False)
     assert scanner.flush() == "E"
     assert StopScanner(()).feed("END") == ("END", False)
+
+
+def test_a_request_without_a_trace_gets_one_of_its_own() -> None:
+    first, second = decode(op="ping"), decode(op="ping")
+    assert first.trace and second.trace and first.trace != second.trace
+    assert decode(op="ping", trace="mine").trace == "mine"

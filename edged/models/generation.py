@@ -301,7 +301,14 @@ class GenerationRunner:
         if job.request.trace is not None:
             fields["trace"] = job.request.trace
         if not job.send(protocol.encode_reply(job.request.id, fields)) and not job.cancelled:
-            log.info("model %s: client of request %d has gone; stopping", self.name, job.request.id)
+            trace = job.request.trace
+            log.info(
+                "model %s: client of request %d has gone; stopping [trace %s]",
+                self.name,
+                job.request.id,
+                trace,
+                extra={"trace": trace},
+            )
             job.cancelled = True
             self._counters.clients_gone += 1
 
@@ -360,7 +367,10 @@ class GenerationRunner:
                 else:
                     self._generate(job)
             except Exception as exc:  # any backend failure becomes this job's error reply
-                log.warning("model %s failed: %s", self.name, exc)
+                trace = job.request.trace
+                log.warning(
+                    "model %s failed: %s [trace %s]", self.name, exc, trace, extra={"trace": trace}
+                )
                 job.error = RunFailed(f"model {self.name!r} failed: {str(exc).strip()[:500]}")
             job.ended_ns = time.monotonic_ns()
             if not self._post(self._finished, job):

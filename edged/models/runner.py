@@ -275,7 +275,14 @@ class ModelRunner:
         try:
             run.outputs = self.backend.run(merged)
         except Exception as exc:  # any backend failure becomes this batch's error reply
-            log.warning("model %s run failed: %s", self.name, exc)
+            traces = ",".join(job.trace or "-" for job in run.jobs)
+            log.warning(
+                "model %s run failed: %s [trace %s]",
+                self.name,
+                exc,
+                traces,
+                extra={"trace": traces},
+            )
             run.error = RunFailed(f"model {self.name!r} failed to run: {str(exc).strip()[:500]}")
         run.ended_ns = time.monotonic_ns()
 
