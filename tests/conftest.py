@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -116,3 +117,10 @@ def store_versions(daemon_dir: Path, name: str, files: list[Path], **golden: Pat
     for file in files:
         store.add(name, file, "gguf" if file.suffix == ".gguf" else "onnx", golden.get(file.name))
     return store
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for daemons configured with TCP endpoints)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edged.errors import ShapeMismatch
-from tests.conftest import DaemonFactory
+from edged.config import parse_config
+from edged.errors import ConfigError, ShapeMismatch
+from tests.conftest import DaemonFactory, free_port
 
 GOOD = {"x": np.zeros((1, 16), np.float32)}
 BAD = {"x": np.zeros((1, 15), np.float32)}
@@ -50,3 +52,22 @@ def test_metrics_parse_and_count_what_was_sent(
     assert traffic["requests"] == 12 and traffic["latency"]["p50_us"] > 0
     assert models["errors"] == {"SHAPE_MISMATCH": 3}
     assert models["memory"]["charged_bytes"] > 0
+
+
+def test_prometheus_scrapes_the_loopback_http_endpoint(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    demo = {"path": str(models_dir / "demo.onnx"), "preload": True}
+    daemon = start_daemon({"models": {"demo": demo}, "metrics": {"http": address}})
+    with daemon.client() as client:
+        for _ in range(4):
+            client.infer("demo", GOOD)
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        found = samples(response.read().decode())
+    assert found["edged_requests_total", (("model", "demo"), ("version", "1"))] == 4
+
+
+def test_metrics_http_must_stay_on_loopback() -> None:
+    with pytest.raises(ConfigError, match="loopback"):
+        parse_config({"metrics": {"http": "0.0.0.0:9464"}}, "edged.toml", Path())

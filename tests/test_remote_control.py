@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -17,19 +16,13 @@ from edged.config import parse_config
 from edged.edgectl import main as edgectl_main
 from edged.errors import ClientTimeout, ConfigError
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory
+from tests.conftest import DaemonFactory, free_port
 
 EDGECTL = [
     sys.executable,
     "-c",
     "from edged.edgectl import main; raise SystemExit(main())",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.fixture
@@ -131,3 +124,22 @@ def test_tcp_control_without_curve_is_refused_unless_insecure(
     with Client(endpoint, timeout=10) as client:
         assert "demo" in client.command("models")["models"]
     assert "accepts ANY client" in daemon.log()
+
+
+def test_diagnostics_work_remotely(remote: tuple[DaemonProcess, str], keys: Path) -> None:
+    _, endpoint = remote
+    key_dir = keys / "keys"
+    base = [*EDGECTL, "--remote", endpoint, "--server-key", str(key_dir / "server.key")]
+    base += ["--client-key", str(key_dir / "client.key_secret"), "--json"]
+    replies = {
+        name: json.loads(
+            subprocess.run(
+                [*base, name], capture_output=True, text=True, timeout=60, check=True
+            ).stdout
+        )
+        for name in ("status", "metrics", "sysinfo", "selftest")
+    }
+    assert replies["status"]["state"] == "serving"
+    assert "edged_uptime_seconds" in replies["metrics"]["text"]
+    assert replies["sysinfo"]["sysinfo"]["cpu"]["count"] >= 1
+    assert replies["selftest"]["ok_all"] is True
