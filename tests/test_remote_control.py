@@ -137,9 +137,16 @@ def test_diagnostics_work_remotely(remote: tuple[DaemonProcess, str], keys: Path
                 [*base, name], capture_output=True, text=True, timeout=60, check=True
             ).stdout
         )
-        for name in ("status", "metrics", "sysinfo", "selftest")
+        for name in ("status", "models", "metrics", "sysinfo", "config", "stack", "selftest")
     }
     assert replies["status"]["state"] == "serving"
     assert "edged_uptime_seconds" in replies["metrics"]["text"]
     assert replies["sysinfo"]["sysinfo"]["cpu"]["count"] >= 1
     assert replies["selftest"]["ok_all"] is True
+    assert replies["models"]["models"]["demo"]["version"] == 1
+    assert replies["config"]["config"]["control"]["server_key"] == "<redacted>"
+    assert any(thread["name"] == "MainThread" for thread in replies["stack"]["threads"])
+    logs = subprocess.run(
+        [*base, "logs", "-n", "3"], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert len(logs.stdout.splitlines()) == 3
