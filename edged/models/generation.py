@@ -35,7 +35,7 @@ from edged.errors import (
     RunFailed,
 )
 from edged.models.latency import RequestLatency
-from edged.models.runner import ReplySink
+from edged.models.runner import IdleWaiters, ReplySink
 from edged.protocol import Generation, Request
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class GenerationRunner:
         self._current: TextJob | None = None
         self._inbox: queue.SimpleQueue[TextJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"gen-{name}", daemon=True)
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._idle = IdleWaiters(loop)
         self._counters = _Counters()
         self.latency = RequestLatency()
 
@@ -199,8 +199,7 @@ class GenerationRunner:
         return False
 
     async def drained(self) -> None:
-        waiter = self._loop.create_future()
-        self._idle_waiters.append(waiter)
+        waiter = self._idle.add()
         self._next()
         await waiter
 
@@ -280,11 +279,8 @@ class GenerationRunner:
             job.started_ns = now
             self._current = job
             self._inbox.put(job)
-        if self._current is None and self._idle_waiters:
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._idle_waiters.clear()
+        if self._current is None and self._idle:
+            self._idle.release()
 
     def _flush(self, job: TextJob) -> None:
         """Send what the thread produced since the last flush as one partial reply."""

@@ -59,6 +59,28 @@ class Job:
             self.send(protocol.encode_error(self.request_id, error, self.trace))
 
 
+class IdleWaiters:
+    """Futures resolved the next time a runner has nothing queued or running (drain, swap)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: list[asyncio.Future[None]] = []
+
+    def add(self) -> asyncio.Future[None]:
+        waiter = self._loop.create_future()
+        self._waiting.append(waiter)
+        return waiter
+
+    def release(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def __bool__(self) -> bool:
+        return bool(self._waiting)
+
+
 @dataclass(frozen=True)
 class RunnerStatistics:
     queued: int
@@ -116,7 +138,7 @@ class ModelRunner:
         self._recent_run_us: float | None = None
         self._with_deadline = 0  # queued jobs that carry a deadline: skip the scan when none
         self._draining = False
-        self._idle_waiters: list[asyncio.Future[None]] = []
+        self._idle = IdleWaiters(loop)
         self._counters = _Counters()
         self.latency = RequestLatency()
 
@@ -154,17 +176,13 @@ class ModelRunner:
             else:
                 self._in_flight = jobs
                 self._inbox.put(run)
-        if self._idle_waiters and not self._in_flight and not self._queue:
-            for waiter in self._idle_waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-            self._idle_waiters.clear()
+        if self._idle and not self._in_flight and not self._queue:
+            self._idle.release()
 
     async def drained(self) -> None:
         """Return once nothing is queued or running; delays stop holding partial batches."""
         self._draining = True
-        waiter = self._loop.create_future()
-        self._idle_waiters.append(waiter)
+        waiter = self._idle.add()
         self.pump()
         await waiter
 
