@@ -21,6 +21,7 @@ import numpy as np
 from edged import __version__
 from edged.config import find_config_file, load_config
 from edged.errors import ConfigError, EdgedError
+from edged.ota import cli as ota_commands
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 78
@@ -57,6 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_commands = config.add_subparsers(dest="config_command", required=True)
     check = config_commands.add_parser("check", help="validate a config file without starting")
     check.add_argument("file")
+    ota_commands.add_commands(commands)
 
     args = parser.parse_args(argv)
     try:
@@ -64,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args.config)
         if args.command == "infer":
             return _infer(args)
+        if args.command in ("keys", "bundle"):
+            return ota_commands.run(args)
         return _config_check(Path(args.file))
     except ConfigError as exc:
         print(f"edged: {exc}", file=sys.stderr)

@@ -110,6 +110,18 @@ class SwapRejected(EdgedError):
     code = "SWAP_REJECTED"
 
 
+class BadBundle(EdgedError):
+    """A model bundle is malformed, incomplete, tampered with, or not for this device."""
+
+    code = "BAD_BUNDLE"
+
+
+class BadSignature(EdgedError):
+    """A bundle's signature is missing, invalid, or by a key this device does not trust."""
+
+    code = "BAD_SIGNATURE"
+
+
 class DeadlineExceeded(EdgedError):
     """The request's deadline passed before its run could start."""
 
@@ -179,6 +191,8 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         BusyError,
         BudgetExceeded,
         SwapRejected,
+        BadBundle,
+        BadSignature,
         DeadlineExceeded,
         RunFailed,
         ShuttingDown,

@@ -1,0 +1,1 @@
+"""Over-the-air model updates: signed bundles (``bundle``), their signing keys (``keys``)."""

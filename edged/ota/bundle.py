@@ -1,0 +1,372 @@
+"""The model bundle: one tar archive that a fleet's OTA agent carries to a device (docs/OTA.md).
+
+Members, in this order: ``manifest.json`` (what the bundle installs, each file's size and
+sha256), ``manifest.sig`` (a detached Ed25519 signature over the manifest's bytes, with the id
+of the key that made it), then the files under ``files/``. The signature comes before the data,
+so a device rejects an untrusted bundle before it writes a byte of model. Extraction checks
+every member against the signed manifest: no absolute paths, ``..``, links or devices, no file
+missing or extra, sizes and hashes exact, nothing over the size limit.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import platform
+import re
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edged import __version__
+from edged.errors import BadBundle, BadSignature
+from edged.ota.keys import TrustedKeys, key_id, load_private
+
+FORMAT = "edged-bundle/1"
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+FILES = "files/"
+BACKENDS = ("onnx", "gguf")
+ROLES = ("model", "golden")
+MAX_MANIFEST_BYTES = 1 << 20
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    path: str
+    size: int
+    sha256: str
+    role: str = "model"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: int
+    backend: str
+    files: tuple[BundleFile, ...]
+    #: the oldest edged that can install it
+    min_edged: str = "0.0.0"
+    #: machine types (``platform.machine()``) it is for; empty means any
+    architectures: tuple[str, ...] = ()
+    created: str = ""
+    format: str = FORMAT
+
+    @property
+    def model(self) -> BundleFile:
+        return next(f for f in self.files if f.role == "model")
+
+    @property
+    def golden(self) -> BundleFile | None:
+        return next((f for f in self.files if f.role == "golden"), None)
+
+    def to_bytes(self) -> bytes:
+        data = asdict(self)
+        return json.dumps(data, indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes) -> Manifest:
+        try:
+            data = json.loads(raw)
+            files = tuple(BundleFile(**entry) for entry in data.pop("files"))
+            manifest = cls(
+                files=files,
+                architectures=tuple(data.pop("architectures", ())),
+                **data,
+            )
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise BadBundle(f"the manifest is not valid: {exc}") from None
+        manifest.check()
+        return manifest
+
+    def check(self) -> None:
+        """The manifest's own consistency (what it says about the device comes later)."""
+        if self.format != FORMAT:
+            raise BadBundle(f"bundle format {self.format!r}; this edged reads {FORMAT}")
+        if not _FILE_NAME.fullmatch(self.name):
+            raise BadBundle(f"model name {self.name!r} is not a valid model name")
+        if type(self.version) is not int or self.version < 1:
+            raise BadBundle(f"version must be a positive integer, got {self.version!r}")
+        if self.backend not in BACKENDS:
+            raise BadBundle(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        paths = [f.path for f in self.files]
+        if len(set(paths)) != len(paths):
+            raise BadBundle("the manifest lists a file twice")
+        for entry in self.files:
+            if not _FILE_NAME.fullmatch(entry.path):
+                raise BadBundle(f"file name {entry.path!r} is not a plain file name")
+            if entry.role not in ROLES or type(entry.size) is not int or entry.size < 0:
+                raise BadBundle(f"file {entry.path!r}: bad role or size")
+            if not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
+                raise BadBundle(f"file {entry.path!r}: sha256 must be 64 hex digits")
+        if [f.role for f in self.files].count("model") != 1:
+            raise BadBundle("a bundle holds exactly one model file")
+        if [f.role for f in self.files].count("golden") > 1:
+            raise BadBundle("a bundle holds at most one golden vectors file")
+
+    def check_device(self) -> None:
+        """Refuse a bundle made for another machine type or a newer edged."""
+        machine = platform.machine()
+        if self.architectures and machine not in self.architectures:
+            raise BadBundle(
+                f"bundle is for {', '.join(self.architectures)}; this device is {machine}"
+            )
+        if _version_tuple(self.min_edged) > _version_tuple(__version__):
+            raise BadBundle(f"bundle needs edged {self.min_edged} or newer; this is {__version__}")
+
+
+def build(
+    out: Path,
+    name: str,
+    version: int,
+    model: Path,
+    *,
+    backend: str | None = None,
+    golden: Path | None = None,
+    min_edged: str = "0.0.0",
+    architectures: tuple[str, ...] = (),
+) -> Manifest:
+    """Write an unsigned bundle at ``out``; ``sign`` it before shipping."""
+    sources = [(model, "model")] + ([(golden, "golden")] if golden is not None else [])
+    files = tuple(
+        BundleFile(source.name, source.stat().st_size, _sha256(source), role)
+        for source, role in sources
+    )
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    backend = backend or ("gguf" if model.suffix.lower() == ".gguf" else "onnx")
+    manifest = Manifest(name, version, backend, files, min_edged, architectures, created)
+    manifest.check()
+    _write(out, manifest, None, [source for source, _ in sources])
+    return manifest
+
+
+def sign(bundle: Path, private_key: Path) -> str:
+    """Add (or replace) the bundle's signature; returns the signing key's id."""
+    key = load_private(private_key)
+    manifest_bytes, _, sources = _read_for_rewrite(bundle)
+    signature = {
+        "key_id": key_id(key.public_key()),
+        "signature": base64.b64encode(key.sign(manifest_bytes)).decode(),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for member_name, data in sources:
+            path = Path(tmp) / member_name
+            path.write_bytes(data)
+            paths.append(path)
+        _write(bundle, Manifest.parse(manifest_bytes), signature, paths, manifest_bytes)
+    return str(signature["key_id"])
+
+
+def verify(bundle: Path, trusted: TrustedKeys) -> Manifest:
+    """Check the signature against the trusted keys; the manifest it vouches for."""
+    with _open(bundle) as archive:
+        manifest_bytes, signature, _ = _head(archive)
+    _check_signature(manifest_bytes, signature, trusted)
+    return Manifest.parse(manifest_bytes)
+
+
+def extract(bundle: Path, trusted: TrustedKeys, staging: Path, max_bytes: int) -> Manifest:
+    """Verify, then write the bundle's files into ``staging`` (which must exist, empty),
+    checking each against the signed manifest as it streams; fsynced when this returns."""
+    with _open(bundle) as archive:
+        manifest_bytes, signature, pending = _head(archive)
+        _check_signature(manifest_bytes, signature, trusted)
+        manifest = Manifest.parse(manifest_bytes)
+        expected = {f.path: f for f in manifest.files}
+        if sum(f.size for f in manifest.files) > max_bytes:
+            raise BadBundle(f"bundle files total more than the limit of {max_bytes} bytes")
+        seen: set[str] = set()
+        for member in _members(archive, pending):
+            name = _file_name(member)
+            entry = expected.get(name)
+            if entry is None or name in seen:
+                raise BadBundle(f"member {member.name!r} is not in the signed manifest")
+            seen.add(name)
+            _extract_file(archive, member, entry, staging / name)
+        missing = expected.keys() - seen
+        if missing:
+            raise BadBundle(f"file(s) missing from the bundle: {', '.join(sorted(missing))}")
+    _fsync_dir(staging)
+    return manifest
+
+
+def inspect(bundle: Path) -> dict[str, Any]:
+    """What the bundle says, without trusting it."""
+    with _open(bundle) as archive:
+        manifest_bytes, signature, _ = _head(archive)
+    manifest = Manifest.parse(manifest_bytes)
+    return {
+        "manifest": asdict(manifest),
+        "signed_by": signature.get("key_id") if signature else None,
+    }
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def _open(bundle: Path) -> tarfile.TarFile:
+    try:
+        return tarfile.open(bundle, mode="r|")  # a stream: members are read in order, once
+    except (OSError, tarfile.TarError) as exc:
+        raise BadBundle(f"{bundle} is not a readable bundle: {exc}") from None
+
+
+def _head(archive: tarfile.TarFile) -> tuple[bytes, dict[str, Any] | None, list[tarfile.TarInfo]]:
+    """The manifest's bytes and the signature, which must be the first members, and the
+    member read after the manifest when it was not a signature (a stream cannot step back)."""
+    first = _next(archive)
+    if first is None or first.name != MANIFEST or not first.isfile():
+        raise BadBundle(f"a bundle starts with {MANIFEST}")
+    if first.size > MAX_MANIFEST_BYTES:
+        raise BadBundle(f"{MANIFEST} is larger than {MAX_MANIFEST_BYTES} bytes")
+    manifest_bytes = _read_member(archive, first)
+    second = _next(archive)
+    if second is None or second.name != SIGNATURE:
+        return manifest_bytes, None, [] if second is None else [second]
+    try:
+        signature = json.loads(_read_member(archive, second))
+    except ValueError:
+        raise BadSignature(f"{SIGNATURE} is not valid") from None
+    return manifest_bytes, signature, []
+
+
+def _check_signature(
+    manifest: bytes, signature: dict[str, Any] | None, trusted: TrustedKeys
+) -> None:
+    if signature is None:
+        raise BadSignature("the bundle is not signed")
+    try:
+        signer = str(signature["key_id"])
+        raw = base64.b64decode(signature["signature"], validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise BadSignature(f"{SIGNATURE} is not valid") from None
+    trusted.verify(signer, raw, manifest)
+
+
+def _members(archive: tarfile.TarFile, pending: list[tarfile.TarInfo]) -> Any:
+    yield from pending
+    while (member := _next(archive)) is not None:
+        yield member
+
+
+def _next(archive: tarfile.TarFile) -> tarfile.TarInfo | None:
+    try:
+        return archive.next()
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise BadBundle(f"the bundle is damaged or truncated: {exc}") from None
+
+
+def _file_name(member: tarfile.TarInfo) -> str:
+    name = member.name
+    if not name.startswith(FILES) or "/" in name[len(FILES) :] or name in (FILES, f"{FILES}."):
+        raise BadBundle(f"member {name!r} is outside {FILES} or not a plain file name")
+    if not member.isreg():
+        raise BadBundle(f"member {name!r} is a link, device or directory, not a file")
+    return name[len(FILES) :]
+
+
+def _read_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    stream = archive.extractfile(member)
+    if stream is None:
+        raise BadBundle(f"member {member.name!r} is not a file")
+    try:
+        data = stream.read()
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise BadBundle(f"the bundle is damaged or truncated: {exc}") from None
+    if len(data) != member.size:
+        raise BadBundle(f"the bundle is truncated inside {member.name!r}")
+    return data
+
+
+def _extract_file(
+    archive: tarfile.TarFile, member: tarfile.TarInfo, entry: BundleFile, target: Path
+) -> None:
+    if member.size != entry.size:
+        raise BadBundle(
+            f"file {entry.path!r} is {member.size} bytes; the manifest says {entry.size}"
+        )
+    stream = archive.extractfile(member)
+    assert stream is not None  # a regular file, checked above
+    digest, written = hashlib.sha256(), 0
+    with target.open("xb") as out:
+        try:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                written += len(chunk)
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            raise BadBundle(f"the bundle is damaged or truncated: {exc}") from None
+        out.flush()
+        os.fsync(out.fileno())
+    if written != entry.size:
+        raise BadBundle(f"the bundle is truncated inside {entry.path!r}")
+    if digest.hexdigest() != entry.sha256:
+        raise BadBundle(f"file {entry.path!r} does not match its sha256 in the manifest")
+
+
+# -- writing ----------------------------------------------------------------------------------
+
+
+def _write(
+    out: Path,
+    manifest: Manifest,
+    signature: dict[str, Any] | None,
+    sources: list[Path],
+    manifest_bytes: bytes | None = None,
+) -> None:
+    """Write the archive to a temporary name, then rename: never a half-written bundle."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        _add_bytes(archive, MANIFEST, manifest_bytes or manifest.to_bytes())
+        if signature is not None:
+            _add_bytes(archive, SIGNATURE, json.dumps(signature).encode())
+        for source in sources:
+            info = tarfile.TarInfo(FILES + source.name)
+            info.size = source.stat().st_size
+            info.mode = 0o644
+            with source.open("rb") as data:
+                archive.addfile(info, data)
+    tmp.replace(out)
+
+
+def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o644
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _read_for_rewrite(bundle: Path) -> tuple[bytes, dict[str, Any] | None, list[tuple[str, bytes]]]:
+    with _open(bundle) as archive:
+        manifest_bytes, signature, pending = _head(archive)
+        files = [(_file_name(m), _read_member(archive, m)) for m in _members(archive, pending)]
+    return manifest_bytes, signature, files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        while chunk := data.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:3])
