@@ -43,11 +43,16 @@ MODEL_COMMANDS = {
     "promote": "make the candidate version the active one",
     "discard": "end the candidate's trial and unload it",
 }
-LONG = frozenset({"selftest", "reload", "load", "swap", "rollback", "canary", "shadow", "promote"})
+LONG = frozenset(
+    {"selftest", "reload", "load", "swap", "rollback", "canary", "shadow", "promote", "discard"}
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.remote and not (args.server_key and args.client_key):
+        parser.error("--remote needs --server-key (the daemon's .key) and --client-key")
     try:
         if args.command == "keys":
             return _print(args, _generate_keys(Path(args.dir), args.name))
@@ -122,8 +127,6 @@ def _client(args: argparse.Namespace) -> Client:
     """The local control socket, or ``--remote`` with CurveZMQ keys."""
     if not args.remote:
         return Client(args.control or default_control_endpoint(), timeout=args.timeout)
-    if not (args.server_key and args.client_key):
-        raise EdgedError("--remote needs --server-key (the daemon's .key) and --client-key")
     keys = CurveKeys.load(args.server_key, args.client_key)
     return Client(args.remote, timeout=args.timeout, curve=keys)
 
@@ -167,7 +170,8 @@ def _logs(client: Client, args: argparse.Namespace) -> int:
 
 def _log_line(record: dict[str, Any]) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
-    trace = f" [trace {record['trace']}]" if record.get("trace") else ""
+    trace = record.get("trace")
+    trace = f" [trace {trace}]" if trace and f"[trace {trace}]" not in record["message"] else ""
     return f"{stamp} {record['level']} {record['logger']}: {record['message']}{trace}"
 
 

@@ -249,8 +249,9 @@ def dispatch(
             raise UnknownOp(f"op {request.op!r} {elsewhere}")
         handler(request, send, peer)
     except EdgedError as exc:
-        if errors is not None:
-            errors[request.model or "", exc.code] += 1
+        if errors is not None:  # an unknown name is not a model: no series of its own
+            model = "" if exc.code == UnknownModel.code else request.model or ""
+            errors[model, exc.code] += 1
         send(protocol.encode_error(request.id, exc, request.trace))
     except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
         log.exception(

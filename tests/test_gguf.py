@@ -329,3 +329,10 @@ def test_sigterm_lets_a_running_generation_finish(llm_daemon: DaemonProcess) -> 
         done = stream.text()
     assert done.finish_reason == "length" and done.completion_tokens == 300
     assert llm_daemon.wait() == 0
+
+
+def test_selftest_runs_every_kind_of_loaded_model(llm_daemon: DaemonProcess) -> None:
+    with llm_daemon.control() as control:
+        result = control.command("selftest", timeout=120)
+    assert result["ok_all"] is True
+    assert result["results"] == {name: "ok" for name in ("llm", "llm4", "emb")}  # loaded ones

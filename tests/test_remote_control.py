@@ -61,6 +61,7 @@ def test_an_allowed_key_controls_the_daemon_remotely(
     remote: tuple[DaemonProcess, str], keys: Path
 ) -> None:
     daemon, endpoint = remote
+    (keys / "allowed" / "broken.key").write_text("not a key file")  # skipped, never fatal
     curve = CurveKeys.load(
         str(keys / "keys" / "server.key"), str(keys / "keys" / "client.key_secret")
     )
@@ -80,6 +81,7 @@ def test_an_allowed_key_controls_the_daemon_remotely(
     done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
     assert list(json.loads(done.stdout)["models"]) == ["demo"]
     wait_for_log(daemon, "accepted")
+    assert "skipping" in daemon.log() and "broken.key" in daemon.log()
 
 
 @pytest.mark.parametrize(

@@ -38,9 +38,10 @@ class KeyAllowList:
         self.directory = directory
 
     def callback(self, domain: str, client_key: bytes) -> bool:
+        """Never raises: an exception here would stop ZAP, and with it all remote control."""
         try:
-            allowed = zmq.auth.load_certificates(str(self.directory))
-        except OSError as exc:
+            allowed = self._keys()
+        except Exception as exc:  # refuse, say why, and keep ZAP alive for the next attempt
             log.error("control: cannot read the authorized keys in %s: %s", self.directory, exc)
             return False
         if client_key in allowed:
@@ -52,6 +53,19 @@ class KeyAllowList:
             self.directory,
         )
         return False
+
+    def _keys(self) -> set[bytes]:
+        """The public keys of the directory's ``.key`` files; a file that is not one is skipped
+        (and logged) rather than costing every other client its access."""
+        keys = set()
+        for path in sorted(self.directory.glob("*.key")):
+            try:
+                public, _ = zmq.auth.load_certificate(str(path))
+            except (OSError, ValueError) as exc:
+                log.warning("control: skipping %s, not a public key file: %s", path, exc)
+                continue
+            keys.add(public)
+        return keys
 
 
 def load_server_keys(path: Path) -> tuple[bytes, bytes]:

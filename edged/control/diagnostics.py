@@ -21,9 +21,10 @@ import psutil
 from edged import __version__, protocol
 from edged.config import Config
 from edged.control.logring import LogRing, Record
+from edged.control.metrics import loaded_runners, runner_errors
 from edged.control.stack import task_stacks, thread_stacks
 from edged.control.sysinfo import sysinfo
-from edged.errors import BadRequest
+from edged.errors import BadRequest, error_from_code
 from edged.models.generation import GenerationRunner
 from edged.models.loading import in_fresh_thread
 from edged.models.registry import Registry, as_edged_error
@@ -57,6 +58,7 @@ class Diagnostics:
         self._process.cpu_percent(None)  # primes the measurement: the first call reads 0
         psutil.cpu_percent(percpu=True)
         self._follows: dict[tuple[bytes, int], Any] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.ops: dict[str, Handler] = {
             "status": self._status,
             "sysinfo": self._sysinfo,
@@ -100,10 +102,18 @@ class Diagnostics:
                 "reserve_bytes": budget.reserve,
             },
             "models": models,
-            "errors": sum(self.service.errors.values()),
+            "errors": sum(self.service.errors.values())
+            + sum(
+                sum(runner_errors(runner).values()) for _, runner in loaded_runners(self.registry)
+            ),
             "last_errors": self.logs.last_errors()[-5:],
         }
         send(protocol.encode_reply(request.id, with_trace(fields, request)))
+
+    def _errors(self) -> int:
+        """Error replies so far: refused ones and those the models' runners answered."""
+        answered = (runner_errors(runner) for _, runner in loaded_runners(self.registry))
+        return sum(self.service.errors.values()) + sum(sum(e.values()) for e in answered)
 
     def _sysinfo(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """CPU, load, memory, disks, temperatures; GPU load, power rails, nvpmodel on Jetson."""
@@ -182,18 +192,20 @@ class Diagnostics:
             fields = {"results": results, "ok_all": all(r == "ok" for r in results.values())}
             send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
-        asyncio.get_running_loop().create_task(run())
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)  # a task nobody holds may be collected before it is done
+        task.add_done_callback(self._tasks.discard)
 
 
 async def _probe(runner: GenerationRunner) -> None:
     """One token (or one embedding) through the model's own queue: its context is never used
     from two threads at once."""
-    done: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
+    done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
 
     def sink(frames: list[Any]) -> bool:
-        reply = protocol.decode_reply(frames)
-        if not reply.fields.get("more") and not done.done():
-            done.set_result(reply)
+        header = protocol.unpack_header(frames[0], protocol.Limits())  # outputs not needed
+        if not header.get("more") and not done.done():
+            done.set_result(header)
         return True
 
     if runner.backend.embedding:
@@ -202,7 +214,10 @@ async def _probe(runner: GenerationRunner) -> None:
         generation = protocol.Generation(WARM_UP_PROMPT, 1, (), 0.0, 1.0, 0)
         probe = Request(0, "generate", model=runner.name, generation=generation)
     runner.submit(probe, sink, b"selftest")
-    (await done).raise_for_error()
+    reply = await done
+    if not reply.get("ok"):
+        error = reply.get("error") or {}
+        raise error_from_code(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
 
 
 def _at_least(record: Record, level: str | None) -> bool:
