@@ -16,6 +16,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -113,31 +114,69 @@ class ModelStore:
     def add(self, name: str, source: Path, fmt: str, golden: Path | None = None) -> Manifest:
         """Install ``source`` as the next version of ``name``, with the golden vectors a swap
         checks it against when given (``edged.models.validation``); returns its manifest."""
-        if fmt not in FORMATS:
-            raise StoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        with self.staging() as staging:
+            target = staging / source.name
+            _, digest = _copy_hashing(source, target)
+            if golden is not None:
+                _copy_hashing(golden, target.with_suffix(".golden.npz"))
+            version = self._next_version(name)
+            return self.publish(staging, name, version, fmt, source.name, sha256=digest)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """An empty directory on the store's filesystem (so ``publish`` can rename it into
+        place); removed on the way out unless it was published."""
         staging_root = self.root / STAGING
         staging_root.mkdir(parents=True, exist_ok=True)
         _remove_stale(staging_root)
         staging = Path(tempfile.mkdtemp(dir=staging_root))
         try:
-            target = staging / source.name
-            size, digest = _copy_hashing(source, target)
-            if golden is not None:
-                _copy_hashing(golden, target.with_suffix(".golden.npz"))
-            version = self._next_version(name)
-            created = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            manifest = Manifest(name, version, fmt, source.name, size, digest, created)
-            _write_synced(staging / MANIFEST, json.dumps(asdict(manifest), indent=2).encode())
-            _fsync_dir(staging)
-            final = self.root / name / str(version)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            staging.rename(final)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+
+    def publish(
+        self,
+        staging: Path,
+        name: str,
+        version: int,
+        fmt: str,
+        file: str,
+        *,
+        sha256: str | None = None,
+    ) -> Manifest:
+        """Make a staged directory (its files written and fsynced) version ``version`` of
+        ``name``: the manifest is written, then the directory renamed into place in one step.
+        ``sha256`` is the model file's, when already known (else it is read again)."""
+        if fmt not in FORMATS:
+            raise StoreError(f"format {fmt!r} is not one of {', '.join(FORMATS)}")
+        if version in self.versions(name) or (self.root / name / str(version)).exists():
+            raise StoreError(f"model {name!r} already has a version {version} in the store")
+        model = staging / file
+        size, digest = model.stat().st_size, sha256 or _sha256(model)
+        created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        manifest = Manifest(name, version, fmt, file, size, digest, created)
+        _write_synced(staging / MANIFEST, json.dumps(asdict(manifest), indent=2).encode())
+        _fsync_dir(staging)
+        final = self.root / name / str(version)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging.rename(final)
         _fsync_dir(final.parent)
         log.info("stored %s version %d (%d bytes, sha256 %s)", name, version, size, digest[:12])
         return manifest
+
+    def remove(self, name: str, version: int) -> None:
+        """Delete a version (one that failed to install): renamed aside first, so a power cut
+        never leaves a version directory half-deleted with its manifest still in place."""
+        directory = self.root / name / str(version)
+        if not directory.exists():
+            return
+        staging_root = self.root / STAGING
+        staging_root.mkdir(parents=True, exist_ok=True)
+        aside = Path(tempfile.mkdtemp(dir=staging_root))
+        directory.rename(aside / "removed")
+        _fsync_dir(directory.parent)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def _remove_stale(staging_root: Path) -> None:
@@ -148,6 +187,16 @@ def _remove_stale(staging_root: Path) -> None:
         with contextlib.suppress(OSError):
             if entry.stat().st_mtime < cutoff:
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    import hashlib  # see _copy_hashing
+
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        while chunk := data.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _copy_hashing(source: Path, target: Path) -> tuple[int, str]:
