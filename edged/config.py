@@ -130,6 +130,17 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class OtaConfig:
+    """Signed model bundles: which keys this device trusts, and how large a bundle may be."""
+
+    #: a directory of Ed25519 public keys (``NAME.pub`` from ``edged keys gen``); "" means
+    #: bundles cannot be installed
+    trusted_keys: str = ""
+    #: the largest bundle accepted, its files together
+    max_bundle_mb: int = _at_least(4096, 1)
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     #: also serve the Prometheus metrics over HTTP at this loopback "HOST:PORT" ("" = off)
     http: str = ""
@@ -165,6 +176,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    ota: OtaConfig = field(default_factory=OtaConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: model name -> declaration; empty means "serve the built-in demo model"
     models: dict[str, ModelConfig] = field(default_factory=dict)
@@ -228,7 +240,11 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     )
     _check_remote_control(control, source)
     _check_metrics(config.metrics, source)
-    return dataclasses.replace(config, daemon=daemon, control=control, models=models, source=source)
+    trusted = config.ota.trusted_keys
+    ota = dataclasses.replace(config.ota, trusted_keys=str(base_dir / trusted) if trusted else "")
+    return dataclasses.replace(
+        config, daemon=daemon, control=control, ota=ota, models=models, source=source
+    )
 
 
 def _check_remote_control(control: ControlConfig, source: str) -> None:

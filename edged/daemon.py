@@ -105,6 +105,19 @@ class Daemon:
         diagnostics = Diagnostics(
             config, self.registry, self.service, self.logs, str(self.paths.state)
         )
+        installer = None
+        if config.ota.trusted_keys:  # imported only here: cryptography is not small
+            from edged.ota.install import Installer
+            from edged.ota.keys import TrustedKeys
+
+            installer = Installer(
+                self.registry,
+                self.loader,
+                swapper,
+                trusted=TrustedKeys(Path(config.ota.trusted_keys)),
+                state=self.paths.state,
+                max_bytes=config.ota.max_bundle_mb * MIB,
+            )
         self.control = ControlService(
             self.registry,
             self.loader,
@@ -112,6 +125,7 @@ class Daemon:
             reloader,
             metrics=self.metrics,
             diagnostics=diagnostics,
+            installer=installer,
         )
         self._stop: asyncio.Event | None = None
 

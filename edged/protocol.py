@@ -88,9 +88,11 @@ OP_KEYS: dict[str, frozenset[str]] = {
     "selftest": frozenset(),
     "load": frozenset({"model"}),
     "unload": frozenset({"model"}),
+    "install": frozenset({"path", "allow_downgrade"}),
+    "history": frozenset(),
 }
 #: ops whose keys their handlers check (``Request.args``)
-ARGS_OPS = frozenset({"logs"})
+ARGS_OPS = frozenset({"logs", "install"})
 SWAP_POLICIES = ("auto", "overlap", "replace")
 ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})

@@ -13,7 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edged import protocol
 from edged.control.diagnostics import Diagnostics
@@ -26,6 +26,9 @@ from edged.models.runner import ReplySink
 from edged.models.swap import Swapper, SwapReport
 from edged.protocol import Request
 from edged.service import Handler, dispatch, with_trace
+
+if TYPE_CHECKING:
+    from edged.ota.install import Installer
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,10 @@ class ControlService:
         *,
         metrics: Metrics,
         diagnostics: Diagnostics,
+        installer: Installer | None,
     ) -> None:
         self.registry = registry
+        self.installer = installer
         self.metrics = metrics
         self.diagnostics = diagnostics
         self.loader = loader
@@ -62,6 +67,8 @@ class ControlService:
             "load": self._load,
             "unload": self._unload,
             "cancel": self._cancel,
+            "install": self._install,
+            "history": self._history,
             **diagnostics.ops,
         }
 
@@ -135,6 +142,24 @@ class ControlService:
         self.registry.unload(slot, "on request")
         fields = {"model": slot.name, "version": slot.version, "state": slot.state.value}
         send(protocol.encode_reply(request.id, with_trace(fields, request)))
+
+    def _install(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Install a signed bundle file that is on this device (``path``) and swap to it."""
+        installer = self._ota()
+        path, downgrade = request.args.get("path"), request.args.get("allow_downgrade", False)
+        if not isinstance(path, str) or not path or type(downgrade) is not bool:
+            raise BadRequest("'path' must name a bundle file; 'allow_downgrade' is a boolean")
+        self._run(request, send, installer.install(Path(path), allow_downgrade=downgrade))
+
+    def _history(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """The last installs, newest last: outcome, version, reason, swap report."""
+        fields = {"installs": self._ota().history()}
+        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+
+    def _ota(self) -> Installer:
+        if self.installer is None:
+            raise BadRequest("this daemon installs no bundles: set 'ota.trusted_keys'")
+        return self.installer
 
     def _cancel(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Stop a ``logs`` follow sent on this connection."""

@@ -1,0 +1,129 @@
+"""Installing a signed bundle: verify, extract, check, publish into the store, swap, keep or undo.
+
+Steps, each leaving the daemon serving: the signature is checked against the trusted keys and
+the files are streamed into a staging directory on the store's filesystem, each checked against
+the signed manifest; the bundle must suit this device and its version must exceed every one
+installed (unless a downgrade is authorised); the staged version is renamed into the store in
+one step; the model is hot swapped to it, which validates it (interface, warm-up, golden
+vectors). A version that fails to swap in is removed from the store again, and the reason
+recorded. Every install's outcome is appended to ``<state>/ota/history.jsonl``, and the last
+one written to ``<state>/ota/status.json`` for fleet agents to read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from edged.errors import BadBundle
+from edged.models.loading import ModelLoader, in_fresh_thread
+from edged.models.registry import Registry, as_edged_error
+from edged.models.swap import Swapper
+from edged.ota.bundle import Manifest, extract
+from edged.ota.keys import TrustedKeys
+from edged.store import ModelStore
+
+log = logging.getLogger(__name__)
+
+
+class Installer:
+    def __init__(
+        self,
+        registry: Registry,
+        loader: ModelLoader,
+        swapper: Swapper,
+        *,
+        trusted: TrustedKeys,
+        state: Path,
+        max_bytes: int,
+    ) -> None:
+        self.registry = registry
+        self.loader = loader
+        self.swapper = swapper
+        self.trusted = trusted
+        self.directory = state / "ota"
+        self.max_bytes = max_bytes
+
+    @property
+    def store(self) -> ModelStore:
+        return self.loader.store
+
+    async def install(self, bundle: Path, *, allow_downgrade: bool = False) -> dict[str, Any]:
+        """Install ``bundle`` and make it the model's active version; the outcome either way
+        is recorded, and an error raised when it did not take."""
+        started = time.time()
+        record: dict[str, Any] = {"bundle": str(bundle), "started": started}
+        try:
+            manifest = await in_fresh_thread(self._stage, bundle, allow_downgrade)
+            record.update(model=manifest.name, version=manifest.version)
+            slot = self.registry.slot(manifest.name)
+            target = self.loader.stored(slot.name, slot.config, manifest.version)
+            try:
+                report = await self.swapper.swap(slot, target)
+            except BaseException:
+                self.store.remove(manifest.name, manifest.version)  # never left installed
+                raise
+        except Exception as exc:  # recorded, then the command's error reply
+            error = as_edged_error(exc, "the install failed unexpectedly; see the log")
+            record.update(outcome="rejected", code=error.code, reason=str(error))
+            self._record(record, started)
+            log.warning("install of %s rejected: %s: %s", bundle, error.code, error)
+            raise error from None
+        record.update(outcome="installed", swap=report.fields())
+        self._record(record, started)
+        log.info("installed %s version %d from %s", manifest.name, manifest.version, bundle)
+        return record
+
+    def history(self, last: int = 20) -> list[dict[str, Any]]:
+        path = self.directory / "history.jsonl"
+        if not path.exists():
+            return []
+        lines = path.read_text().splitlines()[-last:]
+        return [json.loads(line) for line in lines if line.strip()]
+
+    def _stage(self, bundle: Path, allow_downgrade: bool) -> Manifest:
+        """Verify and extract into staging, check it suits this device, publish it (blocking)."""
+        with self.store.staging() as staging:
+            manifest = extract(bundle, self.trusted, staging, self.max_bytes)
+            manifest.check_device()
+            installed = self.store.versions(manifest.name)
+            newest = max(installed, default=0)
+            if manifest.version in installed:
+                raise BadBundle(f"{manifest.name} version {manifest.version} is already installed")
+            if manifest.version < newest and not allow_downgrade:
+                raise BadBundle(
+                    f"{manifest.name} version {manifest.version} is older than the installed "
+                    f"{newest}; a downgrade must be authorised"
+                )
+            golden = manifest.golden
+            model = manifest.model
+            if golden is not None:  # where a swap looks for them: beside the model file
+                (staging / golden.path).rename((staging / model.path).with_suffix(".golden.npz"))
+            self.store.publish(
+                staging,
+                manifest.name,
+                manifest.version,
+                manifest.backend,
+                model.path,
+                sha256=model.sha256,
+            )
+        return manifest
+
+    def _record(self, record: dict[str, Any], started: float) -> None:
+        record["seconds"] = round(time.time() - started, 3)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with (self.directory / "history.jsonl").open("a") as history:
+                history.write(json.dumps(record) + "\n")
+                history.flush()
+                os.fsync(history.fileno())
+            status = self.directory / "status.json"
+            tmp = status.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, indent=2))
+            tmp.replace(status)
+        except OSError as exc:  # the install itself stands; only its record is lost
+            log.error("cannot record the install in %s: %s", self.directory, exc)

@@ -1,0 +1,143 @@
+"""Installing signed bundles on a live daemon: good ones swap in, bad ones change nothing."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edged.client import Client
+from edged.errors import BadBundle, BadSignature, EdgedError, ModelLoadError, SwapRejected
+from edged.ota import bundle
+from edged.ota.keys import generate
+from edged.testing import DaemonProcess
+from tests.conftest import DaemonFactory, store_versions
+from tests.models import build_wide_model
+
+WIDTH = 64
+X = np.ones((1, WIDTH), np.float32)
+
+
+@pytest.fixture
+def ota(start_daemon: DaemonFactory, tmp_path: Path) -> tuple[DaemonProcess, dict[str, Path]]:
+    keys = {"trusted": tmp_path / "trusted"}
+    keys["trusted"].mkdir()
+    keys["private"], public = generate(tmp_path / "keys", "fleet")
+    keys["stranger"], _ = generate(tmp_path / "keys", "stranger")
+    (keys["trusted"] / public.name).write_bytes(public.read_bytes())
+    store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
+    config = {
+        "ota": {"trusted_keys": str(keys["trusted"])},
+        "models": {"m": {"preload": True}},
+    }
+    return start_daemon(config, workdir=tmp_path / "d"), keys
+
+
+def make(
+    tmp_path: Path,
+    keys: dict[str, Path],
+    version: int,
+    *,
+    width: int = WIDTH,
+    seed: int = 2,
+    golden: str = "right",
+    key: str = "private",
+    **options: Any,
+) -> Path:
+    model = build_wide_model(tmp_path / f"model-{version}-{width}-{seed}.onnx", width, seed)
+    vectors = None
+    if golden != "none":
+        x = np.ones((2, width), np.float32)
+        y = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+        vectors = tmp_path / f"golden-{version}-{golden}.npz"
+        np.savez(vectors, **{"input.x": x, "output.y": y if golden == "right" else y + 1})
+    out = tmp_path / f"m-{version}-{width}-{golden}-{key}.bundle"
+    bundle.build(out, "m", version, model, golden=vectors, **options)
+    bundle.sign(out, keys[key])
+    return out
+
+
+@pytest.fixture
+def traffic(ota: tuple[DaemonProcess, dict[str, Path]]) -> Iterator[dict[str, int]]:
+    """A client inferring all along; its tally is checked by each test."""
+    daemon, _ = ota
+    tally = {"requests": 0, "failures": 0}
+    stop = threading.Event()
+
+    def run() -> None:
+        with Client(daemon.endpoint, timeout=30) as client:
+            while not stop.is_set():
+                tally["requests"] += 1
+                try:
+                    client.infer("m", {"x": X})
+                except EdgedError:
+                    tally["failures"] += 1
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    yield tally
+    stop.set()
+    worker.join(30)
+
+
+def install(daemon: DaemonProcess, path: Path, **options: Any) -> dict[str, Any]:
+    with daemon.control(timeout=120) as control:
+        return control.command("install", path=str(path), **options)
+
+
+def serving(daemon: DaemonProcess) -> int:
+    with daemon.client() as client:
+        return client.infer("m", {"x": X}).version
+
+
+def test_a_signed_bundle_installs_and_serves_and_is_recorded(
+    ota: tuple[DaemonProcess, dict[str, Path]], traffic: dict[str, int], tmp_path: Path
+) -> None:
+    daemon, keys = ota
+    record = install(daemon, make(tmp_path, keys, 2))
+    assert record["outcome"] == "installed" and record["version"] == 2
+    assert serving(daemon) == 2
+    status = json.loads((daemon.workdir / "state" / "ota" / "status.json").read_text())
+    assert status["outcome"] == "installed" and status["version"] == 2
+    with daemon.control() as control:
+        assert [r["version"] for r in control.command("history")["installs"]] == [2]
+    assert traffic["failures"] == 0 and traffic["requests"] > 0
+
+
+def test_bad_bundles_are_rejected_while_the_model_keeps_serving(
+    ota: tuple[DaemonProcess, dict[str, Path]], traffic: dict[str, int], tmp_path: Path
+) -> None:
+    daemon, keys = ota
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model" * 100)
+    unloadable = tmp_path / "unloadable.bundle"
+    bundle.build(unloadable, "m", 9, garbage)
+    bundle.sign(unloadable, keys["private"])
+    install(daemon, make(tmp_path, keys, 3, seed=3))
+    cases = [
+        (make(tmp_path, keys, 4, key="stranger"), BadSignature, "not among the trusted keys"),
+        (make(tmp_path, keys, 3, seed=4), BadBundle, "already installed"),
+        (make(tmp_path, keys, 2, seed=5), BadBundle, "a downgrade must be authorised"),
+        (make(tmp_path, keys, 5, architectures=("riscv128",)), BadBundle, "this device is"),
+        (make(tmp_path, keys, 6, golden="wrong"), SwapRejected, "fails its golden vectors"),
+        (make(tmp_path, keys, 7, width=32), SwapRejected, "incompatible"),
+        (unloadable, ModelLoadError, "cannot load"),
+    ]
+    for path, error, message in cases:
+        with pytest.raises(error, match=message):
+            install(daemon, path)
+        assert serving(daemon) == 3
+    store = sorted(p.name for p in (daemon.workdir / "state" / "models" / "m").iterdir())
+    assert store == ["1", "3"]  # nothing rejected was left installed
+    record = install(daemon, make(tmp_path, keys, 2, seed=6), allow_downgrade=True)
+    assert record["version"] == 2 and serving(daemon) == 2
+    with daemon.control() as control:
+        outcomes = [r["outcome"] for r in control.command("history")["installs"]]
+    assert outcomes == ["installed", *["rejected"] * len(cases), "installed"]
+    assert traffic["failures"] == 0
