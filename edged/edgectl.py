@@ -35,6 +35,7 @@ SIMPLE = {
     "stack": "every thread's and asyncio task's stack (a hung or busy daemon)",
     "selftest": "run every loaded model on its golden vectors; exit 1 if any fails",
     "reload": "serve what the config file and the store say now",
+    "history": "the last bundle installs: outcome, version, reason",
 }
 MODEL_COMMANDS = {
     "load": "load a model now",
@@ -45,6 +46,7 @@ MODEL_COMMANDS = {
 }
 LONG = frozenset(
     {"selftest", "reload", "load", "swap", "rollback", "canary", "shadow", "promote", "discard"}
+    | {"install"}
 )
 
 
@@ -99,6 +101,11 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("version", type=int, nargs="?", help="a stored version (default: newest)")
         sub.add_argument("--path", help="a new model file instead of a stored version")
         sub.add_argument("--force", action="store_true", help="skip the interface check")
+    install = command("install", "install a signed bundle that is on the device, then swap to it")
+    install.add_argument("bundle", help="the bundle file's path on the device")
+    install.add_argument(
+        "--allow-downgrade", action="store_true", help="accept a version older than installed"
+    )
     keys = command("keys", "make a CurveZMQ key pair for remote control")
     keys.add_argument("action", choices=("gen",), help="gen: make a key pair")
     keys.add_argument("name", help="file name stem: NAME.key (public) and NAME.key_secret")
@@ -137,6 +144,13 @@ def _run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
         return client.command(args.command, timeout=timeout)
     if args.command in MODEL_COMMANDS:
         return client.command(args.command, model=args.model, timeout=timeout)
+    if args.command == "install":
+        return client.command(
+            "install",
+            path=args.bundle,  # a path on the device: not resolved here
+            allow_downgrade=args.allow_downgrade or None,
+            timeout=timeout,
+        )
     options = vars(args)
     return client.command(
         args.command,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,8 +107,15 @@ def test_a_signed_bundle_installs_and_serves_and_is_recorded(
     assert serving(daemon) == 2
     status = json.loads((daemon.workdir / "state" / "ota" / "status.json").read_text())
     assert status["outcome"] == "installed" and status["version"] == 2
-    with daemon.control() as control:
-        assert [r["version"] for r in control.command("history")["installs"]] == [2]
+    edgectl = [sys.executable, "-c", "from edged.edgectl import main; raise SystemExit(main())"]
+    done = subprocess.run(
+        [*edgectl, "--control", daemon.control_endpoint, "--json", "history"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert [r["version"] for r in json.loads(done.stdout)["installs"]] == [2]
     assert traffic["failures"] == 0 and traffic["requests"] > 0
 
 
