@@ -17,7 +17,8 @@ import pytest
 from edged.client import Client
 from edged.errors import BadBundle, BadSignature, EdgedError, ModelLoadError, SwapRejected
 from edged.ota import bundle
-from edged.ota.keys import generate
+from edged.ota.keys import TrustedKeys, generate
+from edged.store import ModelStore
 from edged.testing import DaemonProcess
 from tests.conftest import DaemonFactory, store_versions
 from tests.models import build_wide_model
@@ -150,3 +151,21 @@ def test_bad_bundles_are_rejected_while_the_model_keeps_serving(
         outcomes = [r["outcome"] for r in control.command("history")["installs"]]
     assert outcomes == ["installed", *["rejected"] * len(cases), "installed"]
     assert traffic["failures"] == 0
+
+
+def test_a_retry_resumes_an_install_cut_off_before_its_swap(
+    ota: tuple[DaemonProcess, dict[str, Path]], tmp_path: Path
+) -> None:
+    daemon, keys = ota
+    path = make(tmp_path, keys, 4)
+    # what an install leaves when the power goes after publishing: the version in the store
+    staging = tmp_path / "cut"
+    staging.mkdir()
+    extracted = bundle.extract(path, TrustedKeys(keys["trusted"]), staging, 1 << 30)
+    store = ModelStore(daemon.workdir / "state" / "models")
+    store.publish(staging, "m", 4, "onnx", extracted.model.path)
+    assert serving(daemon) == 1
+    record = install(daemon, path)
+    assert record["resumed"] is True and serving(daemon) == 4
+    with pytest.raises(BadBundle, match="already serving"):
+        install(daemon, path)

@@ -6,7 +6,9 @@ the signed manifest; the bundle must suit this device and its version must excee
 installed (unless a downgrade is authorised); the staged version is renamed into the store in
 one step; the model is hot swapped to it, which validates it (interface, warm-up, golden
 vectors). A version that fails to swap in is removed from the store again, and the reason
-recorded. Every install's outcome is appended to ``<state>/ota/history.jsonl``, and the last
+recorded. A retry of an install cut off between publishing and swapping (a power cut) finds
+its version in the store, byte for byte, and goes on with the swap. Every install's outcome
+is appended to ``<state>/ota/history.jsonl``, and the last
 one written to ``<state>/ota/status.json`` for fleet agents to read.
 """
 
@@ -58,9 +60,11 @@ class Installer:
         started = time.time()
         record: dict[str, Any] = {"bundle": str(bundle), "started": started}
         try:
-            manifest = await in_fresh_thread(self._stage, bundle, allow_downgrade)
-            record.update(model=manifest.name, version=manifest.version)
+            manifest, resumed = await in_fresh_thread(self._stage, bundle, allow_downgrade)
+            record.update(model=manifest.name, version=manifest.version, resumed=resumed)
             slot = self.registry.slot(manifest.name)
+            if resumed and slot.version == manifest.version:
+                raise BadBundle(f"{manifest.name} version {manifest.version} is already serving")
             target = self.loader.stored(slot.name, slot.config, manifest.version)
             try:
                 report = await self.swapper.swap(slot, target)
@@ -85,14 +89,19 @@ class Installer:
         lines = path.read_text().splitlines()[-last:]
         return [json.loads(line) for line in lines if line.strip()]
 
-    def _stage(self, bundle: Path, allow_downgrade: bool) -> Manifest:
-        """Verify and extract into staging, check it suits this device, publish it (blocking)."""
+    def _stage(self, bundle: Path, allow_downgrade: bool) -> tuple[Manifest, bool]:
+        """Verify and extract into staging, check it suits this device, publish it (blocking).
+        ``True`` with the manifest when this very version was published by an install that
+        was interrupted before its swap: the retry goes on from there."""
         with self.store.staging() as staging:
             manifest = extract(bundle, self.trusted, staging, self.max_bytes)
             manifest.check_device()
             installed = self.store.versions(manifest.name)
             newest = max(installed, default=0)
             if manifest.version in installed:
+                stored = self.store.manifest(manifest.name, manifest.version)
+                if stored.sha256 == manifest.model.sha256:
+                    return manifest, True
                 raise BadBundle(f"{manifest.name} version {manifest.version} is already installed")
             if manifest.version < newest and not allow_downgrade:
                 raise BadBundle(
@@ -111,7 +120,7 @@ class Installer:
                 model.path,
                 sha256=model.sha256,
             )
-        return manifest
+        return manifest, False
 
     def _record(self, record: dict[str, Any], started: float) -> None:
         record["seconds"] = round(time.time() - started, 3)
