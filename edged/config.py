@@ -138,6 +138,9 @@ class OtaConfig:
     trusted_keys: str = ""
     #: the largest bundle accepted, its files together
     max_bundle_mb: int = _at_least(4096, 1)
+    #: a directory watched for ``*.bundle`` files (an OTA agent writes, then renames one in);
+    #: "" means none
+    inbox: str = ""
 
 
 @dataclass(frozen=True)
@@ -240,8 +243,14 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     )
     _check_remote_control(control, source)
     _check_metrics(config.metrics, source)
-    trusted = config.ota.trusted_keys
-    ota = dataclasses.replace(config.ota, trusted_keys=str(base_dir / trusted) if trusted else "")
+    trusted, inbox = config.ota.trusted_keys, config.ota.inbox
+    if inbox and not trusted:
+        raise ConfigError(f"{source}: 'ota.inbox' needs 'ota.trusted_keys' to check bundles")
+    ota = dataclasses.replace(
+        config.ota,
+        trusted_keys=str(base_dir / trusted) if trusted else "",
+        inbox=str(base_dir / inbox) if inbox else "",
+    )
     return dataclasses.replace(
         config, daemon=daemon, control=control, ota=ota, models=models, source=source
     )

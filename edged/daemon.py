@@ -118,6 +118,7 @@ class Daemon:
                 state=self.paths.state,
                 max_bytes=config.ota.max_bundle_mb * MIB,
             )
+        self._installer = installer
         self.control = ControlService(
             self.registry,
             self.loader,
@@ -155,6 +156,8 @@ class Daemon:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
             self.registry.unload_idle(time.monotonic_ns())
+            if self._installer is not None and self.config.ota.inbox:
+                self._installer.poll(Path(self.config.ota.inbox))
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         loop = asyncio.get_running_loop()
@@ -169,6 +172,8 @@ class Daemon:
         stack.callback(context.term)
         stack.callback(self.registry.close)
         declared = await in_fresh_thread(self._declared_models)
+        if self.config.ota.inbox:  # there before any agent looks for it
+            await in_fresh_thread(Path(self.config.ota.inbox).mkdir, 0o755, True, True)
         for name, spec in declared.items():
             slot = ModelSlot(name, spec, self.loader.load, loop)
             self.registry.add(slot)

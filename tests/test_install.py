@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +170,30 @@ def test_a_retry_resumes_an_install_cut_off_before_its_swap(
     assert record["resumed"] is True and serving(daemon) == 4
     with pytest.raises(BadBundle, match="already serving"):
         install(daemon, path)
+
+
+def test_bundles_dropped_in_the_inbox_are_installed_or_filed_as_rejected(
+    start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    keys = {"trusted": tmp_path / "trusted"}
+    keys["trusted"].mkdir()
+    keys["private"], public = generate(tmp_path / "keys", "fleet")
+    keys["stranger"], _ = generate(tmp_path / "keys", "stranger")
+    (keys["trusted"] / public.name).write_bytes(public.read_bytes())
+    store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
+    inbox = tmp_path / "inbox"
+    ota = {"trusted_keys": str(keys["trusted"]), "inbox": str(inbox)}
+    daemon = start_daemon({"ota": ota, "models": {"m": {"preload": True}}}, workdir=tmp_path / "d")
+    good, bad = make(tmp_path, keys, 2), make(tmp_path, keys, 3, key="stranger")
+    (inbox / ".m-2.bundle.part").write_bytes(good.read_bytes()[:1000])  # still being written
+    for source in (bad, good):  # an agent writes, then renames into place
+        (inbox / f".{source.name}").write_bytes(source.read_bytes())
+        (inbox / f".{source.name}").rename(inbox / source.name)
+    deadline = time.monotonic() + 30
+    reason_file = inbox / "rejected" / f"{bad.name}.reason"
+    while not ((inbox / "done" / good.name).exists() and reason_file.exists()):
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.05)
+    assert serving(daemon) == 2
+    reason = reason_file.read_text()
+    assert reason.startswith("BAD_SIGNATURE") and (inbox / ".m-2.bundle.part").exists()

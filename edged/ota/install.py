@@ -14,6 +14,7 @@ one written to ``<state>/ota/status.json`` for fleet agents to read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edged.errors import BadBundle
+from edged.errors import BadBundle, EdgedError
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import Registry, as_edged_error
 from edged.models.swap import Swapper
@@ -49,6 +50,7 @@ class Installer:
         self.trusted = trusted
         self.directory = state / "ota"
         self.max_bytes = max_bytes
+        self._inbox_task: asyncio.Task[None] | None = None
 
     @property
     def store(self) -> ModelStore:
@@ -81,6 +83,25 @@ class Installer:
         self._record(record, started)
         log.info("installed %s version %d from %s", manifest.name, manifest.version, bundle)
         return record
+
+    def poll(self, inbox: Path) -> None:
+        """From the daemon's tick: install the next bundle in ``inbox``, if any and if no
+        install runs. Names starting with "." are files still being written (an agent writes,
+        then renames); a finished bundle moves to ``done/``, a refused one to ``rejected/``
+        with a ``.reason`` file beside it."""
+        if self._inbox_task is not None and not self._inbox_task.done():
+            return
+        waiting = sorted(p for p in inbox.glob("*.bundle") if p.is_file())
+        if waiting:
+            self._inbox_task = asyncio.get_running_loop().create_task(self._from_inbox(waiting[0]))
+
+    async def _from_inbox(self, bundle: Path) -> None:
+        try:
+            await self.install(bundle)
+        except EdgedError as exc:  # recorded by install; the reason also goes beside the file
+            _file_away(bundle, "rejected", f"{exc.code}: {exc}\n")
+        else:
+            _file_away(bundle, "done", None)
 
     def history(self, last: int = 20) -> list[dict[str, Any]]:
         path = self.directory / "history.jsonl"
@@ -136,3 +157,15 @@ class Installer:
             tmp.replace(status)
         except OSError as exc:  # the install itself stands; only its record is lost
             log.error("cannot record the install in %s: %s", self.directory, exc)
+
+
+def _file_away(bundle: Path, outcome: str, reason: str | None) -> None:
+    """Move a processed bundle out of the inbox, so it is never installed twice."""
+    target = bundle.parent / outcome
+    try:
+        target.mkdir(exist_ok=True)
+        bundle.replace(target / bundle.name)
+        if reason is not None:
+            (target / f"{bundle.name}.reason").write_text(reason)
+    except OSError as exc:
+        log.error("cannot move %s to %s: %s", bundle, target, exc)
