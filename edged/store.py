@@ -153,15 +153,15 @@ class ModelStore:
         if version in self.versions(name) or (self.root / name / str(version)).exists():
             raise StoreError(f"model {name!r} already has a version {version} in the store")
         model = staging / file
-        size, digest = model.stat().st_size, sha256 or _sha256(model)
+        size, digest = model.stat().st_size, sha256 or sha256_of(model)
         created = datetime.now(timezone.utc).isoformat(timespec="seconds")
         manifest = Manifest(name, version, fmt, file, size, digest, created)
         _write_synced(staging / MANIFEST, json.dumps(asdict(manifest), indent=2).encode())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         final = self.root / name / str(version)
         final.parent.mkdir(parents=True, exist_ok=True)
         staging.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         log.info("stored %s version %d (%d bytes, sha256 %s)", name, version, size, digest[:12])
         return manifest
 
@@ -175,7 +175,7 @@ class ModelStore:
         staging_root.mkdir(parents=True, exist_ok=True)
         aside = Path(tempfile.mkdtemp(dir=staging_root))
         directory.rename(aside / "removed")
-        _fsync_dir(directory.parent)
+        fsync_dir(directory.parent)
         shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -189,7 +189,7 @@ def _remove_stale(staging_root: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
     import hashlib  # see _copy_hashing
 
     digest = hashlib.sha256()
@@ -222,7 +222,7 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)

@@ -28,13 +28,19 @@ WIDTH = 64
 X = np.ones((1, WIDTH), np.float32)
 
 
-@pytest.fixture
-def ota(start_daemon: DaemonFactory, tmp_path: Path) -> tuple[DaemonProcess, dict[str, Path]]:
+def signing_keys(tmp_path: Path) -> dict[str, Path]:
+    """A trusted signing key ("private"), an untrusted one ("stranger"), the trusted dir."""
     keys = {"trusted": tmp_path / "trusted"}
     keys["trusted"].mkdir()
     keys["private"], public = generate(tmp_path / "keys", "fleet")
     keys["stranger"], _ = generate(tmp_path / "keys", "stranger")
     (keys["trusted"] / public.name).write_bytes(public.read_bytes())
+    return keys
+
+
+@pytest.fixture
+def ota(start_daemon: DaemonFactory, tmp_path: Path) -> tuple[DaemonProcess, dict[str, Path]]:
+    keys = signing_keys(tmp_path)
     store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
     config = {
         "ota": {"trusted_keys": str(keys["trusted"])},
@@ -175,11 +181,7 @@ def test_a_retry_resumes_an_install_cut_off_before_its_swap(
 def test_bundles_dropped_in_the_inbox_are_installed_or_filed_as_rejected(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
-    keys = {"trusted": tmp_path / "trusted"}
-    keys["trusted"].mkdir()
-    keys["private"], public = generate(tmp_path / "keys", "fleet")
-    keys["stranger"], _ = generate(tmp_path / "keys", "stranger")
-    (keys["trusted"] / public.name).write_bytes(public.read_bytes())
+    keys = signing_keys(tmp_path)
     store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
     inbox = tmp_path / "inbox"
     ota = {"trusted_keys": str(keys["trusted"]), "inbox": str(inbox)}

@@ -27,6 +27,7 @@ from typing import Any
 from edged import __version__
 from edged.errors import BadBundle, BadSignature
 from edged.ota.keys import TrustedKeys, key_id, load_private
+from edged.store import fsync_dir, sha256_of
 
 FORMAT = "edged-bundle/1"
 MANIFEST = "manifest.json"
@@ -137,7 +138,7 @@ def build(
     """Write an unsigned bundle at ``out``; ``sign`` it before shipping."""
     sources = [(model, "model")] + ([(golden, "golden")] if golden is not None else [])
     files = tuple(
-        BundleFile(source.name, source.stat().st_size, _sha256(source), role)
+        BundleFile(source.name, source.stat().st_size, sha256_of(source), role)
         for source, role in sources
     )
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -195,7 +196,7 @@ def extract(bundle: Path, trusted: TrustedKeys, staging: Path, max_bytes: int) -
         missing = expected.keys() - seen
         if missing:
             raise BadBundle(f"file(s) missing from the bundle: {', '.join(sorted(missing))}")
-    _fsync_dir(staging)
+    fsync_dir(staging)
     return manifest
 
 
@@ -350,22 +351,6 @@ def _read_for_rewrite(bundle: Path) -> tuple[bytes, dict[str, Any] | None, list[
         manifest_bytes, signature, pending = _head(archive)
         files = [(_file_name(m), _read_member(archive, m)) for m in _members(archive, pending)]
     return manifest_bytes, signature, files
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as data:
-        while chunk := data.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
