@@ -138,6 +138,9 @@ class OtaConfig:
     trusted_keys: str = ""
     #: the largest bundle accepted, its files together
     max_bundle_mb: int = _at_least(4096, 1)
+    #: after an install, stored versions beyond the newest this many are removed (never one
+    #: that is loaded or is the rollback target)
+    keep_versions: int = _at_least(3, 2)
     #: a directory watched for ``*.bundle`` files (an OTA agent writes, then renames one in);
     #: "" means none
     inbox: str = ""

@@ -117,6 +117,7 @@ class Daemon:
                 trusted=TrustedKeys(Path(config.ota.trusted_keys)),
                 state=self.paths.state,
                 max_bytes=config.ota.max_bundle_mb * MIB,
+                keep_versions=config.ota.keep_versions,
             )
         self._installer = installer
         self.control = ControlService(

@@ -154,9 +154,13 @@ def test_bad_bundles_are_rejected_while_the_model_keeps_serving(
     assert store == ["1", "3"]  # nothing rejected was left installed
     record = install(daemon, make(tmp_path, keys, 2, seed=6), allow_downgrade=True)
     assert record["version"] == 2 and serving(daemon) == 2
+    record = install(daemon, make(tmp_path, keys, 8, seed=7))  # 4 stored, 3 kept
+    assert record["pruned"] == [1] and serving(daemon) == 8
+    store = sorted(int(p.name) for p in (daemon.workdir / "state" / "models" / "m").iterdir())
+    assert store == [2, 3, 8]
     with daemon.control() as control:
         outcomes = [r["outcome"] for r in control.command("history")["installs"]]
-    assert outcomes == ["installed", *["rejected"] * len(cases), "installed"]
+    assert outcomes == ["installed", *["rejected"] * len(cases), "installed", "installed"]
     assert traffic["failures"] == 0
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from edged.errors import BadBundle, EdgedError
 from edged.models.loading import ModelLoader, in_fresh_thread
-from edged.models.registry import Registry, as_edged_error
+from edged.models.registry import ModelSlot, Registry, as_edged_error
 from edged.models.swap import Swapper
 from edged.ota.bundle import Manifest, extract
 from edged.ota.keys import TrustedKeys
@@ -43,6 +43,7 @@ class Installer:
         trusted: TrustedKeys,
         state: Path,
         max_bytes: int,
+        keep_versions: int,
     ) -> None:
         self.registry = registry
         self.loader = loader
@@ -50,6 +51,7 @@ class Installer:
         self.trusted = trusted
         self.directory = state / "ota"
         self.max_bytes = max_bytes
+        self.keep_versions = keep_versions
         self._inbox_task: asyncio.Task[None] | None = None
 
     @property
@@ -79,7 +81,7 @@ class Installer:
             self._record(record, started)
             log.warning("install of %s rejected: %s: %s", bundle, error.code, error)
             raise error from None
-        record.update(outcome="installed", swap=report.fields())
+        record.update(outcome="installed", swap=report.fields(), pruned=self._prune(slot))
         self._record(record, started)
         log.info("installed %s version %d from %s", manifest.name, manifest.version, bundle)
         return record
@@ -102,6 +104,18 @@ class Installer:
             _file_away(bundle, "rejected", f"{exc.code}: {exc}\n")
         else:
             _file_away(bundle, "done", None)
+
+    def _prune(self, slot: ModelSlot) -> list[int]:
+        """Remove stored versions beyond the newest ``keep_versions``, except any loaded one
+        and the rollback target; returns what went."""
+        versions = self.store.versions(slot.name)
+        keep = set(versions[-self.keep_versions :]) | set(slot.loaded_versions())
+        if slot.previous is not None:
+            keep.add(slot.previous.version)
+        pruned = [version for version in versions if version not in keep]
+        for version in pruned:
+            self.store.remove(slot.name, version)
+        return pruned
 
     def history(self, last: int = 20) -> list[dict[str, Any]]:
         path = self.directory / "history.jsonl"
