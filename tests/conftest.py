@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -124,3 +127,14 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+#: edgectl as an operator runs it: a separate process
+EDGECTL = [sys.executable, "-c", "from edged.edgectl import main; raise SystemExit(main())"]
+
+
+def edgectl_json(daemon: DaemonProcess, *args: str) -> Any:
+    """Run ``edgectl --json ARGS`` against a daemon's control socket; its parsed output."""
+    command = [*EDGECTL, "--control", daemon.control_endpoint, "--json", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(done.stdout)

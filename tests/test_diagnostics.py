@@ -15,9 +15,7 @@ import pytest
 from edged.client import Client
 from edged.errors import BusyError
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory, slow_config
-
-EDGECTL = [sys.executable, "-c", "from edged.edgectl import main; raise SystemExit(main())"]
+from tests.conftest import EDGECTL, DaemonFactory, slow_config
 
 
 def edgectl(daemon: DaemonProcess, *args: str, check: bool = True) -> Any:

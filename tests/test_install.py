@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,7 +19,7 @@ from edged.ota import bundle
 from edged.ota.keys import TrustedKeys, generate
 from edged.store import ModelStore
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory, store_versions
+from tests.conftest import DaemonFactory, edgectl_json, store_versions
 from tests.models import build_wide_model
 
 WIDTH = 64
@@ -115,15 +113,7 @@ def test_a_signed_bundle_installs_and_serves_and_is_recorded(
     assert serving(daemon) == 2
     status = json.loads((daemon.workdir / "state" / "ota" / "status.json").read_text())
     assert status["outcome"] == "installed" and status["version"] == 2
-    edgectl = [sys.executable, "-c", "from edged.edgectl import main; raise SystemExit(main())"]
-    done = subprocess.run(
-        [*edgectl, "--control", daemon.control_endpoint, "--json", "history"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert [r["version"] for r in json.loads(done.stdout)["installs"]] == [2]
+    assert [r["version"] for r in edgectl_json(daemon, "history")["installs"]] == [2]
     assert traffic["failures"] == 0 and traffic["requests"] > 0
 
 

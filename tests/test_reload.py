@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,7 @@ import tomli_w
 from edged.errors import ConfigError, UnknownModel
 from edged.store import ModelStore
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory
+from tests.conftest import DaemonFactory, edgectl_json
 from tests.models import build_wide_model
 
 X = np.ones((1, 64), np.float32)
@@ -103,13 +100,4 @@ def test_a_failed_addition_is_retried_by_the_next_reload_and_edgectl_drives_it(
         rewrite(daemon, {})
         with pytest.raises(ConfigError, match="declares no models"):
             control.command("reload")
-    script = "from edged.edgectl import main; raise SystemExit(main())"
-    edgectl = [sys.executable, "-c", script]
-    done = subprocess.run(
-        [*edgectl, "--control", daemon.control_endpoint, "models", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert sorted(json.loads(done.stdout)["models"]) == ["demo", "late"]
+    assert sorted(edgectl_json(daemon, "models")["models"]) == ["demo", "late"]

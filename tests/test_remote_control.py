@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,7 @@ from edged.config import parse_config
 from edged.edgectl import main as edgectl_main
 from edged.errors import ClientTimeout, ConfigError
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory, free_port
-
-EDGECTL = [
-    sys.executable,
-    "-c",
-    "from edged.edgectl import main; raise SystemExit(main())",
-]
+from tests.conftest import EDGECTL, DaemonFactory, free_port
 
 
 @pytest.fixture
