@@ -144,6 +144,16 @@ class OtaConfig:
     #: a directory watched for ``*.bundle`` files (an OTA agent writes, then renames one in);
     #: "" means none
     inbox: str = ""
+    #: after an install's swap, how long live traffic is watched before the version is
+    #: committed; a version that fails the watch is rolled back. 0 commits at once
+    health_window_s: float = _at_least(60.0, 0.0)
+    #: the gate fails when more than this share of the new version's requests fail
+    health_max_error_rate: float = _at_least(0.01, 0.0)
+    #: the gate fails when the new version's median or p99 latency exceeds the old one's by
+    #: this factor (and by more than 1 ms, so jitter on sub-millisecond models is no regression)
+    health_max_latency_ratio: float = _at_least(3.0, 1.0)
+    #: fewer requests than this in the window cannot judge: the version is committed unjudged
+    health_min_requests: int = _at_least(20, 1)
 
 
 @dataclass(frozen=True)

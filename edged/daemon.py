@@ -35,6 +35,7 @@ from edged.models.budget import MIB, MemoryBudget
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec
 from edged.models.swap import Swapper
+from edged.ota.journal import Journal
 from edged.paths import Paths, default_infer_endpoint, resolve_paths
 from edged.server import Endpoint, Service
 from edged.service import InferenceService
@@ -105,6 +106,7 @@ class Daemon:
         diagnostics = Diagnostics(
             config, self.registry, self.service, self.logs, str(self.paths.state)
         )
+        self.journal = Journal(self.paths.state / "ota")
         installer = None
         if config.ota.trusted_keys:  # imported only here: cryptography is not small
             from edged.ota.install import Installer
@@ -114,10 +116,9 @@ class Daemon:
                 self.registry,
                 self.loader,
                 swapper,
+                journal=self.journal,
+                config=config.ota,
                 trusted=TrustedKeys(Path(config.ota.trusted_keys)),
-                state=self.paths.state,
-                max_bytes=config.ota.max_bundle_mb * MIB,
-                keep_versions=config.ota.keep_versions,
             )
         self._installer = installer
         self.control = ControlService(
@@ -172,6 +173,7 @@ class Daemon:
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
         stack.callback(self.registry.close)
+        await in_fresh_thread(self._recover)
         declared = await in_fresh_thread(self._declared_models)
         if self.config.ota.inbox:  # there before any agent looks for it
             await in_fresh_thread(Path(self.config.ota.inbox).mkdir, 0o755, True, True)
@@ -243,6 +245,11 @@ class Daemon:
     async def _drained(self) -> None:
         await self.registry.settled()  # requests waiting for a load are answered when it ends
         await asyncio.gather(*(runner.drained() for runner in self.registry.runners()))
+
+    def _recover(self) -> None:
+        """Settle what a crash or power cut interrupted, before any model loads (blocking)."""
+        self.loader.store.sweep()
+        self.journal.recover(self.loader.store)
 
     def _declared_models(self) -> dict[str, VersionSpec]:
         """Each declared model's version (blocking); with none declared, the demo, stored on

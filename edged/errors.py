@@ -110,6 +110,13 @@ class SwapRejected(EdgedError):
     code = "SWAP_REJECTED"
 
 
+class Unhealthy(EdgedError):
+    """An installed version failed its health gate on live traffic (errors or latency) and
+    was rolled back."""
+
+    code = "UNHEALTHY"
+
+
 class BadBundle(EdgedError):
     """A model bundle is malformed, incomplete, tampered with, or not for this device."""
 
@@ -191,6 +198,7 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         BusyError,
         BudgetExceeded,
         SwapRejected,
+        Unhealthy,
         BadBundle,
         BadSignature,
         DeadlineExceeded,

@@ -22,12 +22,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edged import faults
 from edged.errors import StoreError
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STAGING = ".staging"
+#: names of directories a removal renames a version to, inside STAGING
+REMOVING = "removing-"
+#: per model: the version an install committed, which a restart serves
+CURRENT = "current"
 FORMATS = ("onnx", "gguf")
 _VERSION_DIR = re.compile(r"[1-9][0-9]*")
 _CHUNK = 1 << 20
@@ -86,6 +91,26 @@ class ModelStore:
     def latest(self, name: str) -> Manifest | None:
         versions = self.versions(name)
         return self.manifest(name, versions[-1]) if versions else None
+
+    def current(self, name: str) -> int | None:
+        """The version last committed for ``name`` (``set_current``), if it is still stored."""
+        try:
+            version = int((self.root / name / CURRENT).read_text())
+        except (OSError, ValueError):
+            return None
+        if version not in self.versions(name):
+            log.warning("model %s: committed version %d is no longer stored", name, version)
+            return None
+        return version
+
+    def set_current(self, name: str, version: int) -> None:
+        """Record ``version`` as the one to serve after a restart; atomic, and durable on
+        return."""
+        pointer = self.root / name / CURRENT
+        tmp = pointer.with_name(f".{CURRENT}.tmp")
+        _write_synced(tmp, f"{version}\n".encode())
+        tmp.replace(pointer)
+        fsync_dir(pointer.parent)
 
     def manifest(self, name: str, version: int) -> Manifest:
         path = self.root / name / str(version) / MANIFEST
@@ -160,6 +185,7 @@ class ModelStore:
         fsync_dir(staging)
         final = self.root / name / str(version)
         final.parent.mkdir(parents=True, exist_ok=True)
+        faults.point("store.publishing")
         staging.rename(final)
         fsync_dir(final.parent)
         log.info("stored %s version %d (%d bytes, sha256 %s)", name, version, size, digest[:12])
@@ -173,10 +199,17 @@ class ModelStore:
             return
         staging_root = self.root / STAGING
         staging_root.mkdir(parents=True, exist_ok=True)
-        aside = Path(tempfile.mkdtemp(dir=staging_root))
+        aside = Path(tempfile.mkdtemp(prefix=REMOVING, dir=staging_root))
         directory.rename(aside / "removed")
         fsync_dir(directory.parent)
+        faults.point("store.removing")
         shutil.rmtree(aside, ignore_errors=True)
+
+    def sweep(self) -> None:
+        """Remove what removals cut off by a crash left behind (blocking); at start."""
+        staging_root = self.root / STAGING
+        for leftover in staging_root.glob(f"{REMOVING}*") if staging_root.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _remove_stale(staging_root: Path) -> None:

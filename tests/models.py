@@ -49,3 +49,17 @@ def _square_model(name: str, nodes: list[onnx.NodeProto], weight: np.ndarray) ->
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def build_one_row_model(path: Path, width: int, seed: int = 0) -> Path:
+    """Declares x float32[batch, width] like ``wide_model`` and passes a one-row warm-up, but
+    fails on any batch of two or more rows: a version that breaks only on live traffic."""
+    weight = np.random.default_rng(seed).standard_normal((width, width), dtype=np.float32)
+    shape = numpy_helper.from_array(np.array([1, width], np.int64), "one_row")
+    nodes = [
+        helper.make_node("Constant", [], ["shape"], value=shape),
+        helper.make_node("Reshape", ["x", "shape"], ["row"]),
+        helper.make_node("MatMul", ["row", "w"], ["y"]),
+    ]
+    save(_square_model("one_row", nodes, weight), path)
+    return path

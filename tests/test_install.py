@@ -41,7 +41,7 @@ def ota(start_daemon: DaemonFactory, tmp_path: Path) -> tuple[DaemonProcess, dic
     keys = signing_keys(tmp_path)
     store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
     config = {
-        "ota": {"trusted_keys": str(keys["trusted"])},
+        "ota": {"trusted_keys": str(keys["trusted"]), "health_window_s": 0.5},
         "models": {"m": {"preload": True}},
     }
     return start_daemon(config, workdir=tmp_path / "d"), keys
@@ -140,26 +140,25 @@ def test_bad_bundles_are_rejected_while_the_model_keeps_serving(
         with pytest.raises(error, match=message):
             install(daemon, path)
         assert serving(daemon) == 3
-    store = sorted(p.name for p in (daemon.workdir / "state" / "models" / "m").iterdir())
-    assert store == ["1", "3"]  # nothing rejected was left installed
+    store = ModelStore(daemon.workdir / "state" / "models")
+    assert store.versions("m") == [1, 3]  # nothing rejected was left installed
     record = install(daemon, make(tmp_path, keys, 2, seed=6), allow_downgrade=True)
     assert record["version"] == 2 and serving(daemon) == 2
     record = install(daemon, make(tmp_path, keys, 8, seed=7))  # 4 stored, 3 kept
     assert record["pruned"] == [1] and serving(daemon) == 8
-    store = sorted(int(p.name) for p in (daemon.workdir / "state" / "models" / "m").iterdir())
-    assert store == [2, 3, 8]
+    assert store.versions("m") == [2, 3, 8] and store.current("m") == 8
     with daemon.control() as control:
         outcomes = [r["outcome"] for r in control.command("history")["installs"]]
     assert outcomes == ["installed", *["rejected"] * len(cases), "installed", "installed"]
     assert traffic["failures"] == 0
 
 
-def test_a_retry_resumes_an_install_cut_off_before_its_swap(
+def test_an_install_of_a_version_stored_byte_for_byte_goes_on_with_the_swap(
     ota: tuple[DaemonProcess, dict[str, Path]], tmp_path: Path
 ) -> None:
     daemon, keys = ota
     path = make(tmp_path, keys, 4)
-    # what an install leaves when the power goes after publishing: the version in the store
+    # the version put in the store beforehand (say, pre-staged by hand)
     staging = tmp_path / "cut"
     staging.mkdir()
     extracted = bundle.extract(path, TrustedKeys(keys["trusted"]), staging, 1 << 30)
@@ -178,7 +177,7 @@ def test_bundles_dropped_in_the_inbox_are_installed_or_filed_as_rejected(
     keys = signing_keys(tmp_path)
     store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
     inbox = tmp_path / "inbox"
-    ota = {"trusted_keys": str(keys["trusted"]), "inbox": str(inbox)}
+    ota = {"trusted_keys": str(keys["trusted"]), "inbox": str(inbox), "health_window_s": 0.2}
     daemon = start_daemon({"ota": ota, "models": {"m": {"preload": True}}}, workdir=tmp_path / "d")
     good, bad = make(tmp_path, keys, 2), make(tmp_path, keys, 3, key="stranger")
     (inbox / ".m-2.bundle.part").write_bytes(good.read_bytes()[:1000])  # still being written

@@ -94,17 +94,20 @@ class ModelLoader:
         return runner
 
     def declared(self, name: str, config: ModelConfig) -> VersionSpec:
-        """A declaration's version (blocking): its own ``path`` as version 1, else the store
-        version it names, else the newest one. A missing file fails here rather than at some
-        sensor's first request."""
+        """A declaration's version (blocking): the store version it names, else the one an
+        install committed, else its own ``path`` as version 1, else the newest stored one. A
+        missing file fails here rather than at some sensor's first request."""
+        if config.version:
+            return self.stored(name, config, config.version)
+        committed = self.store.current(name)
+        if committed is not None:
+            return self.stored(name, config, committed)
         if config.path:
             if not Path(config.path).is_file():
                 raise ModelLoadError(f"model {name!r}: no file at {config.path}")
             return VersionSpec(
                 1, dataclasses.replace(config, backend=config.backend_for(config.path))
             )
-        if config.version:
-            return self.stored(name, config, config.version)
         manifest = self.store.latest(name)
         if manifest is None:
             raise ModelLoadError(

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from edged import faults
 from edged.errors import BadRequest, OpNotSupported, RunFailed, SwapInProgress
 from edged.models.candidate import Candidate
 from edged.models.loading import ModelLoader, in_fresh_thread
@@ -175,6 +176,7 @@ class Swapper:
         except BaseException:
             self.registry.close_runner(new, "after failing validation")
             raise
+        faults.point("swap.validated")
         slot.retiring.append(old)
         slot.activate(new, target)  # from here on, requests go to the new version
         try:

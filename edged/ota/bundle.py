@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edged import __version__
+from edged import __version__, faults
 from edged.errors import BadBundle, BadSignature
 from edged.ota.keys import TrustedKeys, key_id, load_private
 from edged.store import fsync_dir, sha256_of
@@ -193,6 +193,7 @@ def extract(bundle: Path, trusted: TrustedKeys, staging: Path, max_bytes: int) -
                 raise BadBundle(f"member {member.name!r} is not in the signed manifest")
             seen.add(name)
             _extract_file(archive, member, entry, staging / name)
+            faults.point("ota.extracting")
         missing = expected.keys() - seen
         if missing:
             raise BadBundle(f"file(s) missing from the bundle: {', '.join(sorted(missing))}")

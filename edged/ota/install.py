@@ -1,32 +1,37 @@
-"""Installing a signed bundle: verify, extract, check, publish into the store, swap, keep or undo.
+"""Installing a signed bundle: verify, extract, check, publish, swap, watch, commit or undo.
 
-Steps, each leaving the daemon serving: the signature is checked against the trusted keys and
-the files are streamed into a staging directory on the store's filesystem, each checked against
-the signed manifest; the bundle must suit this device and its version must exceed every one
-installed (unless a downgrade is authorised); the staged version is renamed into the store in
-one step; the model is hot swapped to it, which validates it (interface, warm-up, golden
-vectors). A version that fails to swap in is removed from the store again, and the reason
-recorded. A retry of an install cut off between publishing and swapping (a power cut) finds
-its version in the store, byte for byte, and goes on with the swap. Every install's outcome
-is appended to ``<state>/ota/history.jsonl``, and the last
-one written to ``<state>/ota/status.json`` for fleet agents to read.
+Steps, each journaled before it begins (``edged.ota.journal``: a restart settles an install a
+power cut interrupted) and each leaving the daemon serving: the signature is checked against
+the trusted keys and the files are streamed into a staging directory on the store's
+filesystem, each checked against the signed manifest; the bundle must suit this device and its
+version must exceed every one installed (unless a downgrade is authorised); the staged version
+is renamed into the store in one step; the model is hot swapped to it, which validates it
+(interface, warm-up, golden vectors); live traffic on it passes the health gate
+(``edged.ota.health``); and the version is committed: recorded as the one a restart serves.
+A version that fails to swap in, or fails the gate (the previous version is swapped back), is
+removed from the store again, and the reason recorded. A retry of an install whose version is
+already stored byte for byte (say, pre-staged) goes on with the swap. Installs run one at a
+time. Every outcome is appended to ``<state>/ota/history.jsonl``; ``<state>/ota/status.json``
+holds the install under way or the last one, for fleet agents to read.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from edged.errors import BadBundle, EdgedError
+from edged.config import OtaConfig
+from edged.errors import BadBundle, EdgedError, Unhealthy
+from edged.models.budget import MIB
 from edged.models.loading import ModelLoader, in_fresh_thread
-from edged.models.registry import ModelSlot, Registry, as_edged_error
+from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.swap import Swapper
 from edged.ota.bundle import Manifest, extract
+from edged.ota.health import Baseline, HealthGate
+from edged.ota.journal import Journal
 from edged.ota.keys import TrustedKeys
 from edged.store import ModelStore
 
@@ -40,18 +45,19 @@ class Installer:
         loader: ModelLoader,
         swapper: Swapper,
         *,
+        journal: Journal,
+        config: OtaConfig,
         trusted: TrustedKeys,
-        state: Path,
-        max_bytes: int,
-        keep_versions: int,
     ) -> None:
         self.registry = registry
         self.loader = loader
         self.swapper = swapper
+        self.journal = journal
         self.trusted = trusted
-        self.directory = state / "ota"
-        self.max_bytes = max_bytes
-        self.keep_versions = keep_versions
+        self.gate = HealthGate(config)
+        self.max_bytes = config.max_bundle_mb * MIB
+        self.keep_versions = config.keep_versions
+        self._one_at_a_time = asyncio.Lock()
         self._inbox_task: asyncio.Task[None] | None = None
 
     @property
@@ -59,32 +65,85 @@ class Installer:
         return self.loader.store
 
     async def install(self, bundle: Path, *, allow_downgrade: bool = False) -> dict[str, Any]:
-        """Install ``bundle`` and make it the model's active version; the outcome either way
-        is recorded, and an error raised when it did not take."""
-        started = time.time()
-        record: dict[str, Any] = {"bundle": str(bundle), "started": started}
-        try:
-            manifest, resumed = await in_fresh_thread(self._stage, bundle, allow_downgrade)
-            record.update(model=manifest.name, version=manifest.version, resumed=resumed)
-            slot = self.registry.slot(manifest.name)
-            if resumed and slot.version == manifest.version:
-                raise BadBundle(f"{manifest.name} version {manifest.version} is already serving")
-            target = self.loader.stored(slot.name, slot.config, manifest.version)
+        """Install ``bundle`` and make it the model's committed version; the outcome either
+        way is recorded, and an error raised when it did not take."""
+        async with self._one_at_a_time:
+            started = time.time()
+            record: dict[str, Any] = {"bundle": str(bundle), "started": started}
             try:
-                report = await self.swapper.swap(slot, target)
-            except BaseException:
+                await self._install(bundle, allow_downgrade, record)
+            except Exception as exc:  # recorded, then the command's error reply
+                error = as_edged_error(exc, "the install failed unexpectedly; see the log")
+                outcome = "rolled_back" if isinstance(error, Unhealthy) else "rejected"
+                record.update(outcome=outcome, code=error.code, reason=str(error))
+                self._settle(record, started)
+                log.warning("install of %s %s: %s: %s", bundle, outcome, error.code, error)
+                raise error from None
+            self._settle(record, started)
+            log.info("installed %s version %d from %s", record["model"], record["version"], bundle)
+            return record
+
+    async def _install(self, bundle: Path, allow_downgrade: bool, record: dict[str, Any]) -> None:
+        manifest, resumed = await in_fresh_thread(self._stage, bundle, allow_downgrade)
+        record.update(model=manifest.name, version=manifest.version, resumed=resumed)
+        slot = self.registry.slot(manifest.name)
+        if resumed and slot.version == manifest.version:
+            raise BadBundle(f"{manifest.name} version {manifest.version} is already serving")
+        await in_fresh_thread(self.journal.step, "swapping")
+        previous, baseline = slot.spec, Baseline.of(slot.runner)
+        if self._stored(slot.name, previous):  # what a restart serves until this commits
+            await in_fresh_thread(self.store.set_current, slot.name, previous.version)
+        target = self.loader.stored(slot.name, slot.config, manifest.version)
+        try:
+            record["swap"] = (await self.swapper.swap(slot, target)).fields()
+            await in_fresh_thread(self.journal.step, "gating")
+            await self._gate(slot, target, previous, baseline, record)
+        except BaseException:
+            if self.journal.entry is not None and self.journal.entry.owns_version:
                 self.store.remove(manifest.name, manifest.version)  # never left installed
-                raise
-        except Exception as exc:  # recorded, then the command's error reply
-            error = as_edged_error(exc, "the install failed unexpectedly; see the log")
-            record.update(outcome="rejected", code=error.code, reason=str(error))
-            self._record(record, started)
-            log.warning("install of %s rejected: %s: %s", bundle, error.code, error)
-            raise error from None
-        record.update(outcome="installed", swap=report.fields(), pruned=self._prune(slot))
-        self._record(record, started)
-        log.info("installed %s version %d from %s", manifest.name, manifest.version, bundle)
-        return record
+            raise
+        await in_fresh_thread(self.journal.step, "committing")
+        await in_fresh_thread(self.store.set_current, slot.name, manifest.version)
+        await in_fresh_thread(self.journal.step, "committed")
+        record.update(outcome="installed", pruned=self._prune(slot))
+
+    async def _gate(
+        self,
+        slot: ModelSlot,
+        target: VersionSpec,
+        previous: VersionSpec,
+        baseline: Baseline,
+        record: dict[str, Any],
+    ) -> None:
+        """Watch the new version on live traffic; swap the previous one back if it fails."""
+        runner = slot.runner
+        if runner is None or self.gate.window_s == 0:
+            return
+        verdict = await self.gate.watch(runner, baseline, lambda: slot.runner is runner)
+        record["health"] = verdict.fields()
+        if verdict.healthy:
+            return
+        await in_fresh_thread(self.journal.step, "rolling_back")
+        log.warning(
+            "model %s version %d failed its health gate (%s); rolling back to version %d",
+            slot.name,
+            target.version,
+            verdict.reason,
+            previous.version,
+        )
+        if slot.runner is runner:
+            await self.swapper.swap(slot, previous, force=True)
+        raise Unhealthy(
+            f"{slot.name} version {target.version} failed its health gate: {verdict.reason}; "
+            f"rolled back to version {previous.version}"
+        )
+
+    def _stored(self, name: str, spec: VersionSpec) -> bool:
+        """Whether ``spec`` is a store version (not a declaration's own file)."""
+        if spec.version not in self.store.versions(name):
+            return False
+        stored = self.store.model_path(self.store.manifest(name, spec.version))
+        return spec.config.path == str(stored)
 
     def poll(self, inbox: Path) -> None:
         """From the daemon's tick: install the next bundle in ``inbox``, if any and if no
@@ -118,19 +177,17 @@ class Installer:
         return pruned
 
     def history(self, last: int = 20) -> list[dict[str, Any]]:
-        path = self.directory / "history.jsonl"
-        if not path.exists():
-            return []
-        lines = path.read_text().splitlines()[-last:]
-        return [json.loads(line) for line in lines if line.strip()]
+        return self.journal.history(last)
 
     def _stage(self, bundle: Path, allow_downgrade: bool) -> tuple[Manifest, bool]:
         """Verify and extract into staging, check it suits this device, publish it (blocking).
-        ``True`` with the manifest when this very version was published by an install that
-        was interrupted before its swap: the retry goes on from there."""
+        ``True`` with the manifest when this very version is already stored, byte for byte:
+        the install goes on from there."""
         with self.store.staging() as staging:
+            self.journal.begin(bundle, staging)
             manifest = extract(bundle, self.trusted, staging, self.max_bytes)
             manifest.check_device()
+            self.journal.step("verified", model=manifest.name, version=manifest.version)
             installed = self.store.versions(manifest.name)
             newest = max(installed, default=0)
             if manifest.version in installed:
@@ -147,6 +204,7 @@ class Installer:
             model = manifest.model
             if golden is not None:  # where a swap looks for them: beside the model file
                 (staging / golden.path).rename((staging / model.path).with_suffix(".golden.npz"))
+            self.journal.step("publishing", owns_version=True)
             self.store.publish(
                 staging,
                 manifest.name,
@@ -155,22 +213,14 @@ class Installer:
                 model.path,
                 sha256=model.sha256,
             )
+        self.journal.step("published")
         return manifest, False
 
-    def _record(self, record: dict[str, Any], started: float) -> None:
+    def _settle(self, record: dict[str, Any], started: float) -> None:
         record["seconds"] = round(time.time() - started, 3)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with (self.directory / "history.jsonl").open("a") as history:
-                history.write(json.dumps(record) + "\n")
-                history.flush()
-                os.fsync(history.fileno())
-            status = self.directory / "status.json"
-            tmp = status.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2))
-            tmp.replace(status)
-        except OSError as exc:  # the install itself stands; only its record is lost
-            log.error("cannot record the install in %s: %s", self.directory, exc)
+        self.journal.record(record)
+        if self.journal.entry is not None:
+            self.journal.end()
 
 
 def _file_away(bundle: Path, outcome: str, reason: str | None) -> None:
