@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from edged import __version__
+from edged import __version__, logsetup
 from edged.config import find_config_file, load_config
 from edged.errors import ConfigError, EdgedError
 from edged.ota import cli as ota_commands
@@ -97,12 +97,10 @@ def _serve(config_arg: str | None) -> int:
         _without_tls_module()
     from edged.daemon import Daemon  # imports asyncio: after the line above
 
-    logging.basicConfig(
-        level=config.daemon.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    sink = logsetup.configure(config.daemon.log_level)
+    logging.getLogger(__name__).info(
+        "edged %s starting with config %s (logging to %s)", __version__, config.source, sink
     )
-    logging.getLogger(__name__).info("edged %s starting with config %s", __version__, config.source)
     Daemon(config).run()
     return 0
 

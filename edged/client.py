@@ -264,13 +264,17 @@ class Client:
         model: str | None = None,
         version: int | None = None,
         timeout: float | None = None,
+        data: protocol.Buffer | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """A control command (``swap``, ``rollback``, ``models``) on a client of the control
-        socket; unset ``fields`` are left out. Returns the reply's keys."""
+        socket; unset ``fields`` are left out, ``data`` (an ``upload``'s chunk) is sent as the
+        frame after the header. Returns the reply's keys."""
         request_id = next(self._ids)
         given = {key: value for key, value in fields.items() if value is not None}
-        frames = protocol.encode_request(request_id, op, model=model, version=version, fields=given)
+        frames = protocol.encode_request(
+            request_id, op, model=model, version=version, fields=given, data=data
+        )
         return self._call(request_id, frames, timeout).fields
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:

@@ -182,6 +182,9 @@ class DaemonConfig:
     #: after a swap, how long the old version may take to finish its requests (a running
     #: generation included) before they fail
     swap_grace_s: float = _at_least(30.0, 0.0)
+    #: a model run (or, for a language model, the wait for its next token) going longer than
+    #: this counts as stuck: the daemon stops pinging systemd's watchdog, which restarts it
+    stuck_run_s: float = _at_least(120.0, 1.0)
     #: "uvloop" needs the uvloop package; it measured no faster here and costs ~5 MB of RSS
     event_loop: str = _choice("asyncio", "asyncio", "uvloop")
 

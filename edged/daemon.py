@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import zmq
 
+from edged import faults
 from edged.config import Config, ModelConfig
 from edged.control.auth import HandshakeLog, curve_server, load_server_keys, start_authenticator
 from edged.control.diagnostics import Diagnostics
@@ -37,9 +38,11 @@ from edged.models.registry import ModelSlot, Registry, VersionSpec
 from edged.models.swap import Swapper
 from edged.ota.journal import Journal
 from edged.paths import Paths, default_infer_endpoint, resolve_paths
+from edged.sdnotify import Notifier
 from edged.server import Endpoint, Service
 from edged.service import InferenceService
 from edged.store import Manifest, ModelStore
+from edged.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,6 +133,10 @@ class Daemon:
             diagnostics=diagnostics,
             installer=installer,
         )
+        self.notifier = Notifier()
+        self.watchdog = Watchdog(
+            self.registry, self.service, self.notifier, config.daemon.stuck_run_s
+        )
         self._stop: asyncio.Event | None = None
 
     def run(self) -> None:
@@ -142,7 +149,13 @@ class Daemon:
     def request_stop(self) -> None:
         if self._stop is not None and not self._stop.is_set():
             log.info("stop requested; draining")
+            self.notifier.stopping()
             self._stop.set()
+
+    def _reload(self) -> None:
+        """SIGHUP: re-read the config, telling systemd (RELOADING=1, then READY=1)."""
+        self.notifier.reloading()
+        self.control.reload_later(done=lambda: self.notifier.ready(self.watchdog.status()))
 
     async def serve(self) -> None:
         self._stop = asyncio.Event()
@@ -157,6 +170,8 @@ class Daemon:
         while not stop.is_set():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), TICK_S)
+            faults.point("daemon.tick")
+            self.watchdog.tick()
             self.registry.unload_idle(time.monotonic_ns())
             if self._installer is not None and self.config.ota.inbox:
                 self._installer.poll(Path(self.config.ota.inbox))
@@ -169,7 +184,7 @@ class Daemon:
         self.paths.runtime.mkdir(parents=True, exist_ok=True)
         stack.enter_context(instance_lock(self.paths.lock_file, self.paths.infer_endpoint))
         # first in, last out: a SIGTERM during loading or teardown is still a graceful stop
-        stack.enter_context(signal_handlers(loop, self.request_stop, self.control.reload_later))
+        stack.enter_context(signal_handlers(loop, self.request_stop, self._reload))
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
         stack.callback(self.registry.close)
@@ -201,6 +216,7 @@ class Daemon:
         log.info("serving %s on %s", names, ", ".join(serving))
         model = next(iter(self.registry)).name
         log.info("try: %s infer %s --random%s", _edged_command(), model, self._socket_hint())
+        self.notifier.ready(self.watchdog.status())
 
     def _remote_control(
         self, stack: contextlib.AsyncExitStack, context: zmq.Context[Any], loop: Any
@@ -259,7 +275,7 @@ class Daemon:
             demo = store.latest(DEMO_MODEL) or _store_demo(store)
             config = ModelConfig(backend="onnx", max_batch=8, preload=True)
             return {DEMO_MODEL: self.loader.stored(DEMO_MODEL, config, demo.version)}
-        return {name: self.loader.declared(name, c) for name, c in self.config.models.items()}
+        return {name: self.loader.at_start(name, c) for name, c in self.config.models.items()}
 
     def _socket_hint(self) -> str:
         endpoint = self.paths.infer_endpoint

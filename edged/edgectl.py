@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from edged.client import Client, CurveKeys
-from edged.errors import EdgedError
+from edged.errors import ClientTimeout, EdgedError
 from edged.paths import default_control_endpoint
+from edged.store import sha256_of
 
 EXIT_FAILURE = 1
 DEFAULT_TIMEOUT_S = 5.0
@@ -46,8 +47,10 @@ MODEL_COMMANDS = {
 }
 LONG = frozenset(
     {"selftest", "reload", "load", "swap", "rollback", "canary", "shadow", "promote", "discard"}
-    | {"install"}
+    | {"install", "push"}
 )
+#: ``push``: new connections tried after a lost one, each resuming the upload
+PUSH_RETRIES = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -55,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.remote and not (args.server_key and args.client_key):
         parser.error("--remote needs --server-key (the daemon's .key) and --client-key")
+    if args.command == "push" and args.chunk_kib < 1:
+        parser.error("--chunk-kib must be at least 1")
     try:
         if args.command == "keys":
             return _print(args, _generate_keys(Path(args.dir), args.name))
@@ -103,9 +108,15 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--force", action="store_true", help="skip the interface check")
     install = command("install", "install a signed bundle that is on the device, then swap to it")
     install.add_argument("bundle", help="the bundle file's path on the device")
-    install.add_argument(
-        "--allow-downgrade", action="store_true", help="accept a version older than installed"
+    push = command("push", "upload a signed bundle to the device (resumable), then install it")
+    push.add_argument("bundle", help="the bundle file here")
+    push.add_argument(
+        "--chunk-kib", type=int, default=1024, help="KiB per upload message (default 1024)"
     )
+    for sub in (install, push):
+        sub.add_argument(
+            "--allow-downgrade", action="store_true", help="accept a version older than installed"
+        )
     keys = command("keys", "make a CurveZMQ key pair for remote control")
     keys.add_argument("action", choices=("gen",), help="gen: make a key pair")
     keys.add_argument("name", help="file name stem: NAME.key (public) and NAME.key_secret")
@@ -145,12 +156,9 @@ def _run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
     if args.command in MODEL_COMMANDS:
         return client.command(args.command, model=args.model, timeout=timeout)
     if args.command == "install":
-        return client.command(
-            "install",
-            path=args.bundle,  # a path on the device: not resolved here
-            allow_downgrade=args.allow_downgrade or None,
-            timeout=timeout,
-        )
+        return _install(client, args, timeout, path=args.bundle)  # on the device: not resolved
+    if args.command == "push":
+        return _install(client, args, timeout, upload=_push(client, args, timeout))
     options = vars(args)
     return client.command(
         args.command,
@@ -162,6 +170,76 @@ def _run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
         force=args.force or None,
         timeout=timeout,
     )
+
+
+def _install(
+    client: Client,
+    args: argparse.Namespace,
+    timeout: float,
+    *,
+    path: str | None = None,
+    upload: str | None = None,
+) -> dict[str, Any]:
+    """``install`` a bundle: a ``path`` on the device, or a finished ``upload``."""
+    return client.command(
+        "install",
+        path=path,
+        upload=upload,
+        allow_downgrade=args.allow_downgrade or None,
+        timeout=timeout,
+    )
+
+
+def _push(client: Client, args: argparse.Namespace, patience: float) -> str:
+    """Upload the bundle, resuming where the daemon's copy ends after a lost connection (the
+    client reconnects after a timeout); returns its sha256, which names the upload."""
+    bundle = Path(args.bundle)
+    try:
+        sha256, size = sha256_of(bundle), bundle.stat().st_size
+    except OSError as exc:
+        raise EdgedError(f"cannot read the bundle: {exc}") from None
+    retries = 0
+    while True:
+        try:
+            client.command("ping")  # a daemon still down is found within --timeout
+            _send_rest(client, bundle, sha256, size, args=args, patience=patience)
+            return sha256
+        except ClientTimeout as exc:
+            retries += 1
+            if retries > PUSH_RETRIES:
+                raise
+            print(f"edgectl: {exc}; resuming the upload", file=sys.stderr)
+
+
+def _send_rest(
+    client: Client,
+    bundle: Path,
+    sha256: str,
+    size: int,
+    *,
+    args: argparse.Namespace,
+    patience: float,
+) -> None:
+    """Ask the daemon how much of the bundle it has, then send the rest a chunk at a time. A
+    request that may complete the upload (the question, the last chunk) waits ``patience``:
+    its reply comes once the daemon has verified the whole bundle."""
+    progress = client.command("upload", sha256=sha256, size=size, timeout=patience)
+    with bundle.open("rb") as data:
+        data.seek(progress["received"])
+        while not progress["complete"]:
+            offset = progress["received"]
+            piece = data.read(args.chunk_kib * 1024)
+            if not piece:
+                raise EdgedError(f"{bundle} changed while it was sent: push it again")
+            last = offset + len(piece) >= size
+            progress = client.command(
+                "upload",
+                sha256=sha256,
+                size=size,
+                offset=offset,
+                data=piece,
+                timeout=patience if last else args.timeout,
+            )
 
 
 def _logs(client: Client, args: argparse.Namespace) -> int:

@@ -88,11 +88,12 @@ OP_KEYS: dict[str, frozenset[str]] = {
     "selftest": frozenset(),
     "load": frozenset({"model"}),
     "unload": frozenset({"model"}),
-    "install": frozenset({"path", "allow_downgrade"}),
+    "install": frozenset({"path", "upload", "allow_downgrade"}),
     "history": frozenset(),
+    "upload": frozenset({"sha256", "size", "offset"}),
 }
 #: ops whose keys their handlers check (``Request.args``)
-ARGS_OPS = frozenset({"logs", "install"})
+ARGS_OPS = frozenset({"logs", "install", "upload"})
 SWAP_POLICIES = ("auto", "overlap", "replace")
 ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
@@ -164,6 +165,9 @@ class Request:
     args: dict[str, Any] = field(default_factory=dict)
     #: ``swap``, ``canary``, ``shadow``: ``path`` (a new model file), ``policy``, ``force``...
     swap: SwapArgs | None = None
+    #: ``upload`` only: the chunk of the bundle, the frame after the header (raw bytes, not in
+    #: the header, whose size is bounded far below a chunk's)
+    data: Buffer | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +258,7 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
     if deadline is not None and not (_is_number(deadline) and deadline > 0):
         raise BadRequest("'deadline_ms' must be a positive number")
     specs = header.get("inputs", [])
-    if op != "infer" and tensors:
+    if op not in ("infer", "upload") and tensors:
         raise FrameMismatch(f"op {op!r} takes no tensor frames, got {len(tensors)}")
     inputs = _decode_tensors(specs, tensors, limits) if op == "infer" else {}
     target = None
@@ -275,7 +279,15 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
         target=target,
         swap=_swap_args(header) if op in VERSION_OPS else None,
         args={key: header[key] for key in OP_KEYS[op] if key in header} if op in ARGS_OPS else {},
+        data=_data_frame(tensors) if op == "upload" else None,
     )
+
+
+def _data_frame(frames: Sequence[Buffer]) -> Buffer | None:
+    """``upload``'s chunk: one frame after the header, or none (a question of progress)."""
+    if len(frames) > 1:
+        raise FrameMismatch(f"op 'upload' takes one data frame at most, got {len(frames)}")
+    return frames[0] if frames else None
 
 
 def _swap_args(header: Mapping[str, Any]) -> SwapArgs:
@@ -460,8 +472,10 @@ def encode_request(
     deadline_ms: float | None = None,
     trace: str | None = None,
     fields: Mapping[str, Any] | None = None,
+    data: Buffer | None = None,
 ) -> list[Any]:
-    """Frames of a request, as a client sends them; ``fields`` are the op's own keys."""
+    """Frames of a request, as a client sends them; ``fields`` are the op's own keys, ``data``
+    an ``upload``'s chunk."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
     for key, value in (("model", model), ("version", version), ("deadline_ms", deadline_ms)):
         if value is not None:
@@ -473,6 +487,8 @@ def encode_request(
     frames: list[Any] = []
     if inputs is not None:
         header["inputs"], frames = tensor_frames(inputs)
+    if data is not None:
+        frames.append(data)
     return [msgpack.packb(header), *frames]
 
 

@@ -23,6 +23,7 @@ from edged.errors import (
     UnknownOp,
     UnknownRequest,
 )
+from edged.logsetup import log_fields
 from edged.models.candidate import Candidate
 from edged.models.generation import GenerationRunner
 from edged.models.registry import Registry, Runner
@@ -43,6 +44,8 @@ class InferenceService:
         self.registry = registry
         self.accepting = True
         self._pending: set[ModelRunner] = set()
+        #: requests received, for the rate in systemd's status line
+        self.handled = 0
         #: error replies by (model, code), for the metrics
         self.errors: ErrorCounts = Counter()
         #: generate/embed requests waiting for their model's load, by (peer, id): cancelled?
@@ -57,6 +60,7 @@ class InferenceService:
         }
 
     def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
+        self.handled += 1
         elsewhere = "is served on the control socket, not here"
         dispatch(self._ops, request, send, peer, elsewhere, errors=self.errors)
 
@@ -259,7 +263,7 @@ def dispatch(
             request.id,
             request.op,
             request.trace,
-            extra={"trace": request.trace},
+            extra=log_fields(model=request.model, trace=request.trace, code="INTERNAL"),
         )
         error = InternalError("internal error; the daemon log has the details")
         send(protocol.encode_error(request.id, error, request.trace))

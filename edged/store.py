@@ -103,10 +103,16 @@ class ModelStore:
             return None
         return version
 
-    def set_current(self, name: str, version: int) -> None:
-        """Record ``version`` as the one to serve after a restart; atomic, and durable on
-        return."""
+    def set_current(self, name: str, version: int | None) -> None:
+        """Record ``version`` as the one to serve after a restart (``None``: no record);
+        atomic, and durable on return."""
         pointer = self.root / name / CURRENT
+        if version is None:
+            if pointer.exists():
+                pointer.unlink()
+                fsync_dir(pointer.parent)
+            return
+        pointer.parent.mkdir(parents=True, exist_ok=True)
         tmp = pointer.with_name(f".{CURRENT}.tmp")
         _write_synced(tmp, f"{version}\n".encode())
         tmp.replace(pointer)

@@ -7,68 +7,23 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 
 from edged.client import Client
 from edged.errors import BadBundle, BadSignature, EdgedError, ModelLoadError, SwapRejected
 from edged.ota import bundle
-from edged.ota.keys import TrustedKeys, generate
+from edged.ota.keys import TrustedKeys
 from edged.store import ModelStore
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory, edgectl_json, store_versions
-from tests.models import build_wide_model
-
-WIDTH = 64
-X = np.ones((1, WIDTH), np.float32)
-
-
-def signing_keys(tmp_path: Path) -> dict[str, Path]:
-    """A trusted signing key ("private"), an untrusted one ("stranger"), the trusted dir."""
-    keys = {"trusted": tmp_path / "trusted"}
-    keys["trusted"].mkdir()
-    keys["private"], public = generate(tmp_path / "keys", "fleet")
-    keys["stranger"], _ = generate(tmp_path / "keys", "stranger")
-    (keys["trusted"] / public.name).write_bytes(public.read_bytes())
-    return keys
+from tests.bundles import X, install, make, serving, signing_keys, start_ota_daemon
+from tests.conftest import DaemonFactory, edgectl_json
 
 
 @pytest.fixture
 def ota(start_daemon: DaemonFactory, tmp_path: Path) -> tuple[DaemonProcess, dict[str, Path]]:
     keys = signing_keys(tmp_path)
-    store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
-    config = {
-        "ota": {"trusted_keys": str(keys["trusted"]), "health_window_s": 0.5},
-        "models": {"m": {"preload": True}},
-    }
-    return start_daemon(config, workdir=tmp_path / "d"), keys
-
-
-def make(
-    tmp_path: Path,
-    keys: dict[str, Path],
-    version: int,
-    *,
-    width: int = WIDTH,
-    seed: int = 2,
-    golden: str = "right",
-    key: str = "private",
-    **options: Any,
-) -> Path:
-    model = build_wide_model(tmp_path / f"model-{version}-{width}-{seed}.onnx", width, seed)
-    vectors = None
-    if golden != "none":
-        x = np.ones((2, width), np.float32)
-        y = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
-        vectors = tmp_path / f"golden-{version}-{golden}.npz"
-        np.savez(vectors, **{"input.x": x, "output.y": y if golden == "right" else y + 1})
-    out = tmp_path / f"m-{version}-{width}-{golden}-{key}.bundle"
-    bundle.build(out, "m", version, model, golden=vectors, **options)
-    bundle.sign(out, keys[key])
-    return out
+    return start_ota_daemon(start_daemon, tmp_path, keys, health_window_s=0.5), keys
 
 
 @pytest.fixture
@@ -92,16 +47,6 @@ def traffic(ota: tuple[DaemonProcess, dict[str, Path]]) -> Iterator[dict[str, in
     yield tally
     stop.set()
     worker.join(30)
-
-
-def install(daemon: DaemonProcess, path: Path, **options: Any) -> dict[str, Any]:
-    with daemon.control(timeout=120) as control:
-        return control.command("install", path=str(path), **options)
-
-
-def serving(daemon: DaemonProcess) -> int:
-    with daemon.client() as client:
-        return client.infer("m", {"x": X}).version
 
 
 def test_a_signed_bundle_installs_and_serves_and_is_recorded(
@@ -175,10 +120,8 @@ def test_bundles_dropped_in_the_inbox_are_installed_or_filed_as_rejected(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
     keys = signing_keys(tmp_path)
-    store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", WIDTH, 1)])
     inbox = tmp_path / "inbox"
-    ota = {"trusted_keys": str(keys["trusted"]), "inbox": str(inbox), "health_window_s": 0.2}
-    daemon = start_daemon({"ota": ota, "models": {"m": {"preload": True}}}, workdir=tmp_path / "d")
+    daemon = start_ota_daemon(start_daemon, tmp_path, keys, inbox=str(inbox), health_window_s=0.2)
     good, bad = make(tmp_path, keys, 2), make(tmp_path, keys, 3, key="stranger")
     (inbox / ".m-2.bundle.part").write_bytes(good.read_bytes()[:1000])  # still being written
     for source in (bad, good):  # an agent writes, then renames into place

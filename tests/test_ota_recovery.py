@@ -13,9 +13,9 @@ from edged.errors import BadBundle
 from edged.faults import ENV
 from edged.store import STAGING, ModelStore, sha256_of
 from edged.testing import DaemonProcess
+from tests.bundles import WIDTH, install, make, serving, signing_keys
 from tests.conftest import EDGECTL, DaemonFactory, store_versions
 from tests.models import build_wide_model
-from tests.test_install import WIDTH, install, make, serving, signing_keys
 
 #: points at which the install has not committed: a restart rolls it back
 BEFORE_COMMIT = [

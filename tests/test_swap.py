@@ -217,3 +217,16 @@ def test_a_gguf_swap_lets_the_running_generation_finish_on_the_old_version(
     assert report["policy"] == "overlap"
     assert done.version == 2 and done.completion_tokens == 300 and done.finish_reason == "length"
     assert after.version == 1
+
+
+def test_what_an_operator_swaps_to_is_what_a_restart_serves(
+    start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    store_versions(tmp_path / "d", "m", wide_versions(tmp_path, 64))
+    config = {"models": {"m": {"preload": True}}}
+    daemon = start_daemon(config, workdir=tmp_path / "d")
+    assert serving_version(daemon) == 2  # the newest, while nothing was committed
+    with daemon.control() as control:
+        control.command("swap", model="m", version=1)
+    assert daemon.stop() == 0
+    assert serving_version(start_daemon(config, workdir=tmp_path / "d")) == 1

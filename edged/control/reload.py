@@ -134,7 +134,9 @@ class Reloader:
         if target == slot.spec:
             return None
         policy = "replace" if target.version == slot.version else "auto"
-        return (await self.swapper.swap(slot, target, policy)).fields()
+        report = await self.swapper.swap(slot, target, policy)
+        await in_fresh_thread(self.loader.commit, slot.name, slot.spec)  # a restart agrees
+        return report.fields()
 
 
 def _read(source: str) -> Config:

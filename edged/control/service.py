@@ -1,4 +1,5 @@
-"""Operator commands on the control socket: ``swap``, ``rollback``, ``reload`` and ``models``.
+"""Operator commands on the control socket: ``swap``, ``rollback``, ``reload``, ``models``,
+and bundle ``upload`` and ``install``.
 
 A swap takes as long as loading and validating a model, so each runs as a task on the event
 loop and its reply is sent when it is done; the data path keeps serving meanwhile. SIGHUP is
@@ -11,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from edged.control.diagnostics import Diagnostics
 from edged.control.metrics import Metrics, loaded_runners, runner_errors
 from edged.control.reload import Reloader
 from edged.errors import BadRequest, EdgedError, ModelLoadError, SwapInProgress, UnknownRequest
-from edged.models.loading import ModelLoader
+from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.runner import ReplySink
 from edged.models.swap import Swapper, SwapReport
@@ -69,6 +70,7 @@ class ControlService:
             "cancel": self._cancel,
             "install": self._install,
             "history": self._history,
+            "upload": self._upload,
             **diagnostics.ops,
         }
 
@@ -97,7 +99,9 @@ class ControlService:
         if target.version == slot.version:
             raise BadRequest(f"model {slot.name!r} already serves version {target.version}")
         self._run(
-            request, send, self._report(self.swapper.swap(slot, target, args.policy, args.force))
+            request,
+            send,
+            self._report(slot, self.swapper.swap(slot, target, args.policy, args.force)),
         )
 
     def _try_out(self, request: Request, send: ReplySink, peer: bytes) -> None:
@@ -115,7 +119,7 @@ class ControlService:
     def _promote(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Make the candidate the active version (it is loaded: the flip is immediate)."""
         slot = self.registry.slot(str(request.model))
-        self._run(request, send, self._report(self.swapper.promote(slot)))
+        self._run(request, send, self._report(slot, self.swapper.promote(slot)))
 
     def _discard(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """End the candidate's trial and unload it."""
@@ -144,12 +148,40 @@ class ControlService:
         send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
     def _install(self, request: Request, send: ReplySink, peer: bytes) -> None:
-        """Install a signed bundle file that is on this device (``path``) and swap to it."""
+        """Install a signed bundle and swap to it: a file on this device (``path``) or a
+        finished upload (``upload``, its sha256), which goes once installed or refused."""
         installer = self._ota()
-        path, downgrade = request.args.get("path"), request.args.get("allow_downgrade", False)
-        if not isinstance(path, str) or not path or type(downgrade) is not bool:
-            raise BadRequest("'path' must name a bundle file; 'allow_downgrade' is a boolean")
-        self._run(request, send, installer.install(Path(path), allow_downgrade=downgrade))
+        path, upload = request.args.get("path"), request.args.get("upload")
+        downgrade = request.args.get("allow_downgrade")
+        downgrade = False if downgrade is None else downgrade
+        if (path is None) == (upload is None) or type(downgrade) is not bool:
+            raise BadRequest(
+                "give one of 'path' (a bundle file) and 'upload' (a finished upload's sha256); "
+                "'allow_downgrade' is a boolean"
+            )
+        if isinstance(upload, str):
+            work = installer.install_upload(upload, allow_downgrade=downgrade)
+        elif isinstance(path, str) and path:
+            work = installer.install(Path(path), allow_downgrade=downgrade)
+        else:
+            raise BadRequest("'path' must name a bundle file, 'upload' an upload's sha256")
+        self._run(request, send, work)
+
+    def _upload(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Append a chunk of a bundle (the data frame) at ``offset``, or, without one, say how
+        much of it has arrived: where a client that lost its connection goes on."""
+        uploads = self._ota().uploads
+        sha256, size, offset = (request.args.get(key) for key in ("sha256", "size", "offset"))
+        if not isinstance(sha256, str) or type(size) is not int or size < 1:
+            raise BadRequest("'sha256' must be a string and 'size' a positive integer")
+        chunk = None
+        if request.data is not None:
+            if type(offset) is not int or offset < 0:
+                raise BadRequest("a chunk needs its 'offset', a non-negative integer")
+            chunk = (offset, request.data)
+        elif offset is not None:
+            raise BadRequest("'offset' goes with a chunk (the frame after the header)")
+        self._run(request, send, uploads.receive(sha256, size, chunk))
 
     def _history(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """The last installs, newest last: outcome, version, reason, swap report."""
@@ -169,14 +201,16 @@ class ControlService:
             raise UnknownRequest(f"no logs follow with id {target} on this connection")
         send(protocol.encode_reply(request.id, with_trace({"cancelled": target}, request)))
 
-    def reload_later(self) -> None:
-        """SIGHUP: reload in the background; the outcome goes to the log."""
+    def reload_later(self, done: Callable[[], None]) -> None:
+        """SIGHUP: reload in the background; the outcome goes to the log, then ``done``."""
 
         async def reload() -> None:
             try:
                 await self.reloader.reload()
             except EdgedError as exc:
                 log.error("reload refused, nothing changed: %s", exc)
+            finally:
+                done()
 
         self._start(reload())
 
@@ -190,7 +224,9 @@ class ControlService:
         slot = self.registry.slot(str(request.model))
         if slot.previous is None:
             raise BadRequest(f"model {slot.name!r} has no previous version to roll back to")
-        self._run(request, send, self._report(self.swapper.swap(slot, slot.previous, force=True)))
+        self._run(
+            request, send, self._report(slot, self.swapper.swap(slot, slot.previous, force=True))
+        )
 
     def _metrics(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Every metric in the Prometheus text format (``text``)."""
@@ -255,9 +291,11 @@ class ControlService:
             version = stored[-1]
         return self.loader.stored(slot.name, slot.config, version)
 
-    @staticmethod
-    async def _report(swap: Awaitable[SwapReport]) -> dict[str, Any]:
-        return (await swap).fields()
+    async def _report(self, slot: ModelSlot, swap: Awaitable[SwapReport]) -> dict[str, Any]:
+        """The swap's report, once what the operator made active is what a restart serves."""
+        report = await swap
+        await in_fresh_thread(self.loader.commit, slot.name, slot.spec)
+        return report.fields()
 
     def _run(self, request: Request, send: ReplySink, work: Awaitable[dict[str, Any]]) -> None:
         """Reply with ``work``'s result, or its error, once it is done."""

@@ -32,10 +32,10 @@ from edged.errors import (
     DeadlineExceeded,
     EdgedError,
     OpNotSupported,
-    RunFailed,
 )
+from edged.logsetup import log_fields
 from edged.models.latency import RequestLatency
-from edged.models.runner import IdleWaiters, ReplySink
+from edged.models.runner import IdleWaiters, ReplySink, run_failed
 from edged.protocol import Generation, Request
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ class GenerationRunner:
         self._loop = loop
         self._queue: deque[TextJob] = deque()
         self._current: TextJob | None = None
+        self._progress_ns = 0  # when the current job started or last streamed
         self._inbox: queue.SimpleQueue[TextJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"gen-{name}", daemon=True)
         self._idle = IdleWaiters(loop)
@@ -162,6 +163,10 @@ class GenerationRunner:
     @property
     def busy(self) -> bool:
         return bool(self._queue) or self._current is not None
+
+    def stalled_ns(self, now_ns: int) -> int:
+        """How long the current job has gone without producing a token (0 when idle)."""
+        return now_ns - self._progress_ns if self._current is not None else 0
 
     def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
@@ -276,7 +281,7 @@ class GenerationRunner:
                 waited_ms = (now - job.arrived_ns) / 1e6
                 job.fail(DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms queued"))
                 continue
-            job.started_ns = now
+            job.started_ns = self._progress_ns = now
             self._current = job
             self._inbox.put(job)
         if self._current is None and self._idle:
@@ -285,6 +290,7 @@ class GenerationRunner:
     def _flush(self, job: TextJob) -> None:
         """Send what the thread produced since the last flush as one partial reply."""
         job.flush_scheduled = False
+        self._progress_ns = time.monotonic_ns()
         text, tokens = [], 0
         while job.pending:
             piece = job.pending.popleft()
@@ -303,7 +309,7 @@ class GenerationRunner:
                 self.name,
                 job.request.id,
                 trace,
-                extra={"trace": trace},
+                extra=log_fields(model=self.name, version=self.version, trace=trace),
             )
             job.cancelled = True
             self._counters.clients_gone += 1
@@ -363,11 +369,7 @@ class GenerationRunner:
                 else:
                     self._generate(job)
             except Exception as exc:  # any backend failure becomes this job's error reply
-                trace = job.request.trace
-                log.warning(
-                    "model %s failed: %s [trace %s]", self.name, exc, trace, extra={"trace": trace}
-                )
-                job.error = RunFailed(f"model {self.name!r} failed: {str(exc).strip()[:500]}")
+                job.error = run_failed(self.name, self.version, exc, job.request.trace)
             job.ended_ns = time.monotonic_ns()
             if not self._post(self._finished, job):
                 return

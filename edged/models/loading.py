@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 from edged.config import ModelConfig
 from edged.errors import BudgetExceeded, ModelLoadError, StoreError
+from edged.logsetup import log_fields
 from edged.models.budget import footprint
 from edged.models.generation import GenerationRunner
 from edged.models.gguf import GgufBackend
@@ -90,24 +91,34 @@ class ModelLoader:
             budget.charge(name, spec.version, estimate, measured)
         runner = kind.runner(name, spec.version, backend, spec.config, asyncio.get_running_loop())
         runner.start()
-        log.info("model %s version %d loaded", name, spec.version)
+        log.info(
+            "model %s version %d loaded",
+            name,
+            spec.version,
+            extra=log_fields(model=name, version=spec.version),
+        )
         return runner
 
+    def at_start(self, name: str, config: ModelConfig) -> VersionSpec:
+        """What to serve when the daemon starts (blocking): the version last committed (by an
+        install, a swap or a reload), unless the declaration pins a store version."""
+        committed = None if config.version else self.store.current(name)
+        if committed is None:
+            return self.declared(name, config)
+        return self.stored(name, config, committed)
+
     def declared(self, name: str, config: ModelConfig) -> VersionSpec:
-        """A declaration's version (blocking): the store version it names, else the one an
-        install committed, else its own ``path`` as version 1, else the newest stored one. A
-        missing file fails here rather than at some sensor's first request."""
-        if config.version:
-            return self.stored(name, config, config.version)
-        committed = self.store.current(name)
-        if committed is not None:
-            return self.stored(name, config, committed)
+        """A declaration's version (blocking): its own ``path`` as version 1, else the store
+        version it names, else the newest one. A missing file fails here rather than at some
+        sensor's first request."""
         if config.path:
             if not Path(config.path).is_file():
                 raise ModelLoadError(f"model {name!r}: no file at {config.path}")
             return VersionSpec(
                 1, dataclasses.replace(config, backend=config.backend_for(config.path))
             )
+        if config.version:
+            return self.stored(name, config, config.version)
         manifest = self.store.latest(name)
         if manifest is None:
             raise ModelLoadError(
@@ -122,6 +133,15 @@ class ModelLoader:
         if slot.previous is not None:
             known.append(slot.previous.version)
         return max(known) + 1
+
+    def commit(self, name: str, spec: VersionSpec) -> None:
+        """Make ``spec`` what a restart serves (blocking): a store version is recorded; any
+        other file clears the record, and a restart serves the declaration."""
+        stored = None
+        if spec.version in self.store.versions(name):
+            path = self.store.model_path(self.store.manifest(name, spec.version))
+            stored = spec.version if spec.config.path == str(path) else None
+        self.store.set_current(name, stored)
 
     def stored(self, name: str, config: ModelConfig, version: int) -> VersionSpec:
         """Store version ``version`` of ``name``, served with the model's declared options."""

@@ -27,6 +27,7 @@ from edged.errors import (
     RunFailed,
     UnknownModel,
 )
+from edged.logsetup import log_fields
 from edged.models.budget import MIB, MemoryBudget, footprint, give_back_freed_memory
 from edged.models.generation import GenerationRunner
 from edged.models.runner import ModelRunner
@@ -264,7 +265,13 @@ class Registry:
 
     def close_runner(self, runner: Runner, reason: str) -> None:
         """Close, release its charge, and record what the system really got back."""
-        log.info("unloading model %s version %d %s", runner.name, runner.version, reason)
+        log.info(
+            "unloading model %s version %d %s",
+            runner.name,
+            runner.version,
+            reason,
+            extra=log_fields(model=runner.name, version=runner.version),
+        )
         # a request that reached it after it was last seen idle gets an answer, not silence
         runner.abort(RunFailed(f"model {runner.name!r} version {runner.version} was unloaded"))
         before = footprint()

@@ -23,6 +23,7 @@ import numpy as np
 from edged import protocol
 from edged.config import ModelConfig
 from edged.errors import BusyError, DeadlineExceeded, EdgedError, RunFailed
+from edged.logsetup import log_fields
 from edged.models import batching
 from edged.models.backend import Arrays, Backend
 from edged.models.latency import RequestLatency
@@ -37,6 +38,13 @@ DEADLINE_MARGIN_NS = 1_000_000
 EWMA_WEIGHT = 0.1
 #: a single slow run (preemption, a page fault) moves the estimate by at most this much
 EWMA_CLAMP = 2.0
+
+
+def run_failed(name: str, version: int, exc: Exception, trace: str | None) -> RunFailed:
+    """Log a backend's failure (with the fields the journal indexes); the error to reply."""
+    fields = log_fields(model=name, version=version, trace=trace, code=RunFailed.code)
+    log.warning("model %s run failed: %s [trace %s]", name, exc, trace, extra=fields)
+    return RunFailed(f"model {name!r} failed to run: {str(exc).strip()[:500]}")
 
 
 @dataclass(slots=True, eq=False)
@@ -132,6 +140,7 @@ class ModelRunner:
         self._loop = loop
         self._queue: deque[Job] = deque()
         self._in_flight: list[Job] = []
+        self._in_flight_since_ns = 0
         self._inbox: queue.SimpleQueue[_Run | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"run-{name}", daemon=True)
         self._timer: asyncio.TimerHandle | None = None
@@ -148,6 +157,10 @@ class ModelRunner:
     @property
     def busy(self) -> bool:
         return bool(self._queue or self._in_flight)
+
+    def stalled_ns(self, now_ns: int) -> int:
+        """How long the run on the model's thread has been going (0 when none is)."""
+        return now_ns - self._in_flight_since_ns if self._in_flight else 0
 
     def submit(self, job: Job) -> None:
         """Admit a job or refuse it at once; runs start on the next ``pump``."""
@@ -174,7 +187,7 @@ class ModelRunner:
                 self._execute(run)
                 self._finish(run)
             else:
-                self._in_flight = jobs
+                self._in_flight, self._in_flight_since_ns = jobs, run.started_ns
                 self._inbox.put(run)
         if self._idle and not self._in_flight and not self._queue:
             self._idle.release()
@@ -294,14 +307,7 @@ class ModelRunner:
             run.outputs = self.backend.run(merged)
         except Exception as exc:  # any backend failure becomes this batch's error reply
             traces = ",".join(job.trace or "-" for job in run.jobs)
-            log.warning(
-                "model %s run failed: %s [trace %s]",
-                self.name,
-                exc,
-                traces,
-                extra={"trace": traces},
-            )
-            run.error = RunFailed(f"model {self.name!r} failed to run: {str(exc).strip()[:500]}")
+            run.error = run_failed(self.name, self.version, exc, traces)
         run.ended_ns = time.monotonic_ns()
 
     def _finish_threaded(self, run: _Run) -> None:

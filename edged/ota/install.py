@@ -33,6 +33,7 @@ from edged.ota.bundle import Manifest, extract
 from edged.ota.health import Baseline, HealthGate
 from edged.ota.journal import Journal
 from edged.ota.keys import TrustedKeys
+from edged.ota.upload import Uploads
 from edged.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class Installer:
         self.gate = HealthGate(config)
         self.max_bytes = config.max_bundle_mb * MIB
         self.keep_versions = config.keep_versions
+        #: bundles pushed over the control socket, beside the install records
+        self.uploads = Uploads(journal.directory / "uploads", self.max_bytes)
         self._one_at_a_time = asyncio.Lock()
         self._inbox_task: asyncio.Task[None] | None = None
 
@@ -83,6 +86,14 @@ class Installer:
             log.info("installed %s version %d from %s", record["model"], record["version"], bundle)
             return record
 
+    async def install_upload(self, sha256: str, *, allow_downgrade: bool) -> dict[str, Any]:
+        """Install a finished upload; it goes either way: the history keeps the outcome."""
+        bundle = self.uploads.completed(sha256)
+        try:
+            return await self.install(bundle, allow_downgrade=allow_downgrade)
+        finally:
+            self.uploads.remove(sha256)
+
     async def _install(self, bundle: Path, allow_downgrade: bool, record: dict[str, Any]) -> None:
         manifest, resumed = await in_fresh_thread(self._stage, bundle, allow_downgrade)
         record.update(model=manifest.name, version=manifest.version, resumed=resumed)
@@ -91,8 +102,8 @@ class Installer:
             raise BadBundle(f"{manifest.name} version {manifest.version} is already serving")
         await in_fresh_thread(self.journal.step, "swapping")
         previous, baseline = slot.spec, Baseline.of(slot.runner)
-        if self._stored(slot.name, previous):  # what a restart serves until this commits
-            await in_fresh_thread(self.store.set_current, slot.name, previous.version)
+        # what a restart serves until this install commits
+        await in_fresh_thread(self.loader.commit, slot.name, previous)
         target = self.loader.stored(slot.name, slot.config, manifest.version)
         try:
             record["swap"] = (await self.swapper.swap(slot, target)).fields()
@@ -103,7 +114,7 @@ class Installer:
                 self.store.remove(manifest.name, manifest.version)  # never left installed
             raise
         await in_fresh_thread(self.journal.step, "committing")
-        await in_fresh_thread(self.store.set_current, slot.name, manifest.version)
+        await in_fresh_thread(self.loader.commit, slot.name, target)
         await in_fresh_thread(self.journal.step, "committed")
         record.update(outcome="installed", pruned=self._prune(slot))
 
@@ -137,13 +148,6 @@ class Installer:
             f"{slot.name} version {target.version} failed its health gate: {verdict.reason}; "
             f"rolled back to version {previous.version}"
         )
-
-    def _stored(self, name: str, spec: VersionSpec) -> bool:
-        """Whether ``spec`` is a store version (not a declaration's own file)."""
-        if spec.version not in self.store.versions(name):
-            return False
-        stored = self.store.model_path(self.store.manifest(name, spec.version))
-        return spec.config.path == str(stored)
 
     def poll(self, inbox: Path) -> None:
         """From the daemon's tick: install the next bundle in ``inbox``, if any and if no
