@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import re
+import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from edged.errors import BadBundle, BadSignature
 from edged.ota import bundle
 from edged.ota.keys import generate
 from edged.testing import DaemonProcess
@@ -81,3 +86,81 @@ def serving(daemon: DaemonProcess) -> int:
     """The version of "m" that answers now."""
     with daemon.client() as client:
         return client.infer("m", {"x": X}).version
+
+
+# -- bad bundles ----------------------------------------------------------------------------
+
+
+def rewrite(
+    source: Path, out: Path, change: Callable[[str, bytes], list[tuple[tarfile.TarInfo, bytes]]]
+) -> Path:
+    """Copy a bundle member by member through ``change`` (name, data) -> members to write."""
+    with tarfile.open(source) as old, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as new:
+        for member in old.getmembers():
+            stream = old.extractfile(member)
+            for info, data in change(member.name, stream.read() if stream else b""):
+                new.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return out
+
+
+def member(
+    name: str, data: bytes, kind: bytes = tarfile.REGTYPE, link: str = ""
+) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    info.type = kind
+    info.linkname = link
+    return info
+
+
+def keep(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [(member(name, data), data)]
+
+
+def tamper_model(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+    if name.endswith(".onnx"):
+        data = data[:-1] + bytes([data[-1] ^ 1])
+    return keep(name, data)
+
+
+def tamper_manifest(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+    if name == bundle.MANIFEST:  # a higher version than was signed
+        data = re.sub(rb'"version": (\d+)', lambda m: b'"version": 9' + m[1], data, count=1)
+    return keep(name, data)
+
+
+def drop_golden(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+    return [] if name.endswith(".npz") else keep(name, data)
+
+
+def add(
+    extra: tarfile.TarInfo, data: bytes = b""
+) -> Callable[[str, bytes], list[tuple[tarfile.TarInfo, bytes]]]:
+    def change(name: str, payload: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
+        members = keep(name, payload)
+        return [*members, (extra, data)] if name.endswith(".npz") else members
+
+    return change
+
+
+#: (case, change, error, message): every way a bundle's archive can be bad
+BAD = [
+    ("tampered model file", tamper_model, BadBundle, "does not match its sha256"),
+    ("tampered manifest", tamper_manifest, BadSignature, "does not match the manifest"),
+    ("missing file", drop_golden, BadBundle, "missing from the bundle"),
+    (
+        "extra file",
+        add(member("files/extra.bin", b"x"), b"x"),
+        BadBundle,
+        "not in the signed manifest",
+    ),
+    ("path traversal", add(member("files/../../etc/x", b"x"), b"x"), BadBundle, "outside files/"),
+    ("absolute path", add(member("/etc/passwd", b"x"), b"x"), BadBundle, "outside files/"),
+    (
+        "symlink",
+        add(member("files/demo.onnx.link", b"", tarfile.SYMTYPE, "/etc/passwd")),
+        BadBundle,
+        "link",
+    ),
+    ("device", add(member("files/null", b"", tarfile.CHRTYPE)), BadBundle, "device"),
+]

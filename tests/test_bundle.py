@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import io
 import json
 import platform
 import re
-import tarfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,20 +12,15 @@ import pytest
 
 from edged.errors import BadBundle, BadSignature
 from edged.ota import bundle
-from edged.ota.keys import TrustedKeys, generate
+from edged.ota.keys import TrustedKeys
+from tests.bundles import BAD, rewrite, signing_keys
 
 LIMIT = 64 << 20
 
 
 @pytest.fixture
 def keys(tmp_path: Path) -> dict[str, Path]:
-    """A trusted signing key, and one the device does not trust."""
-    trusted = tmp_path / "trusted"
-    trusted.mkdir()
-    private, public = generate(tmp_path / "keys", "fleet")
-    (trusted / public.name).write_bytes(public.read_bytes())
-    stranger, _ = generate(tmp_path / "keys", "stranger")
-    return {"private": private, "stranger": stranger, "trusted": trusted}
+    return signing_keys(tmp_path)
 
 
 @pytest.fixture
@@ -63,80 +55,6 @@ def test_a_signed_bundle_verifies_and_extracts_exactly_its_files(
     ).read_bytes()
     assert bundle.verify(signed, TrustedKeys(keys["trusted"])) == manifest
     assert bundle.inspect(signed)["manifest"]["version"] == 2
-
-
-def rewrite(
-    source: Path, out: Path, change: Callable[[str, bytes], list[tuple[tarfile.TarInfo, bytes]]]
-) -> Path:
-    """Copy a bundle member by member through ``change`` (name, data) -> members to write."""
-    with tarfile.open(source) as old, tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as new:
-        for member in old.getmembers():
-            stream = old.extractfile(member)
-            for info, data in change(member.name, stream.read() if stream else b""):
-                new.addfile(info, io.BytesIO(data) if info.isreg() else None)
-    return out
-
-
-def member(
-    name: str, data: bytes, kind: bytes = tarfile.REGTYPE, link: str = ""
-) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = len(data) if kind == tarfile.REGTYPE else 0
-    info.type = kind
-    info.linkname = link
-    return info
-
-
-def keep(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
-    return [(member(name, data), data)]
-
-
-def tamper_model(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
-    if name == "files/demo.onnx":
-        data = data[:-1] + bytes([data[-1] ^ 1])
-    return keep(name, data)
-
-
-def tamper_manifest(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
-    if name == bundle.MANIFEST:
-        data = data.replace(b'"version": 2', b'"version": 3')
-    return keep(name, data)
-
-
-def drop_golden(name: str, data: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
-    return [] if name.endswith(".golden.npz") else keep(name, data)
-
-
-def add(
-    extra: tarfile.TarInfo, data: bytes = b""
-) -> Callable[[str, bytes], list[tuple[tarfile.TarInfo, bytes]]]:
-    def change(name: str, payload: bytes) -> list[tuple[tarfile.TarInfo, bytes]]:
-        members = keep(name, payload)
-        return [*members, (extra, data)] if name.endswith(".golden.npz") else members
-
-    return change
-
-
-BAD = [
-    ("tampered model file", tamper_model, BadBundle, "does not match its sha256"),
-    ("tampered manifest", tamper_manifest, BadSignature, "does not match the manifest"),
-    ("missing file", drop_golden, BadBundle, "missing from the bundle: demo.golden.npz"),
-    (
-        "extra file",
-        add(member("files/extra.bin", b"x"), b"x"),
-        BadBundle,
-        "not in the signed manifest",
-    ),
-    ("path traversal", add(member("files/../../etc/x", b"x"), b"x"), BadBundle, "outside files/"),
-    ("absolute path", add(member("/etc/passwd", b"x"), b"x"), BadBundle, "outside files/"),
-    (
-        "symlink",
-        add(member("files/demo.onnx.link", b"", tarfile.SYMTYPE, "/etc/passwd")),
-        BadBundle,
-        "link",
-    ),
-    ("device", add(member("files/null", b"", tarfile.CHRTYPE)), BadBundle, "device"),
-]
 
 
 @pytest.mark.parametrize("bad_case", BAD, ids=[case[0] for case in BAD])

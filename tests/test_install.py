@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -16,14 +17,24 @@ from edged.ota import bundle
 from edged.ota.keys import TrustedKeys
 from edged.store import ModelStore
 from edged.testing import DaemonProcess
-from tests.bundles import X, install, make, serving, signing_keys, start_ota_daemon
+from tests.bundles import (
+    BAD,
+    X,
+    install,
+    make,
+    rewrite,
+    serving,
+    signing_keys,
+    start_ota_daemon,
+)
 from tests.conftest import DaemonFactory, edgectl_json
 
 
 @pytest.fixture
 def ota(start_daemon: DaemonFactory, tmp_path: Path) -> tuple[DaemonProcess, dict[str, Path]]:
     keys = signing_keys(tmp_path)
-    return start_ota_daemon(start_daemon, tmp_path, keys, health_window_s=0.5), keys
+    daemon = start_ota_daemon(start_daemon, tmp_path, keys, health_window_s=0.5, max_bundle_mb=1)
+    return daemon, keys
 
 
 @pytest.fixture
@@ -72,7 +83,21 @@ def test_bad_bundles_are_rejected_while_the_model_keeps_serving(
     bundle.build(unloadable, "m", 9, garbage)
     bundle.sign(unloadable, keys["private"])
     install(daemon, make(tmp_path, keys, 3, seed=3))
+    good = make(tmp_path, keys, 10, seed=10)
+    unsigned = tmp_path / "unsigned.bundle"
+    bundle.build(unsigned, "m", 11, tmp_path / "v1.onnx")
+    truncated = tmp_path / "truncated.bundle"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    damaged = [
+        (rewrite(good, tmp_path / f"bad-{i}.bundle", change), error, re.escape(message))
+        for i, (_, change, error, message) in enumerate(BAD)
+    ]
     cases = [
+        *damaged,
+        (unsigned, BadSignature, "not signed"),
+        (truncated, BadBundle, "truncated|damaged"),
+        (make(tmp_path, keys, 12, width=1024), BadBundle, "more than the limit"),
+        (make(tmp_path, keys, 13, min_edged="99.0.0"), BadBundle, "needs edged 99.0.0"),
         (make(tmp_path, keys, 4, key="stranger"), BadSignature, "not among the trusted keys"),
         (make(tmp_path, keys, 3, seed=4), BadBundle, "already installed"),
         (make(tmp_path, keys, 2, seed=5), BadBundle, "a downgrade must be authorised"),
@@ -92,9 +117,10 @@ def test_bad_bundles_are_rejected_while_the_model_keeps_serving(
     record = install(daemon, make(tmp_path, keys, 8, seed=7))  # 4 stored, 3 kept
     assert record["pruned"] == [1] and serving(daemon) == 8
     assert store.versions("m") == [2, 3, 8] and store.current("m") == 8
-    with daemon.control() as control:
-        outcomes = [r["outcome"] for r in control.command("history")["installs"]]
+    history = (daemon.workdir / "state" / "ota" / "history.jsonl").read_text().splitlines()
+    outcomes = [json.loads(line)["outcome"] for line in history]
     assert outcomes == ["installed", *["rejected"] * len(cases), "installed", "installed"]
+    assert len(edgectl_json(daemon, "history")["installs"]) == 20  # the last 20
     assert traffic["failures"] == 0
 
 
