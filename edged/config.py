@@ -46,8 +46,13 @@ class OnnxOptions:
     intra_op_threads: int = _at_least(1, 0)  # 0 lets onnxruntime pick (all cores)
     inter_op_threads: int = _at_least(1, 0)
     graph_optimization: str = _choice("all", "disable", "basic", "extended", "all")
-    #: execution providers in order of preference; unavailable ones are skipped (logged)
-    providers: tuple[str, ...] = ("cpu",)
+    #: execution providers in order of preference; ones this onnxruntime build lacks are
+    #: skipped, so the default serves on TensorRT or CUDA where onnxruntime-gpu has them (a
+    #: Jetson) and on the CPU elsewhere
+    providers: tuple[str, ...] = ("tensorrt", "cuda", "cpu")
+    #: TensorRT builds fp16 engines (Jetson GPUs run fp16 at twice the fp32 rate); engines are
+    #: cached under <state>/cache/tensorrt, so only the first load of a model builds one
+    tensorrt_fp16: bool = True
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,9 @@ class Daemon:
             memory.budget_mb * MIB or None, memory.reserve_mb * MIB, self.paths.budget_file
         )
         self.registry = Registry(budget)
-        self.loader = ModelLoader(self.registry, ModelStore(self.paths.models))
+        self.loader = ModelLoader(
+            self.registry, ModelStore(self.paths.models), self.paths.state / "cache"
+        )
         swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
         reloader = Reloader(config, self.registry, self.loader, swapper)
         self.service = InferenceService(self.registry)

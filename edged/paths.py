@@ -15,6 +15,8 @@ from edged.errors import ConfigError
 
 #: sun_path is 108 bytes on Linux including the terminating NUL
 MAX_IPC_PATH = 107
+#: the system service's RuntimeDirectory (systemd/edged.service)
+SERVICE_RUNTIME_DIR = Path("/run/edged")
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,19 @@ def resolve_paths(config: Config) -> Paths:
     return paths
 
 
+def client_socket(name: str) -> str:
+    """Where a client finds socket ``name``: the daemon's own default place, unless nothing
+    is there and the system service's socket (edged.service, /run/edged) exists."""
+    socket = default_runtime_dir() / name
+    service = SERVICE_RUNTIME_DIR / name
+    return f"ipc://{service if not socket.exists() and service.exists() else socket}"
+
+
 def default_control_endpoint() -> str:
     """The control endpoint on this machine ($EDGED_CONTROL overrides)."""
-    return os.environ.get("EDGED_CONTROL") or f"ipc://{default_runtime_dir() / 'control.sock'}"
+    return os.environ.get("EDGED_CONTROL") or client_socket("control.sock")
 
 
 def default_infer_endpoint() -> str:
     """The endpoint a client on this machine uses when none is given ($EDGED_SOCKET overrides)."""
-    return os.environ.get("EDGED_SOCKET") or f"ipc://{default_runtime_dir() / 'infer.sock'}"
+    return os.environ.get("EDGED_SOCKET") or client_socket("infer.sock")

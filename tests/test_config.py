@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from edged import paths
 from edged.config import Config, find_config_file, load_config
 from edged.errors import ConfigError
 
@@ -150,3 +151,19 @@ def test_config_check_reports_a_missing_model_file(tmp_path: Path) -> None:
     result = run_edged("config", "check", str(write(tmp_path, "[models.a]\npath = 'a.onnx'\n")))
     assert result.returncode == 78
     assert "'models.a.path': no file at" in result.stderr
+
+
+def test_clients_find_the_system_service_when_no_daemon_of_their_own_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    own, service = tmp_path / "own", tmp_path / "service"
+    own.mkdir()
+    service.mkdir()
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(own))
+    monkeypatch.delenv("EDGED_SOCKET", raising=False)
+    monkeypatch.setattr(paths, "SERVICE_RUNTIME_DIR", service)
+    assert paths.default_infer_endpoint() == f"ipc://{own / 'infer.sock'}"  # nothing anywhere
+    (service / "infer.sock").touch()
+    assert paths.default_infer_endpoint() == f"ipc://{service / 'infer.sock'}"
+    (own / "infer.sock").touch()  # a daemon of their own wins
+    assert paths.default_infer_endpoint() == f"ipc://{own / 'infer.sock'}"

@@ -12,7 +12,7 @@ from edged.config import OnnxOptions
 from edged.errors import DtypeMismatch, InputMismatch, ShapeMismatch
 from edged.models import batching
 from edged.models.backend import Signature, TensorSpec
-from edged.models.onnx import OnnxBackend, choose_providers
+from edged.models.onnx import OnnxBackend, choose_providers, with_provider_options
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", np.dtype("float32"), (None, 16)),),
@@ -61,11 +61,30 @@ def test_provider_preference_falls_back_to_what_is_available(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     available = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.DEBUG):
         chosen = choose_providers(("tensorrt", "cuda", "cpu"), available)
     assert chosen == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert "TensorrtExecutionProvider is not available" in caplog.text
     assert choose_providers(("tensorrt",), ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+def test_tensorrt_builds_fp16_engines_into_the_cache_directory(tmp_path: Path) -> None:
+    chosen = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt, *rest = with_provider_options(chosen, OnnxOptions(), tmp_path)
+    engines = str(tmp_path / "tensorrt")
+    assert trt == (
+        "TensorrtExecutionProvider",
+        {
+            "trt_fp16_enable": True,
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": engines,
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": engines,
+        },
+    )
+    assert rest == chosen[1:]
+    fp32 = with_provider_options(chosen[:1], OnnxOptions(tensorrt_fp16=False), None)
+    assert fp32 == [("TensorrtExecutionProvider", {"trt_fp16_enable": False})]
 
 
 def test_onnx_backend_reports_signature_and_runs(models_dir: Path) -> None:

@@ -35,8 +35,8 @@ T = TypeVar("T")
 class BackendKind:
     #: peak bytes a load will take, from the files alone
     estimate: Callable[[ModelConfig], int]
-    #: the loaded model (blocking)
-    load: Callable[[ModelConfig], Any]
+    #: the loaded model (blocking), given a directory for what it may cache across loads
+    load: Callable[[ModelConfig, Path], Any]
     #: what schedules requests on it
     runner: Callable[[str, int, Any, ModelConfig, asyncio.AbstractEventLoop], Runner]
 
@@ -44,12 +44,12 @@ class BackendKind:
 BACKENDS: dict[str, BackendKind] = {
     "onnx": BackendKind(
         estimate=lambda config: OnnxBackend.estimate(Path(config.path)),
-        load=lambda config: OnnxBackend.load(Path(config.path), config.onnx),
+        load=lambda config, cache: OnnxBackend.load(Path(config.path), config.onnx, cache),
         runner=ModelRunner,
     ),
     "gguf": BackendKind(
         estimate=lambda config: GgufBackend.estimate(Path(config.path), config.gguf),
-        load=lambda config: GgufBackend.load(Path(config.path), config.gguf),
+        load=lambda config, _: GgufBackend.load(Path(config.path), config.gguf),
         runner=GenerationRunner,
     ),
 }
@@ -63,9 +63,11 @@ async def in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 class ModelLoader:
-    def __init__(self, registry: Registry, store: ModelStore) -> None:
+    def __init__(self, registry: Registry, store: ModelStore, cache_dir: Path) -> None:
         self.registry = registry
         self.store = store
+        #: what backends keep across loads (TensorRT engines)
+        self.cache_dir = cache_dir
         self._lock = asyncio.Lock()
 
     async def expected_bytes(self, name: str, spec: VersionSpec) -> int:
@@ -85,7 +87,7 @@ class ModelLoader:
             elif budget.shortfall(need) > 0:
                 raise BudgetExceeded(self.registry.no_room(name, need))
             before = footprint()
-            backend = await in_fresh_thread(_open_backend, name, spec.config)
+            backend = await in_fresh_thread(_open_backend, name, spec.config, self.cache_dir)
             kind = BACKENDS[spec.config.backend]
             measured = footprint() - before
             budget.charge(name, spec.version, estimate, measured)
@@ -161,13 +163,13 @@ def _estimate(name: str, config: ModelConfig) -> int:
         raise ModelLoadError(f"model {name!r}: cannot load {config.path}: {exc}") from None
 
 
-def _open_backend(name: str, config: ModelConfig) -> Any:
+def _open_backend(name: str, config: ModelConfig, cache_dir: Path) -> Any:
     """Load one model (blocking: runs on a loader thread)."""
     path = Path(config.path)
     if not path.is_file():
         raise ModelLoadError(f"model {name!r}: no file at {path}")
     try:
-        return BACKENDS[config.backend].load(config)
+        return BACKENDS[config.backend].load(config, cache_dir)
     except ModelLoadError:
         raise
     except Exception as exc:  # backends raise their own untyped errors for bad files

@@ -50,17 +50,42 @@ ORT_DTYPES = {
 
 
 def choose_providers(preferred: tuple[str, ...], available: list[str]) -> list[str]:
-    """Keep the preferred providers that this onnxruntime build has, CPU always last."""
+    """Keep the preferred providers that this onnxruntime build has, CPU always last. (The
+    load logs the ones in use: the default names GPU providers that a CPU build skips.)"""
     chosen = []
     for name in preferred:
         full = PROVIDER_ALIASES.get(name.lower(), name)
         if full not in available:
-            log.info("execution provider %s is not available here; skipping it", full)
+            log.debug("execution provider %s is not available here; skipping it", full)
         elif full not in chosen:
             chosen.append(full)
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
+
+
+def with_provider_options(
+    chosen: list[str], options: OnnxOptions, cache_dir: Path | None
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """TensorRT's settings: fp16 as configured, and engines (and timing data) cached on disk,
+    since building an engine takes minutes on a Jetson and would otherwise repeat at every
+    load."""
+    settings: list[str | tuple[str, dict[str, Any]]] = []
+    for name in chosen:
+        if name != "TensorrtExecutionProvider":
+            settings.append(name)
+            continue
+        trt: dict[str, Any] = {"trt_fp16_enable": options.tensorrt_fp16}
+        if cache_dir is not None:
+            engines = str(cache_dir / "tensorrt")
+            trt.update(
+                trt_engine_cache_enable=True,
+                trt_engine_cache_path=engines,
+                trt_timing_cache_enable=True,
+                trt_timing_cache_path=engines,
+            )
+        settings.append((name, trt))
+    return settings
 
 
 def _spec(node: Any) -> TensorSpec:
@@ -81,13 +106,18 @@ class OnnxBackend:
         self._output_names = [spec.name for spec in self._signature.outputs]
 
     @classmethod
-    def load(cls, path: Path, options: OnnxOptions) -> OnnxBackend:
+    def load(cls, path: Path, options: OnnxOptions, cache_dir: Path | None = None) -> OnnxBackend:
+        """``cache_dir`` keeps what providers build for a model (TensorRT engines) across
+        loads."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
         so.log_severity_level = 3  # warnings about unused initializers are noise to operators
-        providers = choose_providers(options.providers, ort.get_available_providers())
+        chosen = choose_providers(options.providers, ort.get_available_providers())
+        if "TensorrtExecutionProvider" in chosen and cache_dir is not None:
+            (cache_dir / "tensorrt").mkdir(parents=True, exist_ok=True)
+        providers = with_provider_options(chosen, options, cache_dir)
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         log.info("loaded %s with providers %s", path, ", ".join(session.get_providers()))
         return cls(session)
