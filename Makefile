@@ -5,19 +5,29 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian/Ubuntu packages the build and tests need: libsystemd's headers for systemd-python,
-# systemd-analyze for the unit's tests
-SYSTEM_PACKAGES := libsystemd-dev pkg-config gcc systemd
+# systemd-analyze for the unit's tests, libzmq and msgpack-c for the C client example
+SYSTEM_PACKAGES := libsystemd-dev pkg-config gcc make systemd libzmq3-dev libmsgpack-dev
+# llama.cpp builds for the build machine's CPU by default (-march=native); a CPU that advertises
+# AMX or AVX-512 inside a VM that does not enable them then dies on SIGILL at the first decode.
+# On x86-64 build for AVX2/FMA/F16C instead (every x86-64 CPU of the last decade); elsewhere keep
+# llama.cpp's defaults.
+LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON \
+	-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON)
+# what `make fuzz` sends, and how long `make soak` runs
+FUZZ_MESSAGES ?= 100000
+SOAK_MINUTES ?= 10
 
-.PHONY: run test bench lint clean
+.PHONY: run test bench fuzz soak lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	@if ! pkg-config --exists libsystemd 2>/dev/null || ! command -v systemd-analyze >/dev/null; then \
+	@if ! pkg-config --exists libsystemd libzmq msgpack 2>/dev/null || \
+		! command -v systemd-analyze >/dev/null; then \
 		apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); fi
-	$(BIN)/pip install -q -e '.[dev,gguf,systemd]'
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/pip install -q -e '.[dev,gguf,systemd]'
 	# test-only: silero-vad ships real ONNX models; its torch dependency is not needed for them
 	$(BIN)/pip install -q --no-deps silero-vad
 	touch $@
@@ -30,6 +40,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
+
+# mutated messages to a live daemon's sockets; the counts go to bench/fuzz.json
+fuzz: $(STAMP)
+	EDGED_FUZZ_MESSAGES=$(FUZZ_MESSAGES) EDGED_FUZZ_REPORT=bench/fuzz.json \
+		$(BIN)/python -m pytest -q -s tests/test_fuzz_live.py --timeout 3600
+
+# mixed load for SOAK_MINUTES; its rows are merged into bench/results.json
+soak: $(STAMP)
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
 lint: $(STAMP)
 	$(BIN)/ruff check edged tests bench

@@ -520,6 +520,8 @@ def encode_error(request_id: int | None, error: EdgedError, trace: str | None = 
 def decode_reply(frames: Sequence[Buffer], limits: Limits | None = None) -> Reply:
     """Decode a reply; an error reply carries the matching typed ``EdgedError`` in ``error``."""
     limits = limits or Limits()
+    if not frames:
+        raise BadRequest("empty reply")
     header = unpack_header(frames[0], limits)
     request_id = _valid_id(header.get("id"))
     if not header.get("ok"):
