@@ -203,6 +203,15 @@ def write_results(rows: Sequence[Row], path: Path) -> None:
     path.write_text(json.dumps([row.to_json() for row in rows], indent=2) + "\n")
 
 
+def merge_results(rows: Sequence[Row], path: Path) -> None:
+    """Add ``rows`` to the results already in ``path``, replacing earlier rows of their names:
+    for runs (the soak) that are not part of ``make bench``."""
+    names = {row.name for row in rows}
+    kept = json.loads(path.read_text()) if path.exists() else []
+    kept = [row for row in kept if row.get("name") not in names]
+    path.write_text(json.dumps(kept + [row.to_json() for row in rows], indent=2) + "\n")
+
+
 def format_table(rows: Sequence[Row]) -> str:
     """Aligned table; ``delta`` (value - baseline) is printed only, being derivable from a row.
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import psutil
 
-from bench import lifecycle, llm, swap
+from bench import lifecycle, llm, overload, swap
 from bench.echo import echo_caller
-from bench.harness import ROOT, Row, ServerProcess, Settings, medians_s, p50s_us
+from bench.harness import ROOT, Row, ServerProcess, Settings, medians_s, p50s_us, repeat_for
 from bench.httpjson import http_caller
 from bench.llm import GENERATION, LARGE
 from bench.load import CLIENTS, closed_loop_rates
@@ -42,6 +42,8 @@ MAX_TOKENS = 128
 #: short, so that the tokens/s rows are about generating, not evaluating the prompt
 RATE_PROMPT_TOKENS = 8
 TTFT_PROMPT_TOKENS = 64
+#: requests per slice of the overload benchmark, for the flood and the echo each
+OVERLOAD_SLICE = 200
 
 
 class Context:
@@ -262,6 +264,29 @@ def swap_failed(ctx: Context) -> list[Row]:
     return [Row("swap_failed", "failed", "requests", failed, "requests during swaps", sent)]
 
 
+def overload_busy(ctx: Context) -> list[Row]:
+    """p99 time to a BUSY reply while a flood keeps the image model's queue full, against the
+    echo server's p99 for the same frames, slices of each taking turns; target: under 1 ms."""
+    config = {"models": {IMAGE.model: overload.declaration(str(ctx.model_path(IMAGE)))}}
+    busy: list[float] = []
+    echoed: list[float] = []
+    admitted = 0
+    with (
+        DaemonProcess(ctx.workdir / "overload", config) as daemon,
+        ServerProcess("bench.overload", daemon.endpoint),
+        ExitStack() as stack,
+    ):
+        echo = open_calls(stack, {"echo": ctx.echo}, IMAGE)["echo"]
+        for _ in range(ctx.settings.rounds):
+            spans = overload.busy_spans(daemon.endpoint, OVERLOAD_SLICE)
+            busy += spans.spans
+            admitted += spans.admitted
+            echoed += repeat_for(echo, 0.0, OVERLOAD_SLICE)
+    print(f"overload: {len(busy)} BUSY replies, {admitted} admitted", file=sys.stderr)
+    p99, baseline = (overload.BusySpans(s, 0).p99_us() for s in (busy, echoed))
+    return [Row("overload_busy", "p99_busy_reply", "us", p99, "echo p99, same frames", baseline)]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "rtt_tiny": functools.partial(rtt, workload=TINY),
     "rtt_image": functools.partial(rtt, workload=IMAGE),
@@ -274,4 +299,5 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "load_time": load_time,
     "swap_p99": swap_p99,
     "swap_failed": swap_failed,
+    "overload_busy": overload_busy,
 }

@@ -152,7 +152,7 @@ def measure(
     store = ModelStore(workdir / "state" / "models")
     for path in versions:
         store.add(workload.model, path, "onnx")
-    expected = {number: _outputs(path, workload) for number, path in enumerate(versions, 1)}
+    expected = {number: expected_outputs(path, workload) for number, path in enumerate(versions, 1)}
     model = {**declaration, "path": "", "version": 1}
     with DaemonProcess(workdir, {"models": {workload.model: model}}) as daemon:
         caller = partial(checked_caller, expected=expected)
@@ -175,7 +175,7 @@ def measure(
     return result
 
 
-def _outputs(path: Path, workload: Workload) -> dict[str, np.ndarray[Any, Any]]:
+def expected_outputs(path: Path, workload: Workload) -> dict[str, np.ndarray[Any, Any]]:
     session = open_session(str(path))
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(None, workload.inputs()), strict=True))
