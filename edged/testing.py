@@ -4,7 +4,9 @@
         result = daemon.client().infer("m", {"x": x})
 
 Sockets and state live under the given directory; ``start`` returns once the daemon answers a
-ping (never a fixed sleep) and raises with the daemon's log if it exits instead.
+ping (never a fixed sleep) and raises with the daemon's log if it exits instead. ``wrapper`` is a
+command put in front of the daemon's (``sys.executable -m edged serve -c CONFIG``), e.g. a
+launcher that confines it and then execs it, so that ``pid`` and signals still reach the daemon.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -35,6 +38,7 @@ class DaemonProcess:
         config: dict[str, Any] | None = None,
         env: dict[str, str] | None = None,
         name: str = "edged",
+        wrapper: Sequence[str] = (),
     ) -> None:
         self.workdir = Path(workdir)
         self.runtime_dir = self.workdir / f"{name}-run"
@@ -45,6 +49,7 @@ class DaemonProcess:
         config["daemon"] = {**daemon, **config.get("daemon", {})}
         self.config = config
         self.env = env
+        self.wrapper = tuple(wrapper)
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -73,9 +78,10 @@ class DaemonProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(tomli_w.dumps(self.config))
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(self.env or {})}
+        command = [sys.executable, "-m", "edged", "serve", "-c", str(self.config_path)]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "edged", "serve", "-c", str(self.config_path)],
+                [*self.wrapper, *command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
