@@ -107,6 +107,24 @@ def gguf_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def direct_embeddings(path: Path, texts: list[str]) -> Any:
+    """What llama.cpp itself gives for ``texts``, mean-pooled: what edged's embed must equal."""
+    import llama_cpp
+    import numpy as np
+
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=512,
+        embedding=True,
+        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+        verbose=False,
+    )
+    try:
+        return np.asarray(llm.embed(texts), np.float32)
+    finally:
+        llm.close()
+
+
 def llm_config(path: Path, **overrides: Any) -> dict[str, Any]:
     """A GGUF model entry: loaded at start, a small context, one compute thread."""
     gguf = {"n_ctx": 512, "n_threads": 1, **overrides.pop("gguf", {})}

@@ -20,7 +20,7 @@ from edged import protocol
 from edged.client import AsyncClient, Completion
 from edged.errors import BusyError, ContextOverflow, OpNotSupported, UnknownRequest
 from edged.testing import DaemonProcess
-from tests.conftest import Connect, DaemonFactory, llm_config
+from tests.conftest import Connect, DaemonFactory, direct_embeddings, llm_config
 
 MAX_TOKENS = 24
 
@@ -217,7 +217,6 @@ def test_context_overflow_and_wrong_ops_are_refused_and_serving_goes_on(
 def test_embeddings_match_llama_cpp_mean_pooling(
     llm_daemon: DaemonProcess, gguf_models: dict[str, Path]
 ) -> None:
-    import llama_cpp
 
     with llm_daemon.client() as client:
         vectors = client.embed("emb", ["hello world", "the cat"])
@@ -227,17 +226,7 @@ def test_embeddings_match_llama_cpp_mean_pooling(
     assert np.all(np.isfinite(vectors)) and not np.allclose(vectors[0], vectors[1])
     np.testing.assert_allclose(again[0], vectors[0], rtol=1e-5)  # batched alone: float noise
     assert described["ops"] == ["embed"] and described["llm"]["n_embd"] == 256
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_models["embed"]),
-        n_ctx=512,
-        embedding=True,
-        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-        verbose=False,
-    )
-    try:
-        direct = np.asarray(llm.embed(["hello world", "the cat"]), np.float32)
-    finally:
-        llm.close()
+    direct = direct_embeddings(gguf_models["embed"], ["hello world", "the cat"])
     np.testing.assert_allclose(vectors, direct, rtol=1e-4, atol=1e-5)
 
 

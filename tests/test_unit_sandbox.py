@@ -27,7 +27,7 @@ import tomli_w
 
 from edged.testing import DaemonProcess
 from tests import sandbox
-from tests.conftest import DaemonFactory, llm_config
+from tests.conftest import DaemonFactory, direct_embeddings, llm_config
 
 pytestmark = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
@@ -257,17 +257,7 @@ def test_a_gguf_model_generates_and_embeds(
     assert text == direct["choices"][0]["text"]
     assert vectors.shape == (2, 256) and np.all(np.isfinite(vectors))
     assert not np.allclose(vectors[0], vectors[1])
-    embedder = llama_cpp.Llama(
-        model_path=str(gguf_models["embed"]),
-        n_ctx=512,
-        embedding=True,
-        pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-        verbose=False,
-    )
-    try:
-        expected = np.asarray(embedder.embed(["hello world", "the cat"]), np.float32)
-    finally:
-        embedder.close()
+    expected = direct_embeddings(gguf_models["embed"], ["hello world", "the cat"])
     np.testing.assert_allclose(vectors, expected, rtol=1e-4, atol=1e-5)
 
 
