@@ -1,9 +1,10 @@
 """Overload: how long a request waits to be told BUSY while its model is saturated.
 
 ``python -m bench.overload ENDPOINT`` is the flood: one process keeping more requests in flight
-at the image model than its queue holds, resending as each reply comes, so the queue never has
-room. Meanwhile ``busy_spans`` times requests from this process; the ones refused BUSY show how
-fast a full queue says so (the ones that slipped into a freed slot are counted, not timed).
+at the image model than its queue holds, each a batch of FLOOD_ROWS images so that a slot frees
+only once per long run, and resending as each reply comes, so the queue is full again at once.
+Meanwhile ``busy_spans`` times single-image requests from this process; the ones refused BUSY
+show how fast a full queue says so (the few that slip into a freed slot are counted, not timed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import zmq
 
 from bench.harness import announce_ready
@@ -20,9 +22,9 @@ from bench.workloads import CALL_TIMEOUT_S, IMAGE
 from edged import protocol
 
 QUEUE_DEPTH = 4
-#: the run, a full queue, and ten more, refused and resent at once: a slot that frees is taken by
-#: the flood far more often than by the measured requests
-IN_FLIGHT = QUEUE_DEPTH + 11
+#: the run, a full queue, and one more, refused and resent at once to take a slot as it frees
+IN_FLIGHT = QUEUE_DEPTH + 2
+FLOOD_ROWS = 4
 
 
 def declaration(path: str) -> dict[str, object]:
@@ -31,16 +33,20 @@ def declaration(path: str) -> dict[str, object]:
 
 
 def flood(endpoint: str) -> None:
-    frames = protocol.encode_request(1, "infer", model=IMAGE.model, inputs=IMAGE.inputs())
+    images = np.repeat(IMAGE.inputs()[IMAGE.input_name], FLOOD_ROWS, axis=0)
+    frames = protocol.encode_request(
+        1, "infer", model=IMAGE.model, inputs={IMAGE.input_name: images}
+    )
     sock: zmq.Socket[bytes] = zmq.Context().socket(zmq.DEALER)
     sock.connect(endpoint)
     for _ in range(IN_FLIGHT):
         sock.send_multipart(frames, copy=False)
     sock.recv_multipart()
+    sock.send_multipart(frames, copy=False)
     announce_ready()
     while True:
-        sock.send_multipart(frames, copy=False)
         sock.recv_multipart()
+        sock.send_multipart(frames, copy=False)
 
 
 @dataclass(frozen=True)
