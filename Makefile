@@ -17,7 +17,7 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -D
 FUZZ_MESSAGES ?= 100000
 SOAK_MINUTES ?= 10
 
-.PHONY: run test bench fuzz soak lint clean
+.PHONY: run test bench fuzz soak lint clean install arm64-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -57,3 +57,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
+
+# The device install (as root): a venv at /opt/edged and the systemd files; on a Jetson the
+# JetPack onnxruntime-gpu wheel given by ORT_WHEEL or ORT_INDEX_URL. DESTDIR=DIR stages it.
+install:
+	DESTDIR='$(DESTDIR)' bash arm64/install.sh
+
+# Part of the test suite on an emulated aarch64 Debian root (qemu user mode; root needed).
+arm64-test:
+	bash arm64/emulated-test.sh
