@@ -1,10 +1,12 @@
 """Overload: how long a request waits to be told BUSY while its model is saturated.
 
-``python -m bench.overload ENDPOINT`` is the flood: one process keeping more requests in flight
-at the image model than its queue holds, each a batch of FLOOD_ROWS images so that a slot frees
-only once per long run, and resending as each reply comes, so the queue is full again at once.
-Meanwhile ``busy_spans`` times single-image requests from this process; the ones refused BUSY
-show how fast a full queue says so (the few that slip into a freed slot are counted, not timed).
+``python -m bench.overload ENDPOINT WORKLOAD`` is the flood: one process keeping more requests
+in flight at the workload's model than its queue holds, each a batch of FLOOD_ROWS rows so that
+a slot frees only once per long run, and resending as each reply comes, so the queue is full
+again at once. Meanwhile ``busy_spans`` times one-row requests from this process; the ones
+refused BUSY show how fast a full queue says so (those that slip into a freed slot are counted,
+not timed). Two workloads: camera frames (the image model, 600 KB a request) and a sensor
+vector (a slow model taking 2 KB), so the transport of a large frame does not hide the refusal.
 """
 
 from __future__ import annotations
@@ -18,31 +20,41 @@ import numpy as np
 import zmq
 
 from bench.harness import announce_ready
-from bench.workloads import CALL_TIMEOUT_S, IMAGE
+from bench.workloads import CALL_TIMEOUT_S, IMAGE, Workload
 from edged import protocol
+from tests.models import SLOW_WIDTH, build_slow_model
 
 QUEUE_DEPTH = 4
-#: the run, a full queue, and one more, refused and resent at once to take a slot as it frees
-IN_FLIGHT = QUEUE_DEPTH + 2
-FLOOD_ROWS = 4
+#: the run and a full queue; a reply makes room, and the resend right behind it takes the slot
+#: again (more in flight would spin on BUSY replies, and measure a box with no idle core)
+IN_FLIGHT = QUEUE_DEPTH + 1
+SENSOR = Workload("sensor", "slow", "x", (1, SLOW_WIDTH), build_slow_model)
+WORKLOADS = {w.name: w for w in (IMAGE, SENSOR)}
+#: rows per flood request: each run a few tens of milliseconds here
+FLOOD_ROWS = {IMAGE.name: 4, SENSOR.name: 64}
 
 
 def declaration(path: str) -> dict[str, object]:
-    """The image model with a short queue, each request run on its own."""
-    return {"path": path, "preload": True, "queue_depth": QUEUE_DEPTH, "max_batch": 1}
+    """The model with a short queue, each request run on its own, on one onnxruntime thread: on
+    a 2-core box the default (all cores) leaves the event loop no core to answer from."""
+    return {
+        "path": path,
+        "preload": True,
+        "queue_depth": QUEUE_DEPTH,
+        "max_batch": 1,
+        "onnx": {"intra_op_threads": 1},
+    }
 
 
-def flood(endpoint: str) -> None:
-    images = np.repeat(IMAGE.inputs()[IMAGE.input_name], FLOOD_ROWS, axis=0)
+def flood(endpoint: str, workload: Workload) -> None:
+    rows = np.repeat(workload.inputs()[workload.input_name], FLOOD_ROWS[workload.name], axis=0)
     frames = protocol.encode_request(
-        1, "infer", model=IMAGE.model, inputs={IMAGE.input_name: images}
+        1, "infer", model=workload.model, inputs={workload.input_name: rows}
     )
     sock: zmq.Socket[bytes] = zmq.Context().socket(zmq.DEALER)
     sock.connect(endpoint)
     for _ in range(IN_FLIGHT):
         sock.send_multipart(frames, copy=False)
-    sock.recv_multipart()
-    sock.send_multipart(frames, copy=False)
     announce_ready()
     while True:
         sock.recv_multipart()
@@ -60,8 +72,8 @@ class BusySpans:
         return statistics.quantiles(self.spans, n=100, method="inclusive")[98] * 1e6
 
 
-def busy_spans(endpoint: str, requests: int) -> BusySpans:
-    frames = protocol.encode_request(1, "infer", model=IMAGE.model, inputs=IMAGE.inputs())
+def busy_spans(endpoint: str, workload: Workload, requests: int) -> BusySpans:
+    frames = protocol.encode_request(1, "infer", model=workload.model, inputs=workload.inputs())
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = int(CALL_TIMEOUT_S * 1000)
@@ -84,4 +96,4 @@ def busy_spans(endpoint: str, requests: int) -> BusySpans:
 
 
 if __name__ == "__main__":
-    flood(sys.argv[1])
+    flood(sys.argv[1], WORKLOADS[sys.argv[2]])

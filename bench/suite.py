@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import statistics
 import subprocess
 import sys
 import time
@@ -264,27 +265,34 @@ def swap_failed(ctx: Context) -> list[Row]:
     return [Row("swap_failed", "failed", "requests", failed, "requests during swaps", sent)]
 
 
-def overload_busy(ctx: Context) -> list[Row]:
-    """p99 time to a BUSY reply while a flood keeps the image model's queue full, against the
-    echo server's p99 for the same frames, slices of each taking turns; target: under 1 ms."""
-    config = {"models": {IMAGE.model: overload.declaration(str(ctx.model_path(IMAGE)))}}
+def overload_busy(ctx: Context, workload: Workload) -> list[Row]:
+    """p99 time to a BUSY reply while a flood keeps the model's queue full, against the echo
+    server's p99 for the same frames, slices of each taking turns; target: under 1 ms."""
+    path = ctx.model_path(workload)
+    config = {"models": {workload.model: overload.declaration(str(path))}}
     busy: list[float] = []
     echoed: list[float] = []
     admitted = 0
     with (
-        DaemonProcess(ctx.workdir / "overload", config) as daemon,
-        ServerProcess("bench.overload", daemon.endpoint),
+        DaemonProcess(ctx.workdir / f"overload-{workload.name}", config) as daemon,
+        ServerProcess("bench.overload", daemon.endpoint, workload.name),
         ExitStack() as stack,
     ):
-        echo = open_calls(stack, {"echo": ctx.echo}, IMAGE)["echo"]
+        echo = open_calls(stack, {"echo": ctx.echo}, workload)["echo"]
         for _ in range(ctx.settings.rounds):
-            spans = overload.busy_spans(daemon.endpoint, OVERLOAD_SLICE)
+            spans = overload.busy_spans(daemon.endpoint, workload, OVERLOAD_SLICE)
             busy += spans.spans
             admitted += spans.admitted
             echoed += repeat_for(echo, 0.0, OVERLOAD_SLICE)
-    print(f"overload: {len(busy)} BUSY replies, {admitted} admitted", file=sys.stderr)
+    p50, echo_p50 = (statistics.median(spans) * 1e6 for spans in (busy, echoed))
+    print(
+        f"overload {workload.name}: {len(busy)} BUSY, {admitted} admitted; "
+        f"p50 {p50:.0f} us (echo {echo_p50:.0f} us)",
+        file=sys.stderr,
+    )
     p99, baseline = (overload.BusySpans(s, 0).p99_us() for s in (busy, echoed))
-    return [Row("overload_busy", "p99_busy_reply", "us", p99, "echo p99, same frames", baseline)]
+    name = f"overload_busy_{workload.name}"
+    return [Row(name, "p99_busy_reply", "us", p99, "echo p99, same frames", baseline)]
 
 
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
@@ -299,5 +307,6 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "load_time": load_time,
     "swap_p99": swap_p99,
     "swap_failed": swap_failed,
-    "overload_busy": overload_busy,
+    "overload_busy_image": functools.partial(overload_busy, workload=IMAGE),
+    "overload_busy_sensor": functools.partial(overload_busy, workload=overload.SENSOR),
 }
