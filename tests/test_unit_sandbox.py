@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,10 +27,6 @@ import tomli_w
 from edged.testing import DaemonProcess
 from tests import sandbox
 from tests.conftest import DaemonFactory, direct_embeddings, llm_config
-
-pytestmark = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
-)
 
 LAUNCHER = [sys.executable, str(Path(sandbox.__file__).resolve())]
 #: how systemd applies MemoryDenyWriteExecute=yes: PR_SET_MDWE (systemd 253+, Linux 6.3+), or
