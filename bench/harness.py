@@ -89,6 +89,11 @@ class Row:
         return {**asdict(self), **rounded, "ratio": round(self.ratio, 3)}
 
 
+def p99_us(spans: Sequence[float]) -> float:
+    """The 99th percentile of spans in seconds, in us."""
+    return statistics.quantiles(spans, n=100, method="inclusive")[98] * 1e6
+
+
 def timed(call: Call) -> Sample:
     """``call`` as a ``Sample``: the whole call is the span that counts."""
 

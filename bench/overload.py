@@ -11,7 +11,6 @@ vector (a slow model taking 2 KB), so the transport of a large frame does not hi
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -67,9 +66,6 @@ class BusySpans:
     spans: list[float]
     #: requests that found room in the queue after all
     admitted: int
-
-    def p99_us(self) -> float:
-        return statistics.quantiles(self.spans, n=100, method="inclusive")[98] * 1e6
 
 
 def busy_spans(endpoint: str, workload: Workload, requests: int) -> BusySpans:

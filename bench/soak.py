@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import zmq
 
 from bench.harness import Row, format_table, merge_results
@@ -135,11 +134,6 @@ def bad_worker(endpoint: str, stop: Event, results: Queue[Any]) -> None:
     results.put(("bad", answered, dict(failed)))
 
 
-def footprint(pid: int) -> tuple[int, int]:
-    process = psutil.Process(pid)
-    return process.memory_info().rss, process.num_fds()
-
-
 def build_models(workdir: Path) -> tuple[dict[str, Any], Expected]:
     """The daemon's config (demo versions 1 and 2 in its store, the tiny llama) and each demo
     version's expected outputs."""
@@ -176,7 +170,7 @@ def soak(seconds: float, workdir: Path) -> list[Row]:
         try:
             with daemon.control() as control:
                 time.sleep(WARMUP_S)
-                start = footprint(daemon.pid)
+                start = daemon.footprint()
                 began = last_swap = last_progress = time.monotonic()
                 version = 1
                 while (now := time.monotonic()) < began + seconds:
@@ -185,12 +179,12 @@ def soak(seconds: float, workdir: Path) -> list[Row]:
                         control.command("swap", model=TINY.model, version=version, policy="overlap")
                         swaps, last_swap = swaps + 1, now
                     if now >= last_progress + PROGRESS_PERIOD_S:
-                        rss, fds = footprint(daemon.pid)
+                        rss, fds = daemon.footprint()
                         progress = f"RSS {rss / MIB:.1f} MiB, {fds} fds, {swaps} swaps"
                         print(f"soak: {now - began:.0f} s, {progress}", file=sys.stderr, flush=True)
                         last_progress = now
                     time.sleep(0.2)
-                end = footprint(daemon.pid)
+                end = daemon.footprint()
         finally:
             stop.set()
             reports = [results.get(timeout=STOP_TIMEOUT_S) for _ in processes]

@@ -16,7 +16,16 @@ import psutil
 
 from bench import lifecycle, llm, overload, swap
 from bench.echo import echo_caller
-from bench.harness import ROOT, Row, ServerProcess, Settings, medians_s, p50s_us, repeat_for
+from bench.harness import (
+    ROOT,
+    Row,
+    ServerProcess,
+    Settings,
+    medians_s,
+    p50s_us,
+    p99_us,
+    repeat_for,
+)
 from bench.httpjson import http_caller
 from bench.llm import GENERATION, LARGE
 from bench.load import CLIENTS, closed_loop_rates
@@ -290,7 +299,7 @@ def overload_busy(ctx: Context, workload: Workload) -> list[Row]:
         f"p50 {p50:.0f} us (echo {echo_p50:.0f} us)",
         file=sys.stderr,
     )
-    p99, baseline = (overload.BusySpans(s, 0).p99_us() for s in (busy, echoed))
+    p99, baseline = p99_us(busy), p99_us(echoed)
     name = f"overload_busy_{workload.name}"
     return [Row(name, "p99_busy_reply", "us", p99, "echo p99, same frames", baseline)]
 

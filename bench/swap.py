@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bench.harness import Call, Settings, sample_for
+from bench.harness import Call, Settings, p99_us, sample_for
 from bench.load import Load, closed_loop
 from bench.session import open_session
 from bench.workloads import Workload
@@ -69,7 +69,7 @@ class Outcomes(NamedTuple):
         )
 
     def p99_us(self) -> float:
-        return statistics.quantiles(self.spans, n=100, method="inclusive")[98] * 1e6
+        return p99_us(self.spans)
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,14 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
 
+    def footprint(self) -> tuple[int, int]:
+        """The daemon's resident memory in bytes and its open file descriptors: what a leak
+        would grow."""
+        import psutil
+
+        process = psutil.Process(self.pid)
+        return process.memory_info().rss, process.num_fds()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 

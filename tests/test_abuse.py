@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import zmq
 
 from edged import protocol
@@ -26,17 +25,11 @@ X = np.zeros((1, 16), np.float32)
 RSS_NOISE_BYTES = 8 << 20
 
 
-def footprint(daemon: DaemonProcess) -> tuple[int, int]:
-    """The daemon's RSS and open file descriptors."""
-    process = psutil.Process(daemon.pid)
-    return process.memory_info().rss, process.num_fds()
-
-
 def settled_fds(daemon: DaemonProcess, expected: int, timeout: float = 10.0) -> int:
     """The daemon's fd count once it is back to ``expected`` or ``timeout`` has passed: libzmq
     closes a vanished peer's socket on its I/O thread, a moment after the peer has gone."""
     deadline = time.monotonic() + timeout
-    while (fds := footprint(daemon)[1]) != expected and time.monotonic() < deadline:
+    while (fds := daemon.footprint()[1]) != expected and time.monotonic() < deadline:
         time.sleep(0.05)
     return fds
 
@@ -79,13 +72,13 @@ def test_a_client_that_never_reads_does_not_hold_up_others_or_grow_memory(
     request = protocol.encode_request(1, "infer", model="demo", inputs={"x": X})
     with demo_daemon.client() as client:
         client.infer("demo", {"x": X})
-        rss_before, fds_before = footprint(demo_daemon)
+        rss_before, fds_before = demo_daemon.footprint()
         deaf = connect(demo_daemon.endpoint)
         for _ in range(20_000 // 32):
             for _ in range(32):  # a burst, within the model's queue
                 deaf.send_multipart(request)
             assert client.infer("demo", {"x": X})["probs"].shape == (1, 4)
-        rss_during = footprint(demo_daemon)[0]
+        rss_during = demo_daemon.footprint()[0]
         queued = 0
         while deaf.poll(500):  # what reached the deaf client's queue before the marks were hit
             deaf.recv_multipart()
@@ -106,14 +99,14 @@ def test_clients_vanishing_mid_request_leave_nothing_behind(
     x = np.ones((4, SLOW_WIDTH), np.float32)
     with daemon.client(timeout=60) as client:
         client.infer("slow", {"x": x})
-        rss_before, fds_before = footprint(daemon)
+        rss_before, fds_before = daemon.footprint()
         for _ in range(200):
             sock = connect(daemon.endpoint)
             sock.send_multipart(protocol.encode_request(1, "infer", model="slow", inputs={"x": x}))
             sock.close(linger=100)  # the request goes out, then the client is gone
         assert client.infer("slow", {"x": x})["y"].shape == (4, SLOW_WIDTH)  # after all of them
     assert settled_fds(daemon, fds_before) <= fds_before
-    assert footprint(daemon)[0] < rss_before + RSS_NOISE_BYTES
+    assert daemon.footprint()[0] < rss_before + RSS_NOISE_BYTES
 
 
 def test_thousands_of_short_lived_connections_leave_nothing_behind(
@@ -137,13 +130,13 @@ def test_thousands_of_short_lived_connections_leave_nothing_behind(
     try:
         for _ in range(300):
             one_connection()
-        rss_before, fds_before = footprint(demo_daemon)
+        rss_before, fds_before = demo_daemon.footprint()
         for _ in range(2700):
             one_connection()
     finally:
         context.term()
     assert settled_fds(demo_daemon, fds_before) <= fds_before
-    assert footprint(demo_daemon)[0] < rss_before + RSS_NOISE_BYTES
+    assert demo_daemon.footprint()[0] < rss_before + RSS_NOISE_BYTES
 
 
 VANISH_MID_STREAM = """
@@ -165,7 +158,7 @@ def test_clients_vanishing_mid_stream_free_the_model_each_time(
     daemon = start_daemon({"models": {"llm": llm_config(gguf_models["q8"])}})
     with daemon.client(timeout=60) as client:
         client.generate("llm", "warm", max_tokens=4).text()
-        fds_before = footprint(daemon)[1]
+        fds_before = daemon.footprint()[1]
         for _ in range(10):
             with subprocess.Popen(
                 [sys.executable, "-c", VANISH_MID_STREAM, daemon.endpoint],

@@ -18,7 +18,6 @@ from typing import Any
 
 import msgpack
 import numpy as np
-import psutil
 import zmq
 
 from edged import protocol
@@ -50,11 +49,6 @@ def final_reply(sock: zmq.Socket[Any]) -> dict[str, Any] | None:
     return None
 
 
-def footprint(pid: int) -> tuple[int, int]:
-    process = psutil.Process(pid)
-    return process.memory_info().rss, process.num_fds()
-
-
 def test_a_live_daemon_answers_every_malformed_message_and_keeps_serving(
     demo_daemon: DaemonProcess, connect: Connect
 ) -> None:
@@ -73,7 +67,7 @@ def test_a_live_daemon_answers_every_malformed_message_and_keeps_serving(
     started = time.monotonic()
     for sent in range(MESSAGES):
         if sent == warmup:
-            before = footprint(demo_daemon.pid)
+            before = demo_daemon.footprint()
         target = "control" if rng.random() < CONTROL_SHARE else "infer"
         frames = mutate(rng, rng.choice(corpus)) or [b""]  # a message has at least one frame
         sockets[target].send_multipart(frames)
@@ -83,7 +77,7 @@ def test_a_live_daemon_answers_every_malformed_message_and_keeps_serving(
         else:
             codes["ok" if header.get("ok") else header["error"]["code"]] += 1
     seconds = time.monotonic() - started
-    after = footprint(demo_daemon.pid)
+    after = demo_daemon.footprint()
 
     with demo_daemon.client() as client:
         result = client.infer("demo", {"x": np.zeros((1, 16), np.float32)})
