@@ -140,6 +140,8 @@ class Daemon:
             self.registry, self.service, self.notifier, config.daemon.stuck_run_s
         )
         self._stop: asyncio.Event | None = None
+        #: set by a second stop request: skip the rest of the drain
+        self._hurry: asyncio.Event | None = None
 
     def run(self) -> None:
         loop = new_event_loop(self.config.daemon.event_loop)
@@ -149,10 +151,17 @@ class Daemon:
             loop.close()
 
     def request_stop(self) -> None:
-        if self._stop is not None and not self._stop.is_set():
-            log.info("stop requested; draining")
+        """The first stop drains; a second one (an impatient Ctrl-C, a repeated SIGTERM) stops
+        without waiting for the drain, answering what is left, as uvicorn does."""
+        if self._stop is None or self._hurry is None:
+            return
+        if not self._stop.is_set():
+            log.info("stop requested; draining (stop again to skip the drain)")
             self.notifier.stopping()
             self._stop.set()
+        elif not self._hurry.is_set():
+            log.info("second stop request: answering what is left without draining")
+            self._hurry.set()
 
     def _reload(self) -> None:
         """SIGHUP: re-read the config, telling systemd (RELOADING=1, then READY=1)."""
@@ -160,7 +169,7 @@ class Daemon:
         self.control.reload_later(done=lambda: self.notifier.ready(self.watchdog.status()))
 
     async def serve(self) -> None:
-        self._stop = asyncio.Event()
+        self._stop, self._hurry = asyncio.Event(), asyncio.Event()
         async with contextlib.AsyncExitStack() as stack:
             await self.startup(stack)
             await self.main_loop(self._stop)
@@ -250,15 +259,27 @@ class Daemon:
         return list(control.tcp)
 
     async def drain(self) -> None:
-        """Refuse new work, let queued and running requests finish, answer the rest."""
+        """Refuse new work, let queued and running requests finish, answer the rest (at the
+        drain timeout, or at once on a second stop request)."""
         self.service.accepting = False
         timeout = self.config.daemon.drain_timeout_s
+        drained = asyncio.ensure_future(self._drained())
+        waits: set[asyncio.Future[Any]] = {drained}
+        if self._hurry is not None:
+            waits.add(asyncio.ensure_future(self._hurry.wait()))
         try:
-            await asyncio.wait_for(self._drained(), timeout)
-        except asyncio.TimeoutError:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if drained.done() and not drained.cancelled():
+            return
+        if self._hurry is not None and self._hurry.is_set():
+            log.info("stopping without draining; answering the rest")
+        else:
             log.warning("drain did not finish within %.1f s; answering the rest", timeout)
-            for runner in self.registry.runners():
-                runner.abort(ShuttingDown("the daemon stopped before this request could run"))
+        for runner in self.registry.runners():
+            runner.abort(ShuttingDown("the daemon stopped before this request could run"))
 
     async def _drained(self) -> None:
         await self.registry.settled()  # requests waiting for a load are answered when it ends

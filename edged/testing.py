@@ -73,7 +73,10 @@ class DaemonProcess:
         return Client(self.control_endpoint, timeout=timeout)
 
     def start(self, timeout: float = START_TIMEOUT_S) -> DaemonProcess:
-        import tomli_w
+        try:
+            import tomli_w
+        except ImportError:
+            raise ImportError("edged.testing needs tomli-w: pip install 'edged[testing]'") from None
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(tomli_w.dumps(self.config))

@@ -158,6 +158,28 @@ def test_drain_timeout_answers_what_is_left(
     assert all(isinstance(code, ShuttingDown) for code in codes)
 
 
+def test_a_second_sigterm_skips_the_drain_and_answers_what_is_left(
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
+) -> None:
+    daemon = start_daemon({"daemon": {"drain_timeout_s": 600.0}, **slow_config(models_dir)})
+    sock = connect(daemon.endpoint)
+    x = np.ones((1024, SLOW_WIDTH), np.float32)
+    count = 40  # far more queued work than the test waits for
+    replies = send_admitted(sock, x, count)
+    os.kill(daemon.pid, signal.SIGTERM)
+    with daemon.client() as client:
+        while client.ping()["state"] == "serving":
+            pass
+    os.kill(daemon.pid, signal.SIGTERM)
+    assert daemon.wait() == 0
+    while len(replies) < count and sock.poll(10000):
+        replies.append(protocol.decode_reply(sock.recv_multipart()))
+    assert sorted(r.id for r in replies) == list(range(1, count + 1))  # one reply each
+    shut = [r for r in replies if isinstance(r.error, ShuttingDown)]
+    assert shut and all(r.error is None for r in replies if r not in shut)
+    assert "second stop request" in daemon.log()
+
+
 def test_second_daemon_on_the_same_socket_fails_clearly(
     demo_daemon: DaemonProcess, models_dir: Path
 ) -> None:

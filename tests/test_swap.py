@@ -24,6 +24,7 @@ from tests.models import build_wide_model
 
 CLIENTS = 3
 SWAPS = 20
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wide_versions(root: Path, width: int) -> list[Path]:
@@ -60,6 +61,7 @@ def load_clients(
             ],
             stdout=subprocess.PIPE,
             text=True,
+            cwd=REPO,  # where ``tests`` is importable, wherever pytest was started
         )
         for _ in range(CLIENTS)
     ]

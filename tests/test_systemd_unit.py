@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edged.config import DaemonConfig, load_config
+from tests.conftest import DaemonFactory
 
 SYSTEMD = Path(__file__).resolve().parent.parent / "systemd"
 UNIT = SYSTEMD / "edged.service"
@@ -20,6 +23,7 @@ SYSUSERS = SYSTEMD / "edged.sysusers"
 TMPFILES = SYSTEMD / "edged.tmpfiles"
 CONFIG = SYSTEMD / "edged.toml"
 INSTALLED_BINARY = "/opt/edged/bin/edged"
+INSTALLED_EDGECTL = "/opt/edged/bin/edgectl"
 INSTALLED_CONFIG = "/etc/edged/edged.toml"
 MAX_EXPOSURE = 2.0
 ANALYZE = shutil.which("systemd-analyze") or ""
@@ -73,14 +77,16 @@ def _edged_command() -> list[str]:
 
 @needs_analyze
 def test_unit_verifies(tmp_path: Path) -> None:
-    # verify checks that ExecStart's binary exists: check a copy whose ExecStart is this
+    # verify checks that the commands' binaries exist: check a copy whose ExecStart is this
     # environment's edged (or, without the console script, this Python) instead of the
-    # installed /opt/edged/bin/edged, everything else as is
+    # installed /opt/edged/bin/edged, and whose ExecReload is its edgectl, everything else as is
     text = UNIT.read_text()
     assert f"ExecStart={INSTALLED_BINARY} " in text
     executable = _edged_command()[0]
+    edgectl = Path(sys.executable).parent / "edgectl"
+    text = text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={executable} ")
     copy = tmp_path / "edged.service"
-    copy.write_text(text.replace(f"ExecStart={INSTALLED_BINARY} ", f"ExecStart={executable} "))
+    copy.write_text(text.replace(f"ExecReload={INSTALLED_EDGECTL} ", f"ExecReload={edgectl} "))
     done = _run([ANALYZE, "verify", str(copy)])
     ours = [line for line in (done.stdout + done.stderr).splitlines() if "edged.service" in line]
     assert done.returncode == 0 and not ours, done.stdout + done.stderr
@@ -114,7 +120,8 @@ def test_unit_has_what_the_daemon_depends_on() -> None:
     assert _service("NotifyAccess") == "main"
     assert _seconds(_service("WatchdogSec")) >= 10  # the daemon pings from its 1 s tick
     assert _service("ExecStart") == f"{INSTALLED_BINARY} serve --config {INSTALLED_CONFIG}"
-    assert _service("ExecReload") == "/bin/kill -HUP $MAINPID"  # SIGHUP reloads the config
+    # the reload goes through edgectl, which waits for the outcome (tested below)
+    assert _service("ExecReload").startswith(f"{INSTALLED_EDGECTL} --control ipc://%t/edged/")
     assert _service("Restart") == "on-failure"
     assert "78" in _service("RestartPreventExitStatus").split()  # invalid config: no restart
     assert _service("KillMode") == "mixed"
@@ -175,3 +182,20 @@ def test_sysusers_and_tmpfiles_apply(tmp_path: Path) -> None:
     assert (tmp_path / "etc/edged/trusted").is_dir()
     inbox = tmp_path / "var/lib/edged/inbox"
     assert inbox.is_dir() and (inbox.parent.stat().st_mode & 0o777) == 0o700
+
+
+def test_the_units_reload_command_fails_when_the_daemon_refuses_the_reload(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    """``systemctl reload`` runs ExecReload and reports its exit status: it must say whether
+    the daemon took the new config, not merely that a signal was sent."""
+    daemon = start_daemon({"models": {"demo": {"path": str(models_dir / "demo.onnx")}}})
+    edgectl = Path(sys.executable).parent / "edgectl"  # the console script next to this Python
+    command = _service("ExecReload").replace(INSTALLED_EDGECTL, str(edgectl))
+    argv = shlex.split(command.replace("%t/edged", str(daemon.runtime_dir)))
+    assert _run(argv).returncode == 0  # the same file again: a reload that takes
+    daemon.config_path.write_text(daemon.config_path.read_text() + "\n[models.demo\n")
+    refused = _run(argv)
+    assert refused.returncode == 1 and "CONFIG" in refused.stderr, refused.stderr
+    with daemon.client() as client:  # nothing changed: still serving
+        assert client.infer("demo", {"x": np.zeros((1, 16), np.float32)}).version == 1

@@ -26,7 +26,7 @@ import tomli_w
 
 from edged.testing import DaemonProcess
 from tests import sandbox
-from tests.conftest import DaemonFactory, direct_embeddings, llm_config
+from tests.conftest import HAS_GGUF, DaemonFactory, direct_embeddings, llm_config
 
 LAUNCHER = [sys.executable, str(Path(sandbox.__file__).resolve())]
 #: how systemd applies MemoryDenyWriteExecute=yes: PR_SET_MDWE (systemd 253+, Linux 6.3+), or
@@ -189,27 +189,29 @@ def test_the_filter_follows_the_unit_file(tmp_path: Path) -> None:
 # -- the daemon under the unit's filter and MDWE ----------------------------------------------
 
 
-def gguf_daemon_config(models_dir: Path, gguf_models: dict[str, Path]) -> dict[str, Any]:
-    return {
-        "models": {
-            "demo": {"path": str(models_dir / "demo.onnx"), "preload": True},
-            "llm": llm_config(gguf_models["q8"]),
-            "emb": llm_config(gguf_models["embed"], gguf={"embedding": True, "n_batch": 64}),
-        }
-    }
+def sandbox_daemon_config(models_dir: Path, gguf_models: dict[str, Path] | None) -> dict[str, Any]:
+    """The ONNX demo model, and the GGUF models where the gguf extra is installed."""
+    models: dict[str, Any] = {"demo": {"path": str(models_dir / "demo.onnx"), "preload": True}}
+    if gguf_models is not None:
+        models["llm"] = llm_config(gguf_models["q8"])
+        models["emb"] = llm_config(gguf_models["embed"], gguf={"embedding": True, "n_batch": 64})
+    return {"models": models}
 
 
 @pytest.fixture(scope="module")
 def sandboxed(
+    request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
     models_dir: Path,
-    gguf_models: dict[str, Path],
     mdwe: str,
 ) -> Iterator[DaemonProcess]:
-    """A daemon with ONNX and GGUF models under the filter and MDWE, for the serving tests."""
+    """A daemon with ONNX (and GGUF) models under the filter and MDWE, for the serving tests;
+    the GGUF models are asked for only where they can be built, so the ONNX tests still run
+    without the gguf extra."""
+    gguf_models = request.getfixturevalue("gguf_models") if HAS_GGUF else None
     daemon = DaemonProcess(
         tmp_path_factory.mktemp(f"sandboxed-{mdwe}"),
-        gguf_daemon_config(models_dir, gguf_models),
+        sandbox_daemon_config(models_dir, gguf_models),
         wrapper=confined(mdwe),
     )
     try:
