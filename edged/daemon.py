@@ -31,6 +31,7 @@ from edged.control.reload import Reloader
 from edged.control.service import ControlService
 from edged.demo import build_demo_model
 from edged.errors import ConfigError, ShuttingDown
+from edged.heap import HeapTrimmer
 from edged.lockfile import instance_lock
 from edged.models.budget import MIB, MemoryBudget
 from edged.models.loading import ModelLoader, in_fresh_thread
@@ -139,6 +140,7 @@ class Daemon:
         self.watchdog = Watchdog(
             self.registry, self.service, self.notifier, config.daemon.stuck_run_s
         )
+        self.heap = HeapTrimmer()
         self._stop: asyncio.Event | None = None
         #: set by a second stop request: skip the rest of the drain
         self._hurry: asyncio.Event | None = None
@@ -184,6 +186,7 @@ class Daemon:
             faults.point("daemon.tick")
             self.watchdog.tick()
             self.registry.unload_idle(time.monotonic_ns())
+            await self.heap.tick()
             if self._installer is not None and self.config.ota.inbox:
                 self._installer.poll(Path(self.config.ota.inbox))
 
