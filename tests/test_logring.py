@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from edged.control.logring import LAST_ERRORS, LogRing
+from edged.control.logring import LAST_ERRORS, MAX_MESSAGE_CHARS, LogRing
 
 
 @pytest.fixture
@@ -102,6 +102,19 @@ def test_exceptions_are_formatted_and_the_trace_attribute_is_carried(
     assert failed["level"] == "ERROR"
     assert failed["trace"] == "abc123"
     assert plain["trace"] == "42"
+
+
+def test_a_huge_message_is_cut_so_the_ring_stays_bounded_in_bytes(
+    logger: logging.Logger,
+) -> None:
+    ring = ring_on(logger, capacity=10)
+    for _ in range(20):
+        logger.warning("unknown model %r", "m" * 1_000_000)  # a name a client chose
+    records = ring.records(last=10)
+    assert len(records) == 10
+    assert all(len(r["message"]) < MAX_MESSAGE_CHARS + 64 for r in records)
+    assert records[-1]["message"].endswith("characters cut)")
+    assert records[-1]["message"].startswith("unknown model 'mmm")
 
 
 def test_last_errors_survive_rotation(logger: logging.Logger) -> None:

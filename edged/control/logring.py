@@ -21,6 +21,9 @@ Follower = Callable[[Record], None]
 
 #: ERROR-or-worse records kept apart from the ring, which may have rotated them out
 LAST_ERRORS = 20
+#: a record's message (with its traceback) is cut beyond this many characters, so the ring
+#: stays bounded in bytes, not just in records, whatever a client made the daemon log
+MAX_MESSAGE_CHARS = 8192
 
 _FORMATTER = logging.Formatter()
 
@@ -178,6 +181,9 @@ class LogRing(logging.Handler):
             message = f"{message}\n{record.exc_text}"
         if record.stack_info:
             message = f"{message}\n{_FORMATTER.formatStack(record.stack_info)}"
+        if len(message) > MAX_MESSAGE_CHARS:
+            cut = len(message) - MAX_MESSAGE_CHARS
+            message = f"{message[:MAX_MESSAGE_CHARS]}... ({cut} characters cut)"
         trace = getattr(record, "trace", None)
         return {
             "seq": 0,
