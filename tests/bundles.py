@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import io
+import json
 import re
 import tarfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from edged.errors import BadBundle, BadSignature
+from edged.client import Client
+from edged.errors import BadBundle, BadSignature, EdgedError
 from edged.ota import bundle
-from edged.ota.keys import generate
+from edged.ota.keys import generate, key_id, load_private
 from edged.testing import DaemonProcess
 from tests.conftest import DaemonFactory, store_versions
 from tests.models import build_wide_model
@@ -39,16 +45,18 @@ def start_ota_daemon(
     tmp_path: Path,
     keys: dict[str, Path],
     width: int = WIDTH,
+    env: dict[str, str] | None = None,
     **ota: Any,
 ) -> DaemonProcess:
     """A daemon in ``tmp_path / "d"`` that trusts ``keys`` (and takes these other ``ota``
-    settings), serving "m" version 1, ``width`` wide, from its store."""
+    settings), serving "m" version 1, ``width`` wide, from its store; ``env`` is added to its
+    environment."""
     store_versions(tmp_path / "d", "m", [build_wide_model(tmp_path / "v1.onnx", width, 1)])
     config = {
         "ota": {"trusted_keys": str(keys["trusted"]), **ota},
         "models": {"m": {"preload": True}},
     }
-    return start_daemon(config, workdir=tmp_path / "d")
+    return start_daemon(config, workdir=tmp_path / "d", env=env)
 
 
 def make(
@@ -88,6 +96,44 @@ def serving(daemon: DaemonProcess) -> int:
         return client.infer("m", {"x": X}).version
 
 
+@contextlib.contextmanager
+def inferring(daemon: DaemonProcess) -> Iterator[dict[str, int]]:
+    """A client inferring on "m" all along; its tally of requests and failures."""
+    tally = {"requests": 0, "failures": 0}
+    stop = threading.Event()
+
+    def run() -> None:
+        with Client(daemon.endpoint, timeout=30) as client:
+            while not stop.is_set():
+                tally["requests"] += 1
+                try:
+                    client.infer("m", {"x": X})
+                except EdgedError:
+                    tally["failures"] += 1
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        yield tally
+    finally:
+        stop.set()
+        worker.join(30)
+
+
+def history(daemon: DaemonProcess) -> list[dict[str, Any]]:
+    with daemon.control() as control:
+        return list(control.command("history")["installs"])
+
+
+def wait_for_step(daemon: DaemonProcess, step: str, timeout: float = 60) -> None:
+    """Until the install under way has begun ``step`` (its status file says so)."""
+    status = daemon.workdir / "state" / "ota" / "status.json"
+    deadline = time.monotonic() + timeout
+    while not (status.exists() and json.loads(status.read_text()).get("step") == step):
+        assert time.monotonic() < deadline, daemon.log()
+        time.sleep(0.01)
+
+
 # -- bad bundles ----------------------------------------------------------------------------
 
 
@@ -101,6 +147,36 @@ def rewrite(
             for info, data in change(member.name, stream.read() if stream else b""):
                 new.addfile(info, io.BytesIO(data) if info.isreg() else None)
     return out
+
+
+def raw_bundle(out: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
+    """A tar archive written header by header, whatever the headers say. A member given
+    ``None`` for data gets its declared size as a hole (a sparse file: no disk, no memory
+    here), which is how a bundle with a member of hundreds of MB costs the test nothing."""
+    with out.open("wb") as archive:
+        for info, data in members:
+            archive.write(info.tobuf(tarfile.USTAR_FORMAT))
+            if data is None:
+                archive.seek(info.size, io.SEEK_CUR)
+            else:
+                archive.write(data)
+            archive.seek(-info.size % tarfile.BLOCKSIZE, io.SEEK_CUR)
+        archive.write(bytes(2 * tarfile.BLOCKSIZE))  # the end of the archive
+    return out
+
+
+def sized(name: str, size: int, kind: bytes = tarfile.REGTYPE) -> tarfile.TarInfo:
+    """A header for a member of ``size`` bytes."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, kind
+    return info
+
+
+def signature_member(manifest: bytes, private: Path) -> bytes:
+    """The ``manifest.sig`` that ``private`` makes for these exact manifest bytes."""
+    key = load_private(private)
+    signature = base64.b64encode(key.sign(manifest)).decode()
+    return json.dumps({"key_id": key_id(key.public_key()), "signature": signature}).encode()
 
 
 def member(

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import platform
 import re
+import subprocess
+import sys
+import tarfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +17,12 @@ import pytest
 from edged.errors import BadBundle, BadSignature
 from edged.ota import bundle
 from edged.ota.keys import TrustedKeys
-from tests.bundles import BAD, rewrite, signing_keys
+from edged.store import sha256_of
+from tests.bundles import BAD, raw_bundle, rewrite, signing_keys, sized
 
 LIMIT = 64 << 20
+#: the model file that ``sign`` must stream, not hold
+LARGE = 64 << 20
 
 
 @pytest.fixture
@@ -111,3 +118,136 @@ def test_bundles_for_another_machine_or_a_newer_edged_are_refused(
     here.check_device()
     data = json.loads(here.to_bytes())
     assert data["format"] == bundle.FORMAT and data["files"][0]["role"] == "model"
+
+
+def hostile(tmp_path: Path, *members: tuple[tarfile.TarInfo, bytes]) -> Path:
+    return raw_bundle(tmp_path / "hostile.bundle", list(members))
+
+
+def manifest_member(data: dict[str, Any] | bytes) -> tuple[tarfile.TarInfo, bytes]:
+    raw = data if isinstance(data, bytes) else json.dumps(data).encode()
+    return sized(bundle.MANIFEST, len(raw)), raw
+
+
+def signature(raw: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    return sized(bundle.SIGNATURE, len(raw)), raw
+
+
+def pax(records: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    return sized("././@PaxHeader", len(records), tarfile.XHDTYPE), records
+
+
+GOOD = json.loads(
+    bundle.Manifest("demo", 2, "onnx", (bundle.BundleFile("demo.onnx", 1, "0" * 64),)).to_bytes()
+)
+
+
+@pytest.mark.parametrize(
+    ("members", "error", "message"),
+    [
+        ([manifest_member(GOOD), signature(b"[" * 4000)], BadSignature, "nests too deep"),
+        ([manifest_member(GOOD), signature(b" " * 5000)], BadSignature, "is 5000 bytes"),
+        ([manifest_member(GOOD), signature(b"[1]")], BadSignature, "not a JSON object"),
+        ([manifest_member(GOOD), signature(b"{")], BadSignature, "not valid JSON"),
+        ([manifest_member(b"[" * 100_000)], BadBundle, "the manifest nests too deep"),
+        ([manifest_member({**GOOD, "name": 5})], BadBundle, "must be strings"),
+        (
+            [manifest_member({**GOOD, "files": [{**GOOD["files"][0], "sha256": 1}]})],
+            BadBundle,
+            "must be strings",
+        ),
+        ([manifest_member({**GOOD, "version": 10**19})], BadBundle, "version must be an integer"),
+        ([manifest_member([GOOD])], BadBundle, "the manifest is not valid"),
+        ([pax(b"x" * 70_000), manifest_member(GOOD)], BadBundle, "extended tar header of 70000"),
+        ([*[pax(b"")] * 3000, manifest_member(GOOD)], BadBundle, "extended tar headers in a row"),
+        (
+            [(sized(bundle.MANIFEST, 0, tarfile.GNUTYPE_SPARSE), b"")],
+            BadBundle,
+            "sparse file",
+        ),
+    ],
+    ids=[
+        "deep signature",
+        "large signature",
+        "signature not an object",
+        "signature not JSON",
+        "deep manifest",
+        "name not a string",
+        "sha256 not a string",
+        "version too large",
+        "manifest not an object",
+        "large extended header",
+        "chained extended headers",
+        "sparse member",
+    ],
+)
+def test_what_is_read_before_the_signature_is_bounded_and_refused_specifically(
+    tmp_path: Path,
+    keys: dict[str, Path],
+    members: list[tuple[tarfile.TarInfo, bytes]],
+    error: type[Exception],
+    message: str,
+) -> None:
+    path = hostile(tmp_path, *members)
+    read = bundle.inspect if error is BadBundle else partial(verify, keys=keys)
+    with pytest.raises(error, match=re.escape(message)):
+        read(path)
+
+
+def verify(path: Path, keys: dict[str, Path]) -> bundle.Manifest:
+    return bundle.verify(path, TrustedKeys(keys["trusted"]))
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    created = '[[[[[[[[[[{{{{{{{{{{\\"[[[[[[[[[[\\\\'
+    manifest = bundle.Manifest("demo", 2, "onnx", (bundle.BundleFile("demo.onnx", 1, "0" * 64),))
+    raw = manifest.to_bytes().replace(b'"created": ""', b'"created": "' + created.encode() + b'"')
+    assert bundle.Manifest.parse(raw).created == json.loads(f'"{created}"')
+
+
+def peak_rss(command: list[str]) -> int:
+    """The peak resident memory of ``command``, run as the only child of a fresh process."""
+    probe = (
+        "import resource, subprocess, sys; "
+        "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *command],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return int(done.stdout) * 1024  # Linux reports kB
+
+
+def test_signing_streams_the_files_instead_of_holding_them_in_memory(
+    tmp_path: Path, keys: dict[str, Path], models_dir: Path
+) -> None:
+    large = tmp_path / "large.onnx"
+    with large.open("wb") as out:  # sparse: read back like any file, with no disk behind it
+        out.truncate(LARGE)
+    peaks = {}
+    for model in (models_dir / "demo.onnx", large):
+        out = tmp_path / f"{model.stem}.bundle"
+        bundle.build(out, "demo", 2, model)
+        sign = [sys.executable, "-m", "edged", "bundle", "sign", str(out)]
+        peaks[model] = peak_rss([*sign, "--key", str(keys["private"])])
+        assert verify(out, keys).model.size == model.stat().st_size
+    growth = peaks[large] - peaks[models_dir / "demo.onnx"]
+    assert growth < LARGE // 4, f"signing {LARGE >> 20} MiB took {growth >> 20} MiB more"
+    extract(tmp_path / "large.bundle", keys, tmp_path, limit=LARGE)
+    assert sha256_of(tmp_path / "staging" / "large.onnx") == sha256_of(large)
+
+
+def test_signing_a_truncated_bundle_fails_and_leaves_it_as_it_was(
+    signed: Path, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated.bundle"
+    raw = signed.read_bytes()[: signed.stat().st_size // 2]  # inside the model file
+    truncated.write_bytes(raw)
+    with pytest.raises(BadBundle, match="cannot rewrite"):
+        bundle.sign(truncated, keys["private"])
+    assert truncated.read_bytes() == raw
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

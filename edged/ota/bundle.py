@@ -6,11 +6,18 @@ of the key that made it), then the files under ``files/``. The signature comes b
 so a device rejects an untrusted bundle before it writes a byte of model. Extraction checks
 every member against the signed manifest: no absolute paths, ``..``, links or devices, no file
 missing or extra, sizes and hashes exact, nothing over the size limit.
+
+Whatever is read before the signature is checked comes from anyone, so every such read is
+bounded: the manifest and the signature by their size (checked in the tar header, before a
+byte of them is read), and JSON nested too deep for ``json`` is refused; tar's own extended
+headers (which ``tarfile`` reads whole, and chains by recursion) by size and number. Files are
+only ever streamed, in chunks: ``sign`` too copies them from the old archive to the new one.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -18,14 +25,14 @@ import os
 import platform
 import re
 import tarfile
-import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from edged import __version__, faults
-from edged.errors import BadBundle, BadSignature
+from edged.errors import BadBundle, BadSignature, EdgedError, TooLarge
 from edged.ota.keys import TrustedKeys, key_id, load_private
 from edged.store import fsync_dir, sha256_of
 
@@ -36,6 +43,17 @@ FILES = "files/"
 BACKENDS = ("onnx", "gguf")
 ROLES = ("model", "golden")
 MAX_MANIFEST_BYTES = 1 << 20
+#: a signature is 64 bytes, its JSON about 130: anything larger is not one
+MAX_SIGNATURE_BYTES = 4096
+#: one extended tar header (a PAX record set, a GNU long name); a bundle's need a few hundred
+MAX_EXTENDED_HEADER_BYTES = 64 << 10
+#: extended headers chained before one member
+MAX_EXTENDED_HEADERS = 4
+#: the highest version: a store directory name, so bounded
+MAX_VERSION = 10**18 - 1
+#: what a bundle file may hold beyond its files: the manifest, the signature, tar's headers,
+#: padding and end-of-archive records
+FRAMING_BYTES = MAX_MANIFEST_BYTES + (1 << 20)
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _CHUNK = 1 << 20
 
@@ -75,8 +93,8 @@ class Manifest:
 
     @classmethod
     def parse(cls, raw: bytes) -> Manifest:
+        data = _load_json(raw, BadBundle, "the manifest")
         try:
-            data = json.loads(raw)
             files = tuple(BundleFile(**entry) for entry in data.pop("files"))
             manifest = cls(
                 files=files,
@@ -92,10 +110,16 @@ class Manifest:
         """The manifest's own consistency (what it says about the device comes later)."""
         if self.format != FORMAT:
             raise BadBundle(f"bundle format {self.format!r}; this edged reads {FORMAT}")
+        text = [self.name, self.min_edged, self.created, *self.architectures]
+        text += [value for entry in self.files for value in (entry.path, entry.sha256, entry.role)]
+        if not all(isinstance(value, str) for value in text):
+            raise BadBundle("the manifest's names, versions, hashes and roles must be strings")
         if not _FILE_NAME.fullmatch(self.name):
             raise BadBundle(f"model name {self.name!r} is not a valid model name")
-        if type(self.version) is not int or self.version < 1:
-            raise BadBundle(f"version must be a positive integer, got {self.version!r}")
+        if type(self.version) is not int or not 1 <= self.version <= MAX_VERSION:
+            raise BadBundle(
+                f"version must be an integer from 1 to {MAX_VERSION}, got {self.version!r}"
+            )
         if self.backend not in BACKENDS:
             raise BadBundle(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         paths = [f.path for f in self.files]
@@ -145,60 +169,79 @@ def build(
     backend = backend or ("gguf" if model.suffix.lower() == ".gguf" else "onnx")
     manifest = Manifest(name, version, backend, files, min_edged, architectures, created)
     manifest.check()
-    _write(out, manifest, None, [source for source, _ in sources])
+    _write(out, manifest.to_bytes(), None, _local_files([source for source, _ in sources]))
     return manifest
 
 
 def sign(bundle: Path, private_key: Path) -> str:
-    """Add (or replace) the bundle's signature; returns the signing key's id."""
+    """Add (or replace) the bundle's signature; returns the signing key's id. The files are
+    copied from the old archive to the new one in chunks, never whole in memory."""
     key = load_private(private_key)
-    manifest_bytes, _, sources = _read_for_rewrite(bundle)
-    signature = {
-        "key_id": key_id(key.public_key()),
-        "signature": base64.b64encode(key.sign(manifest_bytes)).decode(),
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = []
-        for member_name, data in sources:
-            path = Path(tmp) / member_name
-            path.write_bytes(data)
-            paths.append(path)
-        _write(bundle, Manifest.parse(manifest_bytes), signature, paths, manifest_bytes)
+    with _open(bundle) as old:
+        manifest_bytes, _, pending = _head(old)
+        Manifest.parse(manifest_bytes)
+        signature = {
+            "key_id": key_id(key.public_key()),
+            "signature": base64.b64encode(key.sign(manifest_bytes)).decode(),
+        }
+        try:
+            _write(bundle, manifest_bytes, signature, _archived_files(old, pending))
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            raise BadBundle(f"cannot rewrite {bundle}: {exc}") from None
     return str(signature["key_id"])
 
 
-def verify(bundle: Path, trusted: TrustedKeys) -> Manifest:
-    """Check the signature against the trusted keys; the manifest it vouches for."""
-    with _open(bundle) as archive:
-        manifest_bytes, signature, _ = _head(archive)
-    _check_signature(manifest_bytes, signature, trusted)
-    return Manifest.parse(manifest_bytes)
+@dataclass(frozen=True)
+class Verified:
+    """An open bundle whose signature checked out: its manifest, trusted, and its files,
+    not read yet (a stream: read once, in order)."""
 
+    manifest: Manifest
+    archive: tarfile.TarFile
+    pending: list[tarfile.TarInfo]
 
-def extract(bundle: Path, trusted: TrustedKeys, staging: Path, max_bytes: int) -> Manifest:
-    """Verify, then write the bundle's files into ``staging`` (which must exist, empty),
-    checking each against the signed manifest as it streams; fsynced when this returns."""
-    with _open(bundle) as archive:
-        manifest_bytes, signature, pending = _head(archive)
-        _check_signature(manifest_bytes, signature, trusted)
-        manifest = Manifest.parse(manifest_bytes)
-        expected = {f.path: f for f in manifest.files}
-        if sum(f.size for f in manifest.files) > max_bytes:
+    def extract(self, staging: Path, max_bytes: int) -> None:
+        """Write the files into ``staging`` (which must exist, empty), checking each against
+        the manifest as it streams; fsynced when this returns."""
+        expected = {f.path: f for f in self.manifest.files}
+        if sum(f.size for f in self.manifest.files) > max_bytes:
             raise BadBundle(f"bundle files total more than the limit of {max_bytes} bytes")
         seen: set[str] = set()
-        for member in _members(archive, pending):
+        for member in _members(self.archive, self.pending):
             name = _file_name(member)
             entry = expected.get(name)
             if entry is None or name in seen:
                 raise BadBundle(f"member {member.name!r} is not in the signed manifest")
             seen.add(name)
-            _extract_file(archive, member, entry, staging / name)
+            _extract_file(self.archive, member, entry, staging / name)
             faults.point("ota.extracting")
         missing = expected.keys() - seen
         if missing:
             raise BadBundle(f"file(s) missing from the bundle: {', '.join(sorted(missing))}")
-    fsync_dir(staging)
-    return manifest
+        fsync_dir(staging)
+
+
+@contextlib.contextmanager
+def verified(bundle: Path, trusted: TrustedKeys) -> Iterator[Verified]:
+    """Open ``bundle`` and check its signature against the trusted keys: what an install
+    decides on before it writes a byte of model."""
+    with _open(bundle) as archive:
+        manifest_bytes, signature, pending = _head(archive)
+        _check_signature(manifest_bytes, signature, trusted)
+        yield Verified(Manifest.parse(manifest_bytes), archive, pending)
+
+
+def verify(bundle: Path, trusted: TrustedKeys) -> Manifest:
+    """Check the signature against the trusted keys; the manifest it vouches for."""
+    with verified(bundle, trusted) as opened:
+        return opened.manifest
+
+
+def extract(bundle: Path, trusted: TrustedKeys, staging: Path, max_bytes: int) -> Manifest:
+    """Verify, then write the bundle's files into ``staging`` (``Verified.extract``)."""
+    with verified(bundle, trusted) as opened:
+        opened.extract(staging, max_bytes)
+        return opened.manifest
 
 
 def inspect(bundle: Path) -> dict[str, Any]:
@@ -212,12 +255,71 @@ def inspect(bundle: Path) -> dict[str, Any]:
     }
 
 
+def archive_limit(max_bytes: int) -> int:
+    """The largest bundle file whose files may total ``max_bytes``."""
+    return max_bytes + FRAMING_BYTES
+
+
+def check_file_size(bundle: Path, max_bytes: int) -> None:
+    """Refuse a file too large to be a bundle whose files total at most ``max_bytes``,
+    before reading a byte of it."""
+    try:
+        size = bundle.stat().st_size
+    except (OSError, ValueError) as exc:
+        raise BadBundle(f"{bundle} is not a readable bundle: {exc}") from None
+    limit = archive_limit(max_bytes)
+    if size > limit:
+        raise TooLarge(
+            f"{bundle} is {size} bytes, over this device's limit of {limit} bytes for a bundle "
+            f"(ota.max_bundle_mb = {max_bytes >> 20}, plus {FRAMING_BYTES} bytes of manifest "
+            f"and archive framing)"
+        )
+
+
 # -- reading ----------------------------------------------------------------------------------
+
+
+class _Header(tarfile.TarInfo):
+    """A member's header, read with bounds: ``tarfile`` reads an extended header (PAX records,
+    a GNU long name) whole into memory, chains the next header by recursion, and collects
+    sparse maps block by block; a bundle needs none of that at any size."""
+
+    def _proc_member(self, archive: Any) -> Any:  # tarfile's documented hook for subclasses
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise BadBundle(f"member {self.name!r} is a sparse file, not a plain file")
+        if self.type in _EXTENDED:
+            if self.size > MAX_EXTENDED_HEADER_BYTES:
+                raise BadBundle(
+                    f"an extended tar header of {self.size} bytes; at most "
+                    f"{MAX_EXTENDED_HEADER_BYTES} are read"
+                )
+            archive.extended_headers += 1
+            if archive.extended_headers > MAX_EXTENDED_HEADERS:
+                raise BadBundle(f"more than {MAX_EXTENDED_HEADERS} extended tar headers in a row")
+        else:
+            archive.extended_headers = 0
+        parent: Any = super()
+        return parent._proc_member(archive)
+
+
+class _Archive(tarfile.TarFile):
+    tarinfo = _Header
+    #: extended headers read since the last member's own header (``_Header``)
+    extended_headers = 0
+
+
+_EXTENDED = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
 
 
 def _open(bundle: Path) -> tarfile.TarFile:
     try:
-        return tarfile.open(bundle, mode="r|")  # a stream: members are read in order, once
+        return _Archive.open(bundle, mode="r|")  # a stream: members are read in order, once
     except (OSError, tarfile.TarError) as exc:
         raise BadBundle(f"{bundle} is not a readable bundle: {exc}") from None
 
@@ -234,11 +336,25 @@ def _head(archive: tarfile.TarFile) -> tuple[bytes, dict[str, Any] | None, list[
     second = _next(archive)
     if second is None or second.name != SIGNATURE:
         return manifest_bytes, None, [] if second is None else [second]
-    try:
-        signature = json.loads(_read_member(archive, second))
-    except ValueError:
-        raise BadSignature(f"{SIGNATURE} is not valid") from None
+    if second.size > MAX_SIGNATURE_BYTES:
+        raise BadSignature(
+            f"{SIGNATURE} is {second.size} bytes; a signature is at most {MAX_SIGNATURE_BYTES}"
+        )
+    signature = _load_json(_read_member(archive, second), BadSignature, SIGNATURE)
+    if not isinstance(signature, dict):
+        raise BadSignature(f"{SIGNATURE} is not valid: not a JSON object")
     return manifest_bytes, signature, []
+
+
+def _load_json(raw: bytes, error: type[EdgedError], what: str) -> Any:
+    """``raw`` parsed, or ``error``. ``json`` recurses once per level of nesting: JSON nested
+    too deep for it is refused as such (its size is bounded before it is read)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise error(f"{what} nests too deep") from None
+    except ValueError as exc:
+        raise error(f"{what} is not valid JSON: {exc}") from None
 
 
 def _check_signature(
@@ -320,38 +436,49 @@ def _extract_file(
 
 def _write(
     out: Path,
-    manifest: Manifest,
+    manifest_bytes: bytes,
     signature: dict[str, Any] | None,
-    sources: list[Path],
-    manifest_bytes: bytes | None = None,
+    files: Iterable[tuple[str, int, IO[bytes]]],
 ) -> None:
-    """Write the archive to a temporary name, then rename: never a half-written bundle."""
+    """Write the archive to a temporary name, then rename: never a half-written bundle.
+    ``files`` are (name, size, stream), each copied through in chunks."""
     tmp = out.with_name(f".{out.name}.tmp")
-    with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        _add_bytes(archive, MANIFEST, manifest_bytes or manifest.to_bytes())
-        if signature is not None:
-            _add_bytes(archive, SIGNATURE, json.dumps(signature).encode())
-        for source in sources:
-            info = tarfile.TarInfo(FILES + source.name)
-            info.size = source.stat().st_size
-            info.mode = 0o644
-            with source.open("rb") as data:
-                archive.addfile(info, data)
+    try:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as archive:
+            _add(archive, MANIFEST, len(manifest_bytes), io.BytesIO(manifest_bytes))
+            if signature is not None:
+                data = json.dumps(signature).encode()
+                _add(archive, SIGNATURE, len(data), io.BytesIO(data))
+            for name, size, stream in files:
+                _add(archive, FILES + name, size, stream)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
 
 
-def _add_bytes(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(archive: tarfile.TarFile, name: str, size: int, stream: IO[bytes]) -> None:
     info = tarfile.TarInfo(name)
-    info.size = len(data)
+    info.size = size
     info.mode = 0o644
-    archive.addfile(info, io.BytesIO(data))
+    archive.addfile(info, stream)
 
 
-def _read_for_rewrite(bundle: Path) -> tuple[bytes, dict[str, Any] | None, list[tuple[str, bytes]]]:
-    with _open(bundle) as archive:
-        manifest_bytes, signature, pending = _head(archive)
-        files = [(_file_name(m), _read_member(archive, m)) for m in _members(archive, pending)]
-    return manifest_bytes, signature, files
+def _local_files(sources: list[Path]) -> Iterator[tuple[str, int, IO[bytes]]]:
+    for source in sources:
+        with source.open("rb") as stream:
+            yield source.name, os.fstat(stream.fileno()).st_size, stream
+
+
+def _archived_files(
+    archive: tarfile.TarFile, pending: list[tarfile.TarInfo]
+) -> Iterator[tuple[str, int, IO[bytes]]]:
+    """The file members of a bundle being read, each a stream over its data."""
+    for member in _members(archive, pending):
+        name = _file_name(member)
+        stream = archive.extractfile(member)
+        assert stream is not None  # a regular file, checked by _file_name
+        yield name, member.size, stream
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:

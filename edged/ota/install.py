@@ -2,15 +2,21 @@
 
 Steps, each journaled before it begins (``edged.ota.journal``: a restart settles an install a
 power cut interrupted) and each leaving the daemon serving: the signature is checked against
-the trusted keys and the files are streamed into a staging directory on the store's
-filesystem, each checked against the signed manifest; the bundle must suit this device and its
-version must exceed every one installed (unless a downgrade is authorised); the staged version
-is renamed into the store in one step; the model is hot swapped to it, which validates it
+the trusted keys; the bundle must suit this device and its version must be at least the newest
+installed (unless a downgrade is authorised); the files are streamed into a staging directory
+on the store's filesystem, each checked against the signed manifest; the staged version is
+renamed into the store in one step; the model is hot swapped to it, which validates it
 (interface, warm-up, golden vectors); live traffic on it passes the health gate
 (``edged.ota.health``); and the version is committed: recorded as the one a restart serves.
 A version that fails to swap in, or fails the gate (the previous version is swapped back), is
-removed from the store again, and the reason recorded. A retry of an install whose version is
-already stored byte for byte (say, pre-staged) goes on with the swap. Installs run one at a
+removed from the store again, and the reason recorded.
+
+What a signed bundle may do is decided from its signed manifest, before a byte of model is
+written (``Installer._plan``): a version older than the newest stored is a downgrade, refused
+unless authorised, whether that older version is still stored or not (a replayed old bundle
+must not take a device back: TUF's rollback attack); the version serving already is a no-op
+(``already_installed``, no swap); the newest version stored byte for byte but not serving (an
+install cut off before its swap, or pre-staged) goes on with the swap. Installs run one at a
 time. Every outcome is appended to ``<state>/ota/history.jsonl``; ``<state>/ota/status.json``
 holds the install under way or the last one, for fleet agents to read.
 """
@@ -18,7 +24,10 @@ holds the install under way or the last one, for fleet agents to read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import logging
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +38,7 @@ from edged.models.budget import MIB
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.swap import Swapper
-from edged.ota.bundle import Manifest, extract
+from edged.ota.bundle import Manifest, check_file_size, verified
 from edged.ota.health import Baseline, HealthGate
 from edged.ota.journal import Journal
 from edged.ota.keys import TrustedKeys
@@ -37,6 +46,20 @@ from edged.ota.upload import Uploads
 from edged.store import ModelStore
 
 log = logging.getLogger(__name__)
+
+#: inbox subdirectories: bundles being installed, installed, refused
+INSTALLING, DONE, REJECTED = "installing", "done", "rejected"
+
+
+class Plan(enum.Enum):
+    """What installing a verified bundle means, given what is stored and serving."""
+
+    #: a new version: extract, publish, swap
+    PUBLISH = "publish"
+    #: the version is stored byte for byte and is not serving: swap to it
+    RESUME = "resume"
+    #: the version is serving already: nothing to do
+    SERVING = "serving"
 
 
 class Installer:
@@ -62,6 +85,11 @@ class Installer:
         self.uploads = Uploads(journal.directory / "uploads", self.max_bytes)
         self._one_at_a_time = asyncio.Lock()
         self._inbox_task: asyncio.Task[None] | None = None
+        #: inbox bundles that could not be moved out of the inbox, by (name, size, mtime):
+        #: never installed (so never retried), and logged once
+        self._unmovable: set[tuple[str, int, int]] = set()
+        #: whether the inbox's bundles left by a previous run have been filed away
+        self._swept = False
 
     @property
     def store(self) -> ModelStore:
@@ -83,7 +111,13 @@ class Installer:
                 log.warning("install of %s %s: %s: %s", bundle, outcome, error.code, error)
                 raise error from None
             self._settle(record, started)
-            log.info("installed %s version %d from %s", record["model"], record["version"], bundle)
+            log.info(
+                "%s: %s version %d from %s",
+                record["outcome"],
+                record["model"],
+                record["version"],
+                bundle,
+            )
             return record
 
     async def install_upload(self, sha256: str, *, allow_downgrade: bool) -> dict[str, Any]:
@@ -95,11 +129,14 @@ class Installer:
             self.uploads.remove(sha256)
 
     async def _install(self, bundle: Path, allow_downgrade: bool, record: dict[str, Any]) -> None:
-        manifest, resumed = await in_fresh_thread(self._stage, bundle, allow_downgrade)
-        record.update(model=manifest.name, version=manifest.version, resumed=resumed)
+        manifest, plan = await in_fresh_thread(self._stage, bundle, allow_downgrade)
+        record.update(model=manifest.name, version=manifest.version)
+        if plan is Plan.SERVING:
+            reason = f"{manifest.name} version {manifest.version} is already serving; no change"
+            record.update(outcome="already_installed", reason=reason)
+            return
+        record["resumed"] = plan is Plan.RESUME
         slot = self.registry.slot(manifest.name)
-        if resumed and slot.version == manifest.version:
-            raise BadBundle(f"{manifest.name} version {manifest.version} is already serving")
         await in_fresh_thread(self.journal.step, "swapping")
         previous, baseline = slot.spec, Baseline.of(slot.runner)
         # what a restart serves until this install commits
@@ -152,21 +189,43 @@ class Installer:
     def poll(self, inbox: Path) -> None:
         """From the daemon's tick: install the next bundle in ``inbox``, if any and if no
         install runs. Names starting with "." are files still being written (an agent writes,
-        then renames); a finished bundle moves to ``done/``, a refused one to ``rejected/``
-        with a ``.reason`` file beside it."""
+        then renames). A bundle is moved to ``installing/`` before its install begins, then
+        to ``done/``, or to ``rejected/`` with a ``.reason`` file beside it: whatever its
+        install does (refused, or the daemon killed by it) it is never taken again by itself,
+        so no bundle makes a restart loop. One that cannot be moved is never installed."""
         if self._inbox_task is not None and not self._inbox_task.done():
             return
-        waiting = sorted(p for p in inbox.glob("*.bundle") if p.is_file())
-        if waiting:
-            self._inbox_task = asyncio.get_running_loop().create_task(self._from_inbox(waiting[0]))
+        if not self._swept:
+            self._swept = True
+            _reject_interrupted(inbox)
+        found = self._waiting(inbox)
+        if found is not None:
+            bundle, identity = found
+            self._inbox_task = asyncio.get_running_loop().create_task(
+                self._from_inbox(bundle, identity)
+            )
 
-    async def _from_inbox(self, bundle: Path) -> None:
+    def _waiting(self, inbox: Path) -> tuple[Path, tuple[str, int, int]] | None:
+        """The first bundle waiting in the inbox, and its identity (name, size, mtime)."""
+        for path in sorted(inbox.glob("*.bundle")):
+            with contextlib.suppress(OSError):
+                info = path.stat()
+                identity = (path.name, info.st_size, info.st_mtime_ns)
+                if stat.S_ISREG(info.st_mode) and identity not in self._unmovable:
+                    return path, identity
+        return None
+
+    async def _from_inbox(self, bundle: Path, identity: tuple[str, int, int]) -> None:
+        claimed = _file_away(bundle, bundle.parent / INSTALLING, None)
+        if claimed is None:  # installed in place, it could be taken again after any restart
+            self._unmovable.add(identity)
+            return
         try:
-            await self.install(bundle)
+            await self.install(claimed)
         except EdgedError as exc:  # recorded by install; the reason also goes beside the file
-            _file_away(bundle, "rejected", f"{exc.code}: {exc}\n")
+            _file_away(claimed, bundle.parent / REJECTED, f"{exc.code}: {exc}\n")
         else:
-            _file_away(bundle, "done", None)
+            _file_away(claimed, bundle.parent / DONE, None)
 
     def _prune(self, slot: ModelSlot) -> list[int]:
         """Remove stored versions beyond the newest ``keep_versions``, except any loaded one
@@ -183,27 +242,21 @@ class Installer:
     def history(self, last: int = 20) -> list[dict[str, Any]]:
         return self.journal.history(last)
 
-    def _stage(self, bundle: Path, allow_downgrade: bool) -> tuple[Manifest, bool]:
-        """Verify and extract into staging, check it suits this device, publish it (blocking).
-        ``True`` with the manifest when this very version is already stored, byte for byte:
-        the install goes on from there."""
+    def _stage(self, bundle: Path, allow_downgrade: bool) -> tuple[Manifest, Plan]:
+        """Verify, decide what the install means (``_plan``) and, for a new version, extract
+        it into staging and publish it (blocking)."""
+        check_file_size(bundle, self.max_bytes)
         with self.store.staging() as staging:
             self.journal.begin(bundle, staging)
-            manifest = extract(bundle, self.trusted, staging, self.max_bytes)
-            manifest.check_device()
+            with verified(bundle, self.trusted) as opened:
+                manifest = opened.manifest
+                manifest.check_device()
+                plan = self._plan(manifest, allow_downgrade)
+                if plan is Plan.PUBLISH:
+                    opened.extract(staging, self.max_bytes)
             self.journal.step("verified", model=manifest.name, version=manifest.version)
-            installed = self.store.versions(manifest.name)
-            newest = max(installed, default=0)
-            if manifest.version in installed:
-                stored = self.store.manifest(manifest.name, manifest.version)
-                if stored.sha256 == manifest.model.sha256:
-                    return manifest, True
-                raise BadBundle(f"{manifest.name} version {manifest.version} is already installed")
-            if manifest.version < newest and not allow_downgrade:
-                raise BadBundle(
-                    f"{manifest.name} version {manifest.version} is older than the installed "
-                    f"{newest}; a downgrade must be authorised"
-                )
+            if plan is not Plan.PUBLISH:
+                return manifest, plan
             golden = manifest.golden
             model = manifest.model
             if golden is not None:  # where a swap looks for them: beside the model file
@@ -218,7 +271,28 @@ class Installer:
                 sha256=model.sha256,
             )
         self.journal.step("published")
-        return manifest, False
+        return manifest, Plan.PUBLISH
+
+    def _plan(self, manifest: Manifest, allow_downgrade: bool) -> Plan:
+        """What installing the signed ``manifest`` means here. Refused: a version older than
+        the newest stored, unless authorised, stored still or not (a replayed old bundle);
+        and a stored version with other contents (a version's bytes never change)."""
+        name, version = manifest.name, manifest.version
+        slot = self.registry.slot(name)  # an undeclared model: refused before any write
+        versions = self.store.versions(name)
+        if version in versions:
+            stored = self.store.manifest(name, version)
+            if stored.sha256 != manifest.model.sha256:
+                raise BadBundle(f"{name} version {version} is already installed, with other bytes")
+            if slot.spec.config.path == str(self.store.model_path(stored)):
+                return Plan.SERVING
+        newest = max(versions, default=0)
+        if version < newest and not allow_downgrade:
+            raise BadBundle(
+                f"{name} version {version} is older than the installed {newest}; a downgrade "
+                f"must be authorised"
+            )
+        return Plan.RESUME if version in versions else Plan.PUBLISH
 
     def _settle(self, record: dict[str, Any], started: float) -> None:
         record["seconds"] = round(time.time() - started, 3)
@@ -227,13 +301,34 @@ class Installer:
             self.journal.end()
 
 
-def _file_away(bundle: Path, outcome: str, reason: str | None) -> None:
-    """Move a processed bundle out of the inbox, so it is never installed twice."""
-    target = bundle.parent / outcome
+def _file_away(bundle: Path, directory: Path, reason: str | None) -> Path | None:
+    """Move a bundle into ``directory`` (with its ``reason`` beside it, if any); where it is
+    now, or ``None`` when it could not be moved (logged)."""
+    target = directory / bundle.name
     try:
-        target.mkdir(exist_ok=True)
-        bundle.replace(target / bundle.name)
-        if reason is not None:
-            (target / f"{bundle.name}.reason").write_text(reason)
+        directory.mkdir(exist_ok=True)
+        bundle.replace(target)
     except OSError as exc:
-        log.error("cannot move %s to %s: %s", bundle, target, exc)
+        log.error("cannot move %s to %s: %s", bundle, directory, exc)
+        return None
+    if reason is not None:
+        try:
+            (directory / f"{bundle.name}.reason").write_text(reason)
+        except OSError as exc:
+            log.error("cannot write why %s was refused: %s", target, exc)
+    return target
+
+
+def _reject_interrupted(inbox: Path) -> None:
+    """Bundles whose install a previous run did not settle (a crash, a power cut, a stop, or
+    the bundle itself killing the daemon) go to ``rejected/``: retried only when put back."""
+    directory = inbox / INSTALLING
+    if not directory.is_dir():
+        return
+    for bundle in sorted(directory.glob("*.bundle")):
+        reason = (
+            "INTERRUPTED: the daemon stopped before this install was settled (see edgectl "
+            "history); put the bundle in the inbox again to retry\n"
+        )
+        log.warning("inbox bundle %s was being installed when the daemon stopped", bundle.name)
+        _file_away(bundle, inbox / REJECTED, reason)
