@@ -29,6 +29,41 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULTS_SOURCE = "<defaults>"
 MIB = 1024 * 1024
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: the short names ``[models.X.onnx] providers`` takes, for onnxruntime's execution providers
+ONNX_PROVIDER_ALIASES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+#: the execution providers onnxruntime builds have (``onnxruntime.get_all_providers()``): a name
+#: outside these and the aliases is a typo, which the load would skip as "not available here"
+ONNX_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "NvTensorRTRTXExecutionProvider",
+    "CUDAExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "ROCMExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "DnnlExecutionProvider",
+    "VitisAIExecutionProvider",
+    "QNNExecutionProvider",
+    "NnapiExecutionProvider",
+    "VSINPUExecutionProvider",
+    "JsExecutionProvider",
+    "CoreMLExecutionProvider",
+    "ArmNNExecutionProvider",
+    "ACLExecutionProvider",
+    "DmlExecutionProvider",
+    "RknpuExecutionProvider",
+    "WebNNExecutionProvider",
+    "WebGpuExecutionProvider",
+    "XnnpackExecutionProvider",
+    "CANNExecutionProvider",
+    "AzureExecutionProvider",
+    "CPUExecutionProvider",
+)
 
 
 def _choice(default: str, *choices: str) -> Any:
@@ -65,6 +100,9 @@ class GgufOptions:
     n_batch: int = _at_least(512, 1)
     #: compute threads; 0 lets llama-cpp-python pick (half the cores)
     n_threads: int = _at_least(0, 0)
+    #: threads that evaluate prompts (a batch of tokens at once); -1 takes ``n_threads``, so that
+    #: ``n_threads`` bounds the whole model; 0 lets llama-cpp-python pick (all the cores)
+    n_threads_batch: int = _at_least(-1, -1)
     #: layers offloaded to the GPU (CUDA builds of llama.cpp, e.g. on a Jetson); -1 means all
     n_gpu_layers: int = _at_least(0, -1)
     #: an embedding model: serves ``embed`` (mean-pooled) instead of ``generate``
@@ -126,7 +164,7 @@ class ControlConfig:
 
     #: TCP endpoints for the control socket besides its IPC one, e.g. "tcp://0.0.0.0:5556"
     tcp: tuple[str, ...] = ()
-    #: the daemon's key pair, a ``.key_secret`` file from ``edgectl keys gen``
+    #: the daemon's key pair, a ``.key_secret`` file from ``edgectl keys curve``
     server_key: str = ""
     #: a directory of client public key files (``.key``) that may connect
     authorized_keys: str = ""
@@ -246,6 +284,7 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 f"{source}: 'models.{name}': a 'version' picks a stored version; a model with "
                 f"a 'path' has none"
             )
+        _check_providers(model.onnx.providers, source, f"models.{name}.onnx.providers")
     models = {
         name: dataclasses.replace(model, path=str(base_dir / model.path) if model.path else "")
         for name, model in config.models.items()
@@ -286,12 +325,27 @@ def _check_remote_control(control: ControlConfig, source: str) -> None:
     if control.tcp and not curve and not control.insecure:
         raise ConfigError(
             f"{source}: 'control.tcp' needs CurveZMQ: set 'control.server_key' and "
-            f"'control.authorized_keys' (edgectl keys gen), or 'control.insecure = true' to let "
+            f"'control.authorized_keys' (edgectl keys curve), or 'control.insecure = true' to let "
             f"anyone who reaches the port control the daemon"
         )
     if bool(control.server_key) != bool(control.authorized_keys):
         raise ConfigError(
             f"{source}: 'control.server_key' and 'control.authorized_keys' go together"
+        )
+
+
+def _check_providers(providers: tuple[str, ...], source: str, where: str) -> None:
+    """Each one a short name (any case) or one of onnxruntime's provider names."""
+    for i, name in enumerate(providers):
+        if name.lower() in ONNX_PROVIDER_ALIASES or name in ONNX_PROVIDERS:
+            continue
+        known = {option.lower(): option for option in [*ONNX_PROVIDER_ALIASES, *ONNX_PROVIDERS]}
+        close = difflib.get_close_matches(name.lower(), known, n=1)
+        hint = f"did you mean {known[close[0]]!r}? " if close else ""
+        raise ConfigError(
+            f"{source}: '{where}[{i}]': unknown execution provider {name!r}; {hint}"
+            f"known: {', '.join(ONNX_PROVIDER_ALIASES)} or onnxruntime's names such as "
+            f"CUDAExecutionProvider"
         )
 
 

@@ -167,3 +167,39 @@ def test_clients_find_the_system_service_when_no_daemon_of_their_own_listens(
     assert paths.default_infer_endpoint() == f"ipc://{service / 'infer.sock'}"
     (own / "infer.sock").touch()  # a daemon of their own wins
     assert paths.default_infer_endpoint() == f"ipc://{own / 'infer.sock'}"
+
+
+@pytest.mark.parametrize(
+    ("provider", "suggestion"),
+    [
+        ("cudaa", "did you mean 'cuda'?"),
+        ("tensort", "did you mean 'tensorrt'?"),
+        ("CudaExecutionProvider", "did you mean 'CUDAExecutionProvider'?"),
+        ("npu", "known: tensorrt, cuda, openvino, xnnpack, cpu"),
+    ],
+)
+def test_an_unknown_execution_provider_is_refused_with_the_closest_name(
+    tmp_path: Path, provider: str, suggestion: str
+) -> None:
+    text = f"[models.a]\npath = 'a.onnx'\n[models.a.onnx]\nproviders = ['cpu', '{provider}']\n"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    message = str(info.value)
+    assert f"'models.a.onnx.providers[1]': unknown execution provider '{provider}'" in message
+    assert suggestion in message
+
+
+def test_provider_aliases_in_any_case_and_onnxruntime_names_are_accepted(tmp_path: Path) -> None:
+    names = "['TensorRT', 'ROCMExecutionProvider', 'DmlExecutionProvider', 'CPU']"
+    text = f"[models.a]\npath = 'a.onnx'\n[models.a.onnx]\nproviders = {names}\n"
+    providers = load_config(write(tmp_path, text)).models["a"].onnx.providers
+    assert providers == ("TensorRT", "ROCMExecutionProvider", "DmlExecutionProvider", "CPU")
+
+
+def test_gguf_prompt_threads_follow_n_threads_unless_set(tmp_path: Path) -> None:
+    text = "[models.a]\npath = 'a.gguf'\n[models.a.gguf]\nn_threads = 2\n"
+    assert load_config(write(tmp_path, text)).models["a"].gguf.n_threads_batch == -1
+    config = load_config(write(tmp_path, text + "n_threads_batch = 4\n"))
+    assert (config.models["a"].gguf.n_threads, config.models["a"].gguf.n_threads_batch) == (2, 4)
+    with pytest.raises(ConfigError, match=r"'models\.a\.gguf\.n_threads_batch' must be >= -1"):
+        load_config(write(tmp_path, text + "n_threads_batch = -2\n"))

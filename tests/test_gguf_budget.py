@@ -96,7 +96,7 @@ def test_a_pinned_gguf_model_stays_and_an_oversized_context_is_refused(
         generate(client, "a")
 
 
-def test_corrections_survive_a_restart_and_never_shrink(tmp_path: Path) -> None:
+def test_corrections_survive_a_restart_and_an_overlap_lowers_none(tmp_path: Path) -> None:
     state = tmp_path / "memory.json"
     budget = MemoryBudget(None, 0, state)
     budget.charge("small", 1, estimate=40 * MIB, measured=10 * MIB)

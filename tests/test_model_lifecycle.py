@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 from edged.client import AsyncClient, Client
-from edged.errors import ModelLoadError
-from tests.conftest import DaemonFactory
+from edged.errors import ModelLoadError, RunFailed
+from edged.testing import DaemonProcess
+from tests.conftest import EDGECTL, DaemonFactory, edgectl_json
+from tests.models import build_one_row_model
 
 X = np.zeros((1, 16), np.float32)
 
@@ -83,8 +89,117 @@ def test_a_model_that_fails_to_load_answers_load_failed_and_others_serve(
     broken.write_bytes(b"not an onnx file")
     daemon = start_daemon({"models": {"broken": {"path": str(broken)}, "demo": model(models_dir)}})
     with daemon.client() as client:
-        for _ in range(2):  # a failed load is reported, and tried again on the next request
+        for _ in range(2):  # a failed load is reported (at once while it backs off)
             with pytest.raises(ModelLoadError, match="model 'broken': cannot load"):
                 client.infer("broken", {"x": X})
         assert client.infer("demo", {"x": X})["probs"].shape == (1, 4)
         assert client.ping()["loaded"] == ["demo"]
+
+
+def edgectl_text(daemon: DaemonProcess, *args: str) -> str:
+    """What ``edgectl ARGS`` prints for an operator."""
+    command = [*EDGECTL, "--control", daemon.control_endpoint, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
+def load_attempts(daemon: DaemonProcess, name: str) -> int:
+    """Failed loads of ``name`` so far, as the log records them (one record per attempt)."""
+    return daemon.log().count(f"ERROR edged.models.registry: model {name!r}: cannot load")
+
+
+def test_a_model_that_cannot_load_shows_as_failed_and_backs_off_until_fixed(
+    start_daemon: DaemonFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    files = {name: tmp_path / f"{name}.onnx" for name in ("waited", "loaded")}
+    for file in files.values():
+        file.write_bytes(b"not an onnx file")
+    daemon = start_daemon({"models": {name: {"path": str(file)} for name, file in files.items()}})
+    with daemon.client() as client:
+        for name in files:
+            for _ in range(5):  # back to back: the first failed load answers the others at once
+                with pytest.raises(ModelLoadError, match=f"model '{name}': cannot load"):
+                    client.infer(name, {"x": X})
+    models = edgectl_json(daemon, "status")["models"]
+    for name in files:
+        entry = models[name]
+        assert entry["state"] == "failed"
+        assert entry["error"]["code"] == "LOAD_FAILED"
+        assert f"model '{name}': cannot load" in entry["error"]["message"]
+        assert 1 <= entry["failed_loads"] == load_attempts(daemon, name) < 5
+        assert 0 <= entry["retry_in_s"] <= 2 ** (entry["failed_loads"] - 1)
+        assert edgectl_json(daemon, "models")["models"][name]["error"] == entry["error"]
+    assert "  waited: v1 failed\n    LOAD_FAILED: model 'waited'" in edgectl_text(daemon, "status")
+
+    attempts = load_attempts(daemon, "loaded")
+    with daemon.control() as control:  # `load` tries now, whatever the back-off, and resets it
+        with pytest.raises(ModelLoadError):
+            control.command("load", model="loaded")
+        assert control.command("status")["models"]["loaded"]["failed_loads"] == 1
+    assert load_attempts(daemon, "loaded") == attempts + 1
+
+    for file in files.values():
+        shutil.copyfile(models_dir / "demo.onnx", file)
+    assert edgectl_json(daemon, "load", "loaded")["state"] == "ready"
+    deadline = time.monotonic() + 30  # "waited": the first request after the back-off loads it
+    while edgectl_json(daemon, "status")["models"]["waited"]["retry_in_s"] > 0:
+        assert time.monotonic() < deadline, "the back-off never ended"
+        time.sleep(0.1)
+    with daemon.client() as client:
+        for name in files:
+            assert client.infer(name, {"x": X})["probs"].shape == (1, 4)
+    assert edgectl_json(daemon, "status")["models"] == {
+        "waited": {"version": 1, "state": "ready"},
+        "loaded": {"version": 1, "state": "ready"},
+    }
+
+
+def build_fixed_model(path: Path) -> Path:
+    """x float32[1, 8] -> Relu -> y: a model without a dynamic batch dimension."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "fixed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_max_batch_without_a_batch_dimension_is_a_warning_at_load_and_in_models(
+    start_daemon: DaemonFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    fixed = build_fixed_model(tmp_path / "fixed.onnx")
+    models = {
+        "fixed": {"path": str(fixed), "max_batch": 8, "preload": True},
+        "demo": model(models_dir, max_batch=8, preload=True),
+    }
+    daemon = start_daemon({"models": models})
+    replies = edgectl_json(daemon, "models")["models"]
+    assert replies["demo"]["warnings"] == []
+    (warning,) = replies["fixed"]["warnings"]
+    assert warning.startswith("max_batch 8 has no effect") and "x: float32[1, 8]" in warning
+    assert f"WARNING edged.models.loading: model fixed version 1: {warning}" in daemon.log()
+    assert f"  warning: {warning}" in edgectl_text(daemon, "models")
+
+
+def test_onnxruntime_prints_nothing_and_a_normal_stop_warns_of_nothing(
+    start_daemon: DaemonFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    one_row = build_one_row_model(tmp_path / "one_row.onnx", 8)
+    daemon = start_daemon(
+        {"models": {"demo": model(models_dir), "one_row": {"path": str(one_row)}}}
+    )
+    with daemon.client() as client:
+        assert client.infer("demo", {"x": X})["probs"].shape == (1, 4)
+        assert client.infer("one_row", {"x": np.ones((1, 8), np.float32)})["y"].shape == (1, 8)
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "stopped" in log
+    assert " WARNING " not in log and " ERROR " not in log, log
+    # a run that fails: onnxruntime would print its own error line beside edged's record
+    failing = start_daemon({"models": {"one_row": {"path": str(one_row)}}}, tmp_path / "fails")
+    with failing.client() as client, pytest.raises(RunFailed):
+        client.infer("one_row", {"x": np.ones((2, 8), np.float32)})
+    assert failing.stop() == 0
+    for daemon_log in (log, failing.log()):
+        assert ":onnxruntime:" not in daemon_log and "\x1b[" not in daemon_log, daemon_log

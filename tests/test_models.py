@@ -11,6 +11,7 @@ import pytest
 from edged.config import OnnxOptions
 from edged.errors import DtypeMismatch, InputMismatch, ShapeMismatch
 from edged.models import batching
+from edged.models import onnx as onnx_backend
 from edged.models.backend import Signature, TensorSpec
 from edged.models.onnx import OnnxBackend, choose_providers, with_provider_options
 
@@ -116,3 +117,21 @@ def test_batch_key_separates_shapes_and_refuses_ragged_leading_dims() -> None:
     c = {"x": np.zeros((1, 8)), "m": np.zeros((1, 2))}
     assert batching.batch_key(a) == batching.batch_key(b) != batching.batch_key(c)
     assert batching.batch_key({"x": np.zeros((1, 16)), "m": np.zeros((2, 2))}) is None
+
+
+def test_the_priming_model_is_one_identity_node() -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "prime",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    model.ClearField("producer_name")
+    model.ClearField("producer_version")
+    onnx.checker.check_model(model)
+    assert model.SerializeToString() == onnx_backend.PRIME_MODEL
+    onnx_backend.OnnxBackend.prime()

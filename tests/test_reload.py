@@ -54,6 +54,17 @@ def test_sighup_swaps_a_changed_file_adds_and_removes_models(
         np.testing.assert_allclose(client.infer("a", {"x": X})["y"], expected, rtol=1e-5)
 
 
+def test_edgectl_config_shows_what_the_last_reload_put_in_effect(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    demo = str(models_dir / "demo.onnx")
+    daemon = start_daemon({"models": {"demo": {"path": demo}}})
+    rewrite(daemon, {"demo": {"path": demo}, "extra": {"path": demo, "queue_depth": 7}})
+    edgectl_json(daemon, "reload")
+    shown = edgectl_json(daemon, "config")["config"]["models"]
+    assert sorted(shown) == ["demo", "extra"] and shown["extra"]["queue_depth"] == 7
+
+
 def test_an_invalid_config_changes_nothing(start_daemon: DaemonFactory, models_dir: Path) -> None:
     daemon = start_daemon({"models": {"demo": {"path": str(models_dir / "demo.onnx")}}})
     daemon.config_path.write_text("[models.demo]\npaht = 'typo.onnx'\n")

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -27,7 +28,7 @@ from edged.control.sysinfo import sysinfo
 from edged.errors import BadRequest, error_from_code
 from edged.models.generation import GenerationRunner
 from edged.models.loading import in_fresh_thread
-from edged.models.registry import Registry, as_edged_error
+from edged.models.registry import Registry, SlotStatistics, as_edged_error
 from edged.models.runner import ReplySink
 from edged.models.validation import WARM_UP_PROMPT, rehearse
 from edged.protocol import Request
@@ -42,12 +43,13 @@ MAX_LOG_RECORDS = 10_000
 class Diagnostics:
     def __init__(
         self,
-        config: Config,
+        config: Callable[[], Config],
         registry: Registry,
         service: InferenceService,
         logs: LogRing,
         state_dir: str,
     ) -> None:
+        #: the configuration in effect now: reloads change it
         self.config = config
         self.registry = registry
         self.service = service
@@ -85,10 +87,7 @@ class Diagnostics:
                 "cpu_percent": self._process.cpu_percent(None),
                 "threads": self._process.num_threads(),
             }
-        models = {
-            slot.name: {"version": slot.version, "state": slot.state.value}
-            for slot in self.registry
-        }
+        models = {slot.name: _model_status(slot.statistics()) for slot in self.registry}
         fields = {
             "edged_version": __version__,
             "pid": os.getpid(),
@@ -155,10 +154,12 @@ class Diagnostics:
         send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
     def _config(self, request: Request, send: ReplySink, peer: bytes) -> None:
-        """The configuration in effect, every default filled in, secrets redacted."""
+        """The configuration in effect (as the last reload left it), every default filled in,
+        secrets redacted."""
+        config = self.config()
         fields = {
-            "source": self.config.source,
-            "config": _redacted(dataclasses.asdict(self.config)),
+            "source": config.source,
+            "config": _redacted(dataclasses.asdict(config)),
         }
         send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
@@ -195,6 +196,18 @@ class Diagnostics:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)  # a task nobody holds may be collected before it is done
         task.add_done_callback(self._tasks.discard)
+
+
+def _model_status(stats: SlotStatistics) -> dict[str, Any]:
+    """A model in ``status``: its active version and state; for a failed one, why, and when
+    the next load is tried."""
+    entry: dict[str, Any] = {"version": stats.version, "state": stats.state}
+    if stats.error is not None:
+        code, message = stats.error
+        entry["error"] = {"code": code, "message": message}
+        entry["failed_loads"] = stats.failed_loads
+        entry["retry_in_s"] = stats.retry_in_s
+    return entry
 
 
 async def _probe(runner: GenerationRunner) -> None:

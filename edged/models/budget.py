@@ -5,6 +5,13 @@ files; the measurement is the memory the load really took (``footprint``), and t
 corrects that model's next estimate. The corrections are kept in a small JSON file in the state
 directory, so they survive restarts. A load goes ahead only if its expected size fits both the
 configured budget and what the system can spare above the reserve.
+
+A correction rises with the first load that measures more, and comes down only after
+``LOWER_AFTER`` loads in a row measured less (to the largest of them, never below the estimate):
+one low measurement proves little (the allocator may have reused pages an earlier unload freed),
+and a load beside another version of the same model (an overlapping swap, a candidate) never
+lowers it, as the two may share pages. So a one-time cost once learned as a model's size (a
+runtime's first start-up, before the loader primed it) does not stay on its books for ever.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import psutil
 log = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+#: a correction comes down after this many loads in a row measured below it
+LOWER_AFTER = 2
 #: CPU and GPU share RAM on a Jetson: there the system's available memory is the measure
 JETSON_RELEASE = Path("/etc/nv_tegra_release")
 
@@ -52,7 +61,7 @@ class MemoryBudget:
         self._measured_versions: dict[tuple[str, int], int] = {}
         self._estimated: dict[str, int] = {}
         self._measured: dict[str, int] = {}
-        self._correction: dict[str, float] = _read_corrections(state_file)
+        self._correction, self._lower = _read_corrections(state_file)
         self._returned: dict[str, int] = {}
 
     @property
@@ -77,19 +86,15 @@ class MemoryBudget:
 
     def charge(self, name: str, version: int, estimate: int, measured: int) -> None:
         """Charge a loaded model version the larger of what was expected and what its load
-        measured, and learn for the next load. Corrections only grow: a load's RSS delta runs
-        low when the allocator reuses pages an earlier unload freed, and some buffers fill only
-        later (llama.cpp's compute buffers, under long prompts). They are learned per model
-        name, as versions are alike in size."""
+        measured, and learn for the next load (per model name, as versions are alike in
+        size)."""
         expected = self.expected(name, estimate)
+        beside = any(model == name for model, _ in self._charged)  # another version is loaded
         charged = self._charged[name, version] = max(expected, measured)
         self._measured_versions[name, version] = measured
         self._estimated[name], self._measured[name] = estimate, measured
-        if estimate > 0 and measured > 0:
-            ratio = max(1.0, measured / estimate, self._correction.get(name, 1.0))
-            if self._correction.get(name) != ratio:
-                self._correction[name] = ratio
-                self._save_corrections()
+        if estimate > 0 and measured > 0 and self._learn(name, measured / estimate, beside):
+            self._save_corrections()
         log.info(
             "model %s version %d: estimated %.1f MiB, measured %.1f MiB, charged %.1f MiB",
             name,
@@ -99,12 +104,38 @@ class MemoryBudget:
             charged / MIB,
         )
 
-    def release(self, name: str, version: int, returned: int) -> None:
+    def _learn(self, name: str, ratio: float, beside: bool) -> bool:
+        """Move the correction as the module says; whether anything changed (to save)."""
+        ratio = max(1.0, ratio)
+        current = self._correction.get(name, 1.0)
+        if ratio >= current:
+            changed = ratio > current or name in self._lower
+            self._lower.pop(name, None)
+        elif beside:
+            return False
+        else:
+            lower = self._lower.setdefault(name, [])
+            lower.append(ratio)
+            if len(lower) < LOWER_AFTER:
+                return True
+            ratio = max(lower)
+            del self._lower[name]
+            changed = True
+        if ratio > 1.0:
+            self._correction[name] = ratio
+        else:
+            self._correction.pop(name, None)
+        return changed
+
+    def release(self, name: str, version: int, returned: int, *, report: bool = True) -> None:
+        """Drop a version's charge and record what its unload gave back. Memory that did not
+        come back is noted (at INFO: the budget's checks read the system's available memory
+        too, so it still limits loads), except when ``report`` is false (at stop)."""
         self._charged.pop((name, version), None)
         took = self._measured_versions.pop((name, version), 0)
         self._returned[name] = returned
-        if returned < took // 2:
-            log.warning(
+        if report and returned < took // 2:
+            log.info(
                 "model %s version %d unloaded but only %.1f of the %.1f MiB its load took "
                 "came back",
                 name,
@@ -137,21 +168,32 @@ class MemoryBudget:
         tmp = self._state_file.with_suffix(".tmp")
         try:
             self._state_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"corrections": self._correction}, sort_keys=True))
+            state = {"corrections": self._correction, "lower": self._lower}
+            tmp.write_text(json.dumps(state, sort_keys=True))
             tmp.replace(self._state_file)
         except OSError as exc:  # losing a correction costs accuracy, never correctness
             log.warning("cannot save memory corrections to %s: %s", self._state_file, exc)
 
 
-def _read_corrections(state_file: Path | None) -> dict[str, float]:
+def _read_corrections(
+    state_file: Path | None,
+) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The corrections, and the lower measurements that may bring them down (none in files
+    written before those were kept)."""
     if state_file is None or not state_file.exists():
-        return {}
+        return {}, {}
     try:
-        data = json.loads(state_file.read_text())["corrections"]
-        return {str(k): float(v) for k, v in data.items() if float(v) > 0}
+        data = json.loads(state_file.read_text())
+        corrections = {str(k): float(v) for k, v in data["corrections"].items() if float(v) > 0}
+        lower = {
+            str(k): [float(r) for r in v]
+            for k, v in data.get("lower", {}).items()
+            if k in corrections
+        }
+        return corrections, lower
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         log.warning("ignoring unreadable memory corrections in %s: %s", state_file, exc)
-        return {}
+        return {}, {}
 
 
 def footprint() -> int:

@@ -68,6 +68,15 @@ class StopScanner:
         return held
 
 
+def thread_counts(options: GgufOptions) -> dict[str, int]:
+    """llama-cpp-python's thread arguments: those left out (0) are its own choice, half the
+    cores for generation and all of them for prompts; ``n_threads_batch`` -1 follows
+    ``n_threads``."""
+    batch = options.n_threads if options.n_threads_batch < 0 else options.n_threads_batch
+    given = {"n_threads": options.n_threads, "n_threads_batch": batch}
+    return {name: count for name, count in given.items() if count}
+
+
 class GgufBackend:
     def __init__(self, llm: Any, options: GgufOptions, llama_cpp: Any) -> None:
         self._llm = llm
@@ -83,7 +92,6 @@ class GgufBackend:
             if options.embedding
             else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
         )
-        extra = {"n_threads": options.n_threads} if options.n_threads else {}
         try:
             llm = llama_cpp.Llama(
                 model_path=str(path),
@@ -94,15 +102,16 @@ class GgufBackend:
                 pooling_type=pooling,
                 use_mmap=options.use_mmap,
                 verbose=False,
-                **extra,
+                **thread_counts(options),
             )
         except ValueError as exc:  # llama-cpp-python says only "Failed to load model"
             raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}") from None
         log.info(
-            "loaded %s: n_ctx %d, %d threads, %d GPU layers",
+            "loaded %s: n_ctx %d, %d threads (%d for prompts), %d GPU layers",
             path,
             llm.n_ctx(),
             llm.context_params.n_threads,
+            llm.context_params.n_threads_batch,
             options.n_gpu_layers,
         )
         return cls(llm, options, llama_cpp)

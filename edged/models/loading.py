@@ -2,7 +2,9 @@
 
 Each backend is one row of ``BACKENDS``: how to estimate a model from its files, how to load
 it, and what schedules requests on it. Loads run one at a time, so that each memory
-measurement sees its own load only, and each one is charged to the budget.
+measurement sees its own load only, and each one is charged to the budget. The first load of a
+kind primes its runtime first: the runtime's one-time start-up is the process's memory, not
+that model's.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from edged.models.budget import footprint
 from edged.models.generation import GenerationRunner
 from edged.models.gguf import GgufBackend
 from edged.models.onnx import OnnxBackend
-from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec
+from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec, load_warnings
 from edged.models.runner import ModelRunner
 from edged.store import ModelStore
 
@@ -39,6 +41,8 @@ class BackendKind:
     load: Callable[[ModelConfig, Path], Any]
     #: what schedules requests on it
     runner: Callable[[str, int, Any, ModelConfig, asyncio.AbstractEventLoop], Runner]
+    #: the runtime's one-time start-up (blocking), run before the kind's first measured load
+    prime: Callable[[], None] = lambda: None
 
 
 BACKENDS: dict[str, BackendKind] = {
@@ -46,6 +50,7 @@ BACKENDS: dict[str, BackendKind] = {
         estimate=lambda config: OnnxBackend.estimate(Path(config.path)),
         load=lambda config, cache: OnnxBackend.load(Path(config.path), config.onnx, cache),
         runner=ModelRunner,
+        prime=OnnxBackend.prime,
     ),
     "gguf": BackendKind(
         estimate=lambda config: GgufBackend.estimate(Path(config.path), config.gguf),
@@ -69,6 +74,7 @@ class ModelLoader:
         #: what backends keep across loads (TensorRT engines)
         self.cache_dir = cache_dir
         self._lock = asyncio.Lock()
+        self._primed: set[str] = set()
 
     async def expected_bytes(self, name: str, spec: VersionSpec) -> int:
         """What loading ``spec`` will take, past loads of the model taken into account."""
@@ -86,19 +92,20 @@ class ModelLoader:
                 self.registry.make_room(name, need)
             elif budget.shortfall(need) > 0:
                 raise BudgetExceeded(self.registry.no_room(name, need))
+            kind = BACKENDS[spec.config.backend]
+            if spec.config.backend not in self._primed:
+                await in_fresh_thread(kind.prime)
+                self._primed.add(spec.config.backend)
             before = footprint()
             backend = await in_fresh_thread(_open_backend, name, spec.config, self.cache_dir)
-            kind = BACKENDS[spec.config.backend]
             measured = footprint() - before
             budget.charge(name, spec.version, estimate, measured)
         runner = kind.runner(name, spec.version, backend, spec.config, asyncio.get_running_loop())
         runner.start()
-        log.info(
-            "model %s version %d loaded",
-            name,
-            spec.version,
-            extra=log_fields(model=name, version=spec.version),
-        )
+        fields = log_fields(model=name, version=spec.version)
+        log.info("model %s version %d loaded", name, spec.version, extra=fields)
+        for warning in load_warnings(runner):
+            log.warning("model %s version %d: %s", name, spec.version, warning, extra=fields)
         return runner
 
     def at_start(self, name: str, config: ModelConfig) -> VersionSpec:

@@ -1,4 +1,9 @@
-"""onnxruntime backend: session options, execution-provider fallback, signature."""
+"""onnxruntime backend: session options, execution-provider fallback, signature.
+
+onnxruntime prints its own log lines to stderr, beside the daemon's records and in another
+format. Its sessions are kept quiet (every error they would print also reaches edged as an
+exception, which edged logs) and its process-wide logger prints errors only.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +14,25 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edged.config import OnnxOptions
+from edged.config import ONNX_PROVIDER_ALIASES, OnnxOptions
 from edged.models.backend import Arrays, Signature, TensorSpec
 from edged.models.onnx_size import weight_bytes
 
 log = logging.getLogger(__name__)
 
 SESSION_OVERHEAD_BYTES = 4 * 1024 * 1024
+#: onnxruntime's severities: sessions print nothing below fatal, the process-wide logger errors
+ORT_ERROR, ORT_FATAL = 3, 4
 
-PROVIDER_ALIASES = {
-    "tensorrt": "TensorrtExecutionProvider",
-    "cuda": "CUDAExecutionProvider",
-    "openvino": "OpenVINOExecutionProvider",
-    "xnnpack": "XnnpackExecutionProvider",
-    "cpu": "CPUExecutionProvider",
-}
+ort.set_default_logger_severity(ORT_ERROR)
+
+#: x float[1] -> Identity -> y, the smallest session there is: onnx.helper.make_model of one
+#: Identity node, graph "prime", opset 13, IR version 7, producer fields cleared (a test checks it)
+PRIME_MODEL = (
+    b'\x08\x07:;\n\x10\n\x01x\x12\x01y"\x08Identity\x12\x05primeZ\x0f\n\x01x\x12\n\n'
+    b"\x08\x08\x01\x12\x04\n\x02\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B"
+    b"\x04\n\x00\x10\r"
+)
 
 GRAPH_OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -54,7 +63,7 @@ def choose_providers(preferred: tuple[str, ...], available: list[str]) -> list[s
     load logs the ones in use: the default names GPU providers that a CPU build skips.)"""
     chosen = []
     for name in preferred:
-        full = PROVIDER_ALIASES.get(name.lower(), name)
+        full = ONNX_PROVIDER_ALIASES.get(name.lower(), name)
         if full not in available:
             log.debug("execution provider %s is not available here; skipping it", full)
         elif full not in chosen:
@@ -113,7 +122,7 @@ class OnnxBackend:
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
         so.graph_optimization_level = GRAPH_OPTIMIZATION[options.graph_optimization]
-        so.log_severity_level = 3  # warnings about unused initializers are noise to operators
+        so.log_severity_level = ORT_FATAL
         chosen = choose_providers(options.providers, ort.get_available_providers())
         if "TensorrtExecutionProvider" in chosen and cache_dir is not None:
             (cache_dir / "tensorrt").mkdir(parents=True, exist_ok=True)
@@ -121,6 +130,15 @@ class OnnxBackend:
         session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
         log.info("loaded %s with providers %s", path, ", ".join(session.get_providers()))
         return cls(session)
+
+    @staticmethod
+    def prime() -> None:
+        """Before the first load: run onnxruntime's one-time start-up (its kernel registry,
+        about 8 MiB) in a one-node session, so that it is not measured as the first model's
+        memory."""
+        so = ort.SessionOptions()
+        so.log_severity_level = ORT_FATAL
+        ort.InferenceSession(PRIME_MODEL, sess_options=so, providers=["CPUExecutionProvider"])
 
     @staticmethod
     def estimate(path: Path) -> int:

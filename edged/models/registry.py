@@ -3,9 +3,12 @@
 A slot loads its active version on first use (or at start when preloaded or pinned), holds the
 requests that arrive while it loads (bounded like the admission queue), and its model is
 unloaded after ``keep_alive_s`` without requests, or to make room for another, unless it is
-pinned. During a swap a slot may also hold the old version while it finishes its requests
-(``retiring``), or hold new requests back while one version replaces another. Every unload goes
-through the registry, which keeps the memory budget's books.
+pinned. A load that fails (other than for want of memory) backs off: until the next attempt is
+due (1 s, doubling to 60 s) requests get its error at once rather than each reading the file
+again; ``load`` or a swap (a reload's too) tries again at once. During a swap a slot may also
+hold the old version while it finishes its requests (``retiring``), or hold new requests back
+while one version replaces another. Every unload goes through the registry, which keeps the
+memory budget's books.
 """
 
 from __future__ import annotations
@@ -55,12 +58,19 @@ Loader = Callable[[str, VersionSpec], Awaitable[Runner]]
 Waiter = Callable[[EdgedError | None], None]
 
 
+#: after a failed load, the next one is not tried for this long, doubling up to the cap
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 60.0
+
+
 class ModelState(enum.Enum):
     UNLOADED = "unloaded"
     LOADING = "loading"
     READY = "ready"
     #: a swap replaces the active version: requests wait as during a load
     SWAPPING = "swapping"
+    #: the last load failed: requests get its error until the next attempt is due
+    FAILED = "failed"
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,14 @@ class SlotStatistics:
     loads: int
     unloads: int
     waiting: int
+    #: failed loads since the last one that succeeded (or since ``load`` or a swap)
+    failed_loads: int
+    #: the last load's error while ``state`` is "failed": (wire code, message)
+    error: tuple[str, str] | None
+    #: seconds until a request (or ``load``) tries the load again; 0 when it is due
+    retry_in_s: float | None
+    #: what the loaded version's configuration does not do as written (``load_warnings``)
+    warnings: tuple[str, ...]
 
 
 class ModelSlot:
@@ -97,8 +115,12 @@ class ModelSlot:
         self._waiters: list[Waiter] = []
         self._loading: asyncio.Task[None] | None = None
         self._error: EdgedError | None = None
+        self._failed_loads = 0
+        self._retry_at = 0.0  # time.monotonic() when a failed load may be tried again
         self._loads = 0
         self._unloads = 0
+        #: what the last loaded version's configuration does not do as written
+        self.warnings: tuple[str, ...] = ()
 
     @property
     def version(self) -> int:
@@ -122,7 +144,10 @@ class ModelSlot:
 
     def when_ready(self, waiter: Waiter) -> None:
         """Call ``waiter`` once the active version is loaded (starting the load), or refuse at
-        once when ``queue_depth`` requests already wait."""
+        once when ``queue_depth`` requests already wait, or with the last load's error while the
+        next attempt is not due."""
+        if self.state is ModelState.FAILED and self._error is not None and self.retry_in_s() > 0:
+            raise self._error
         if len(self._waiters) >= self.config.queue_depth:
             raise BusyError(
                 f"model {self.name!r} is {self.state.value} with {len(self._waiters)} requests "
@@ -132,7 +157,9 @@ class ModelSlot:
         self._start_load()
 
     async def load(self) -> None:
-        """Load now and wait for it; raises the load error (start-up uses this)."""
+        """Load now, backing off or not, and wait for it; raises the load error (start-up and
+        the ``load`` command use this)."""
+        self.retry_now()
         self._start_load()
         if self._loading is not None:
             await self._loading
@@ -144,14 +171,27 @@ class ModelSlot:
         if self._loading is not None:
             await self._loading
 
+    def retry_now(self) -> None:
+        """Forget a failed load's back-off: the next request or ``load`` tries again."""
+        self._failed_loads, self._retry_at = 0, 0.0
+        if self.state is ModelState.FAILED:
+            self.state = ModelState.UNLOADED
+
+    def retry_in_s(self) -> float:
+        """Seconds until a failed load may be tried again (0 when it may now)."""
+        return max(0.0, self._retry_at - time.monotonic())
+
     def hold(self) -> None:
         """Park new requests until ``activate`` or ``release`` (a swap that replaces)."""
+        self.retry_now()
         self.state = ModelState.SWAPPING
 
     def activate(self, runner: Runner, spec: VersionSpec) -> None:
         """Route to ``runner`` from now on and let parked requests through."""
         self.runner, self.spec = runner, spec
         self.state = ModelState.READY
+        self.warnings = load_warnings(runner)
+        self._error, self._failed_loads = None, 0
         self._loads += 1
         self.last_used_ns = time.monotonic_ns()
         self.release(None)
@@ -190,28 +230,72 @@ class ModelSlot:
         return runner
 
     def statistics(self) -> SlotStatistics:
+        failed = self.state is ModelState.FAILED and self._error is not None
+        error = self._error if failed else None
         return SlotStatistics(
-            self.state.value, self.version, self._loads, self._unloads, len(self._waiters)
+            state=self.state.value,
+            version=self.version,
+            loads=self._loads,
+            unloads=self._unloads,
+            waiting=len(self._waiters),
+            failed_loads=self._failed_loads,
+            error=None if error is None else (error.code, str(error)),
+            retry_in_s=round(self.retry_in_s(), 1) if failed else None,
+            warnings=self.warnings,
         )
 
     def _start_load(self) -> None:
-        if self.state is ModelState.UNLOADED:
+        if self.state is ModelState.UNLOADED or (
+            self.state is ModelState.FAILED and self.retry_in_s() == 0
+        ):
             self.state = ModelState.LOADING
             self._loading = self._loop.create_task(self._load())
 
     async def _load(self) -> None:
         try:
             runner = await self._loader(self.name, self.spec)
-        except Exception as exc:  # reported to every waiter; the next request tries again
-            self._error = as_edged_error(exc, f"model {self.name!r} failed to load; see the log")
-            log.error("%s", self._error)
-            self.state = ModelState.UNLOADED
+        except Exception as exc:  # reported to every waiter; a later request tries again
             self._loading = None
-            self.release(self._error)
+            self._failed(as_edged_error(exc, f"model {self.name!r} failed to load; see the log"))
             return
-        self._error = None
         self._loading = None
         self.activate(runner, self.spec)
+
+    def _failed(self, error: EdgedError) -> None:
+        """Answer the waiters with ``error``; back off unless memory was short (that passes
+        as other models unload, and costs no file read to find out)."""
+        self._error = error
+        self.release(error)
+        fields = log_fields(model=self.name, version=self.version, code=error.code)
+        if isinstance(error, BudgetExceeded):
+            log.error("%s", error, extra=fields)
+            return
+        self._failed_loads += 1
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** (self._failed_loads - 1))
+        self._retry_at = time.monotonic() + delay
+        self.state = ModelState.FAILED
+        log.error(
+            "%s (failed load %d; requests get this error for %.0f s, then one tries again; "
+            "edgectl load %s tries now)",
+            error,
+            self._failed_loads,
+            delay,
+            self.name,
+            extra=fields,
+        )
+
+
+def load_warnings(runner: Runner) -> tuple[str, ...]:
+    """What a loaded version's configuration asks for but will not get: said at load (in the
+    log) and by ``edgectl models``, rather than found out from latency."""
+    if isinstance(runner, ModelRunner) and runner.config.max_batch > 1 and not runner.batching:
+        inputs = "; ".join(str(spec) for spec in runner.backend.signature.inputs)
+        return (
+            f"max_batch {runner.config.max_batch} has no effect: batching needs a dynamic "
+            f"leading (batch) dimension on every input and output, and the model takes {inputs}; "
+            f"it runs one request at a time",
+        )
+    return ()
 
 
 def as_edged_error(exc: Exception, unexpected: str) -> EdgedError:
@@ -226,6 +310,7 @@ class Registry:
     def __init__(self, budget: MemoryBudget) -> None:
         self.budget = budget
         self._slots: dict[str, ModelSlot] = {}
+        self._stopping = False
 
     def add(self, slot: ModelSlot) -> None:
         self._slots[slot.name] = slot
@@ -277,7 +362,8 @@ class Registry:
         before = footprint()
         runner.close()
         give_back_freed_memory()
-        self.budget.release(runner.name, runner.version, before - footprint())
+        returned = before - footprint()
+        self.budget.release(runner.name, runner.version, returned, report=not self._stopping)
 
     def make_room(self, name: str, need: int) -> None:
         """Evict idle, unpinned models, least recently used first, until ``need`` bytes fit."""
@@ -316,6 +402,8 @@ class Registry:
         await asyncio.gather(*(slot.settled() for slot in self._slots.values()))
 
     def close(self) -> None:
+        """Unload everything (at stop: what comes back no longer matters)."""
+        self._stopping = True
         for slot in self._slots.values():
             trial = [slot.candidate.runner] if slot.candidate is not None else []
             for runner in [*slot.retiring, *trial]:
