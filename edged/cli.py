@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from edged import __version__, logsetup
 from edged.config import find_config_file, load_config
-from edged.errors import ConfigError, EdgedError
+from edged.errors import ConfigError, EdgedError, InputMismatch, OpNotSupported
 from edged.ota import cli as ota_commands
 
 EXIT_FAILURE = 1
@@ -28,6 +30,25 @@ EXIT_CONFIG = 78
 DEFAULT_TIMEOUT_S = 5.0
 
 
+def quiet_broken_pipe(main: Callable[[Sequence[str] | None], int]) -> Callable[..., int]:
+    """Make a command whose reader goes away (``edgectl sysinfo | head``) exit quietly instead
+    of printing a BrokenPipeError traceback, as the Python docs recommend: stdout is pointed at
+    /dev/null, so that the flush at exit cannot fail again."""
+
+    @functools.wraps(main)
+    def run(argv: Sequence[str] | None = None) -> int:
+        try:
+            code = main(argv)
+            sys.stdout.flush()  # a reader gone after the last print is found here
+            return code
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_FAILURE
+
+    return run
+
+
+@quiet_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="edged", description="Edge-device inference daemon")
     parser.add_argument("--version", action="version", version=f"edged {__version__}")
@@ -42,6 +63,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input tensor"
     )
     infer.add_argument("--random", action="store_true", help="random inputs from the signature")
+    infer.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        type=_shape,
+        metavar="NAME=AxBxC",
+        help="with --random: the shape of input NAME (else its dynamic dimensions are 1)",
+    )
     infer.add_argument("--prompt", help="GGUF language model: generate from this text, streamed")
     infer.add_argument("--max-tokens", type=int, help="with --prompt: at most this many tokens")
     infer.add_argument("--temperature", type=float, help="with --prompt: 0 is greedy")
@@ -61,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ota_commands.add_commands(commands)
 
     args = parser.parse_args(argv)
+    if args.command == "infer" and args.shape and not args.random:
+        parser.error("--shape gives the shape of --random inputs: add --random")
     try:
         if args.command == "serve":
             return _serve(args.config)
@@ -72,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"edged: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:  # not a failure to report: the reader of stdout went away
+        raise
     except (EdgedError, OSError) as exc:
         print(f"edged: {_describe_error(exc)}", file=sys.stderr)
         return EXIT_FAILURE
@@ -134,8 +167,8 @@ def _infer(args: argparse.Namespace) -> int:
     with Client(args.socket, timeout=args.timeout) as client:
         inputs = _load_inputs(args.input)
         if args.random:
-            signature = client.describe(args.model)["signature"]
-            inputs = {**_random_inputs(signature["inputs"]), **inputs}
+            signature = _signature(client.describe(args.model))
+            inputs = {**_random_inputs(signature["inputs"], dict(args.shape)), **inputs}
         timings = []
         for _ in range(max(1, args.repeat)):
             result = client.infer(args.model, inputs)
@@ -217,12 +250,46 @@ def _load_inputs(specs: list[str]) -> dict[str, np.ndarray[Any, Any]]:
     return inputs
 
 
-def _random_inputs(specs: list[dict[str, Any]]) -> dict[str, np.ndarray[Any, Any]]:
-    """Inputs matching a described signature; dynamic dimensions become 1."""
+def _shape(spec: str) -> tuple[str, tuple[int, ...]]:
+    """``--shape NAME=AxBxC`` as (NAME, (A, B, C))."""
+    name, sep, dims = spec.partition("=")
+    try:
+        shape = tuple(int(d) for d in dims.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not sep or not name or not shape or min(shape) < 0:
+        raise argparse.ArgumentTypeError(f"takes NAME=AxBxC, e.g. images=1x3x640x640: {spec!r}")
+    return name, shape
+
+
+def _signature(described: dict[str, Any]) -> dict[str, Any]:
+    """The input signature of a described model; a language model has none: it takes text."""
+    if "signature" in described:
+        return dict(described["signature"])
+    model, ops = described.get("model"), described.get("ops", [])
+    flag = "--embed TEXT" if "embed" in ops else "--prompt TEXT"
+    raise OpNotSupported(
+        f"{model} is a language model ({', '.join(ops)}): it takes text, not tensors, so "
+        f"--random has nothing to fill; send text with {flag}"
+    )
+
+
+def _random_inputs(
+    specs: list[dict[str, Any]], shapes: dict[str, tuple[int, ...]]
+) -> dict[str, np.ndarray[Any, Any]]:
+    """Inputs matching a described signature: ``shapes`` where given, else dynamic
+    dimensions become 1."""
+    unknown = set(shapes) - {spec["name"] for spec in specs}
+    if unknown:
+        names = ", ".join(spec["name"] for spec in specs)
+        raise InputMismatch(
+            f"--shape names no input of the model: {', '.join(sorted(unknown))} "
+            f"(its inputs: {names})"
+        )
     rng = np.random.default_rng()
     inputs = {}
     for spec in specs:
-        shape = [1 if d is None else d for d in spec["shape"]]
+        shape = shapes.get(spec["name"]) or [1 if d is None else d for d in spec["shape"]]
         dtype = np.dtype(spec["dtype"])
         if dtype.kind == "f":
             array = rng.standard_normal(shape).astype(dtype)

@@ -17,20 +17,22 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import zmq
 import zmq.asyncio
 
 from edged import protocol
-from edged.errors import ClientTimeout, EdgedError
+from edged.errors import ClientTimeout, ConfigError, EdgedError
 from edged.paths import default_infer_endpoint
-from edged.zmqio import recv_frames, send_frames
+from edged.reach import check_endpoint, why_unreachable
+from edged.zmqio import NOBLOCK, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 5.0
+T = TypeVar("T")
 Inputs = Mapping[str, Any]
 
 
@@ -120,16 +122,20 @@ class CurveKeys:
 
     @classmethod
     def load(cls, server_key: str, client_key: str) -> CurveKeys:
-        """From ``edgectl keys gen`` files: the daemon's ``.key``, this client's ``.key_secret``."""
+        """From ``edgectl keys curve`` files: the daemon's ``.key``, this client's
+        ``.key_secret``; a missing or wrong file raises ConfigError."""
         import zmq.auth
 
         try:
             server_public, _ = zmq.auth.load_certificate(server_key)
             public, secret = zmq.auth.load_certificate(client_key)
         except (OSError, ValueError) as exc:
-            raise EdgedError(f"cannot read a key file: {exc}") from None
+            raise ConfigError(f"cannot read a key file: {exc}") from None
         if secret is None:
-            raise EdgedError(f"{client_key} holds no secret key: give the .key_secret file")
+            raise ConfigError(
+                f"{client_key} is a public key: the client's key is its secret one, "
+                "NAME.key_secret (NAME.key is the public half that the daemon authorizes)"
+            )
         return cls(server_public, public, secret)
 
     def apply(self, sock: zmq.Socket[Any]) -> None:
@@ -139,6 +145,11 @@ class CurveKeys:
 
 
 def _timeout_error(endpoint: str, timeout: float, curve: bool = False) -> ClientTimeout:
+    """No reply within ``timeout``: a NoDaemon or SocketAccessDenied where an IPC endpoint tells
+    why (the daemon stopped, or was replaced, while this client waited), else the likely causes."""
+    unreachable = why_unreachable(endpoint)
+    if unreachable is not None:
+        return unreachable
     why = (
         "is edged running there, and does it accept this client key (and is that its server key)?"
         if curve
@@ -163,6 +174,7 @@ class Client:
         self._context = context or zmq.Context.instance()
         self._socket: zmq.Socket[Any] | None = None
         self._rcvtimeo_ms = -1
+        self._send_timeout: float | None = None
         self._ids = itertools.count(1)
 
     def infer(
@@ -217,8 +229,9 @@ class Client:
             top_p=top_p,
             seed=seed,
         )
-        send_frames(self._connect(), frames)
-        return TokenStream(self, request_id, self.timeout if timeout is None else timeout)
+        timeout = self.timeout if timeout is None else timeout
+        self._send(frames, timeout)
+        return TokenStream(self, request_id, timeout)
 
     def embed(
         self, model: str, texts: str | list[str], *, timeout: float | None = None
@@ -242,7 +255,7 @@ class Client:
         timeout = self.timeout if timeout is None else timeout
         request_id = next(self._ids)
         given = {key: value for key, value in fields.items() if value is not None}
-        send_frames(self._connect(), protocol.encode_request(request_id, op, fields=given))
+        self._send(protocol.encode_request(request_id, op, fields=given), timeout)
         finished = False
         try:
             while not finished:
@@ -253,9 +266,9 @@ class Client:
         finally:
             if not finished and self._socket is not None:
                 cancel = {"target": request_id}
-                send_frames(
-                    self._socket, protocol.encode_request(next(self._ids), "cancel", fields=cancel)
-                )
+                frames = protocol.encode_request(next(self._ids), "cancel", fields=cancel)
+                with contextlib.suppress(zmq.Again):  # a full queue: the daemon is not reading
+                    send_frames(self._socket, frames, NOBLOCK)
 
     def command(
         self,
@@ -265,17 +278,22 @@ class Client:
         version: int | None = None,
         timeout: float | None = None,
         data: protocol.Buffer | None = None,
+        probe_every: float | None = None,
         **fields: Any,
     ) -> dict[str, Any]:
         """A control command (``swap``, ``rollback``, ``models``) on a client of the control
         socket; unset ``fields`` are left out, ``data`` (an ``upload``'s chunk) is sent as the
-        frame after the header. Returns the reply's keys."""
+        frame after the header. Returns the reply's keys.
+
+        ``probe_every`` (seconds), for a command whose reply may take long (an install): while
+        waiting, ping the daemon that often on a fresh connection and give up at once when it
+        does not answer, rather than at the end of ``timeout``."""
         request_id = next(self._ids)
         given = {key: value for key, value in fields.items() if value is not None}
         frames = protocol.encode_request(
             request_id, op, model=model, version=version, fields=given, data=data
         )
-        return self._call(request_id, frames, timeout).fields
+        return self._call(request_id, frames, timeout, probe_every).fields
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         request_id = next(self._ids)
@@ -294,6 +312,7 @@ class Client:
 
     def _connect(self) -> zmq.Socket[Any]:
         if self._socket is None:
+            check_endpoint(self.endpoint)
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
             if self.curve is not None:
@@ -301,37 +320,87 @@ class Client:
             sock.connect(self.endpoint)
             self._socket = sock
             self._rcvtimeo_ms = -1
+            self._send_timeout = None
         return self._socket
 
-    def _call(self, request_id: int, frames: list[Any], timeout: float | None) -> protocol.Reply:
+    def _call(
+        self,
+        request_id: int,
+        frames: list[Any],
+        timeout: float | None,
+        probe_every: float | None = None,
+    ) -> protocol.Reply:
         timeout = self.timeout if timeout is None else timeout
-        send_frames(self._connect(), frames)
-        reply = self._receive(request_id, timeout)
+        deadline = time.monotonic() + timeout
+        self._send(frames, timeout)
+        reply = self._receive(request_id, timeout, deadline, probe_every)
         reply.raise_for_error()
         return reply
 
-    def _receive(self, request_id: int, timeout: float) -> protocol.Reply:
-        """The next reply to ``request_id``, dropping any other (stale) reply on the way."""
+    def _send(self, frames: list[Any], timeout: float) -> None:
+        """Send within ``timeout``: a send blocks once the high-water mark of requests is queued
+        for a daemon that does not read them (one that is gone)."""
         sock = self._connect()
-        deadline = time.monotonic() + timeout
-        wait_ms = -1 if math.isinf(timeout) else int(timeout * 1000)
+        if timeout != self._send_timeout:  # set only on change, like RCVTIMEO
+            sock.setsockopt(zmq.SNDTIMEO, _milliseconds(timeout))
+            self._send_timeout = timeout
+        try:
+            send_frames(sock, frames)
+        except zmq.Again:
+            self.close()  # drop the queue for a daemon that may be gone
+            raise _timeout_error(self.endpoint, timeout, self.curve is not None) from None
+
+    def _receive(
+        self,
+        request_id: int,
+        timeout: float,
+        deadline: float | None = None,
+        probe_every: float | None = None,
+    ) -> protocol.Reply:
+        """The next reply to ``request_id`` by ``deadline`` (``timeout`` from now by default),
+        dropping any other (stale) reply on the way; with ``probe_every``, giving up early on a
+        daemon that stopped answering."""
+        sock = self._connect()
+        deadline = time.monotonic() + timeout if deadline is None else deadline
         while True:
+            left = deadline - time.monotonic()
             # RCVTIMEO rather than poll(): one system call less per request; set only on change
+            wait_ms = _milliseconds(left if probe_every is None else min(left, probe_every))
             if wait_ms != self._rcvtimeo_ms:
                 sock.setsockopt(zmq.RCVTIMEO, wait_ms)
                 self._rcvtimeo_ms = wait_ms
             try:
                 parts = recv_frames(sock)
             except zmq.Again:
-                wait_ms = int((deadline - time.monotonic()) * 1000)
-                if wait_ms > 0:  # woken early (the peer went away): wait out the rest
-                    continue
-                self.close()  # drop whatever is queued for a daemon that may be gone
-                raise _timeout_error(self.endpoint, timeout, self.curve is not None) from None
+                if deadline - time.monotonic() <= 0:
+                    self.close()  # drop whatever is queued for a daemon that may be gone
+                    raise _timeout_error(self.endpoint, timeout, self.curve is not None) from None
+                if probe_every is not None:
+                    self._check_alive()
+                continue  # woken early (the peer went away, or time to probe): wait out the rest
             reply = protocol.decode_reply([part.buffer for part in parts])
             if reply.id == request_id:
                 return reply
-            wait_ms = max(0, int((deadline - time.monotonic()) * 1000))  # a stale reply: go on
+
+    def _check_alive(self) -> None:
+        """Ping the daemon on a fresh connection (this one still waits for its reply); when no
+        answer comes, close this one and raise why."""
+        probe = Client(self.endpoint, self.timeout, self._context, self.curve)
+        try:
+            probe.ping()
+        except ClientTimeout as exc:
+            self.close()
+            raise type(exc)(
+                f"the daemon stopped answering while this client waited: {exc}"
+            ) from None
+        finally:
+            probe.close()
+
+
+def _milliseconds(seconds: float) -> int:
+    """A socket timeout option's value: -1 waits for ever. Rounded up, so that a wait just under
+    a whole number of milliseconds sets the same value as the last one (no setsockopt)."""
+    return -1 if math.isinf(seconds) else max(0, math.ceil(seconds * 1000))
 
 
 class TokenStream:
@@ -374,7 +443,7 @@ class TokenStream:
             frames = protocol.encode_request(
                 next(self._client._ids), "cancel", fields={"target": self.request_id}
             )
-            send_frames(self._client._connect(), frames)  # its reply is dropped as stale
+            self._client._send(frames, self._timeout)  # its reply is dropped as stale
 
     def close(self) -> None:
         """Cancel the generation if it is still running and wait for its final message."""
@@ -470,12 +539,9 @@ class AsyncClient:
         pieces: list[str] = []
         finished = False
         try:
-            await self._send(frames)
+            await self._send(frames, timeout)
             while True:
-                try:
-                    reply = await asyncio.wait_for(stream.get(), timeout)
-                except asyncio.TimeoutError:
-                    raise _timeout_error(self.endpoint, timeout) from None
+                reply = await self._within(stream.get(), timeout)
                 text = _absorb(completion, pieces, reply)
                 if text is None:
                     finished = True
@@ -527,25 +593,39 @@ class AsyncClient:
         self, request_id: int, frames: list[Any], timeout: float | None
     ) -> protocol.Reply:
         timeout = self.timeout if timeout is None else timeout
-        future: asyncio.Future[protocol.Reply] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        future: asyncio.Future[protocol.Reply] = loop.create_future()
         self._waiting[request_id] = future
         try:
-            await self._send(frames)
-            reply = await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise _timeout_error(self.endpoint, timeout) from None
+            await self._send(frames, timeout)
+            reply = await self._within(future, timeout, deadline - loop.time())
         finally:
             self._waiting.pop(request_id, None)
         reply.raise_for_error()
         return reply
 
-    async def _send(self, frames: list[Any]) -> None:
+    async def _send(self, frames: list[Any], timeout: float) -> None:
+        """Send within ``timeout``: at once, unless the high-water mark of requests is queued
+        for a daemon that does not read them (one that is gone)."""
         if self._socket is None:
+            check_endpoint(self.endpoint)
             self._socket = self._context.socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
             self._socket.connect(self.endpoint)
             self._reader = asyncio.create_task(self._read(self._socket))
-        await self._socket.send_multipart(frames, copy=False)
+        sending = cast("asyncio.Future[Any]", self._socket.send_multipart(frames, copy=False))
+        if sending.done():  # the usual case: no wait for a loop cycle
+            sending.result()
+        else:
+            await self._within(sending, timeout)
+
+    async def _within(self, step: Awaitable[T], timeout: float, wait: float | None = None) -> T:
+        """``step``, given up after ``wait`` seconds (default ``timeout``, the one reported)."""
+        try:
+            return await asyncio.wait_for(step, timeout if wait is None else wait)
+        except asyncio.TimeoutError:
+            raise _timeout_error(self.endpoint, timeout) from None
 
     async def _read(self, sock: zmq.asyncio.Socket) -> None:
         while True:

@@ -86,6 +86,14 @@ def _edged_command() -> str:
     return "edged" if on_path or not script.exists() else str(script)
 
 
+def _try_args(config: ModelConfig) -> str:
+    """Arguments of ``edged infer`` that work on a model of this kind: random tensors for an
+    ONNX model, text for a GGUF one (a prompt, or a text to embed)."""
+    if config.backend != "gguf":
+        return "--random"
+    return '--embed "hello"' if config.gguf.embedding else '--prompt "Hello"'
+
+
 def _store_demo(store: ModelStore) -> Manifest:
     with tempfile.TemporaryDirectory() as tmp:
         log.info("building the demo model into %s (first start)", store.root)
@@ -110,7 +118,7 @@ class Daemon:
         self.metrics = Metrics(self.registry, self.service.errors)
         self.logs = LogRing()
         diagnostics = Diagnostics(
-            config, self.registry, self.service, self.logs, str(self.paths.state)
+            lambda: reloader.config, self.registry, self.service, self.logs, str(self.paths.state)
         )
         self.journal = Journal(self.paths.state / "ota")
         installer = None
@@ -228,8 +236,9 @@ class Daemon:
         names = ", ".join(slot.name for slot in self.registry)
         serving = [address for _, addresses, _ in endpoints for address in addresses] + remote
         log.info("serving %s on %s", names, ", ".join(serving))
-        model = next(iter(self.registry)).name
-        log.info("try: %s infer %s --random%s", _edged_command(), model, self._socket_hint())
+        first = next(iter(self.registry))
+        hint = f"{_edged_command()} infer {first.name} {_try_args(first.config)}"
+        log.info("try: %s%s", hint, self._socket_hint())
         self.notifier.ready(self.watchdog.status())
 
     def _remote_control(

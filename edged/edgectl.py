@@ -9,6 +9,7 @@ Exit codes: 0 success, 1 failure (an error reply, no reply, a failed self-test),
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -17,8 +18,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from edged.cli import quiet_broken_pipe
 from edged.client import Client, CurveKeys
-from edged.errors import ClientTimeout, EdgedError
+from edged.errors import ClientTimeout, ConfigError, EdgedError
 from edged.paths import default_control_endpoint
 from edged.store import sha256_of
 
@@ -51,8 +53,12 @@ LONG = frozenset(
 )
 #: ``push``: new connections tried after a lost one, each resuming the upload
 PUSH_RETRIES = 5
+#: while waiting for a long command's reply, ping the daemon this often (seconds) on a fresh
+#: connection, so that one that died mid-install is reported at once, not after LONG_TIMEOUT_S
+PROBE_EVERY_S = 2.0
 
 
+@quiet_broken_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -60,10 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--remote needs --server-key (the daemon's .key) and --client-key")
     if args.command == "push" and args.chunk_kib < 1:
         parser.error("--chunk-kib must be at least 1")
+    if args.command == "keys":
+        return _keys(args)
+    endpoint, curve = _connection(parser, args)
     try:
-        if args.command == "keys":
-            return _print(args, _generate_keys(Path(args.dir), args.name))
-        with _client(args) as client:
+        with Client(endpoint, timeout=args.timeout, curve=curve) as client:
             client.command("ping")  # a daemon that is down is reported within --timeout
             if args.command == "logs":
                 return _logs(client, args)
@@ -73,7 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgectl: {code}{exc}", file=sys.stderr)
         return EXIT_FAILURE
     _print(args, reply)
-    return EXIT_FAILURE if reply.get("ok_all") is False else 0
+    return EXIT_FAILURE if _partly_failed(args.command, reply) else 0
+
+
+def _partly_failed(command: str, reply: dict[str, Any]) -> bool:
+    """A reply that came back but reports a failure inside: a self-test that failed, or a
+    reload that could not apply a model (what ``systemctl reload`` must report)."""
+    return reply.get("ok_all") is False or (command == "reload" and bool(reply.get("failed")))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +131,12 @@ def _parser() -> argparse.ArgumentParser:
             "--allow-downgrade", action="store_true", help="accept a version older than installed"
         )
     keys = command("keys", "make a CurveZMQ key pair for remote control")
-    keys.add_argument("action", choices=("gen",), help="gen: make a key pair")
+    keys.add_argument(
+        "action",
+        choices=("curve", "gen"),
+        metavar="curve",
+        help="curve: make a CurveZMQ key pair ('gen' is its deprecated old name)",
+    )
     keys.add_argument("name", help="file name stem: NAME.key (public) and NAME.key_secret")
     keys.add_argument("--dir", default=".", help="where to write them (default: here)")
     return parser
@@ -141,52 +159,70 @@ def _options(parser: argparse.ArgumentParser, timeout: Any) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _client(args: argparse.Namespace) -> Client:
-    """The local control socket, or ``--remote`` with CurveZMQ keys."""
-    if not args.remote:
-        return Client(args.control or default_control_endpoint(), timeout=args.timeout)
-    keys = CurveKeys.load(args.server_key, args.client_key)
-    return Client(args.remote, timeout=args.timeout, curve=keys)
+def _connection(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> tuple[str, CurveKeys | None]:
+    """The endpoint and keys to use; the command's file paths made what the daemon needs. A
+    wrong key file or path is a usage error."""
+    endpoint = args.remote or args.control or default_control_endpoint()
+    try:
+        curve = CurveKeys.load(args.server_key, args.client_key) if args.remote else None
+        if args.command == "install":
+            args.bundle = _device_path(endpoint, args.bundle)
+        if vars(args).get("path"):
+            args.path = _device_path(endpoint, args.path)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    return endpoint, curve
+
+
+def _device_path(endpoint: str, path: str | None) -> str | None:
+    """A file path as the daemon must get it: absolute, since the daemon's working directory is
+    not edgectl's. A relative one is taken from edgectl's directory when the daemon is on this
+    machine (an ``ipc://`` endpoint), and refused for a remote one, whose files are elsewhere."""
+    if path is None or Path(path).is_absolute():
+        return path
+    if not endpoint.startswith("ipc://"):
+        raise ConfigError(f"{path!r}: a path on a remote device must be absolute")
+    return str(Path(path).absolute())
 
 
 def _run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    timeout = max(args.timeout, LONG_TIMEOUT_S) if args.command in LONG else args.timeout
+    long = args.command in LONG
+    timeout = max(args.timeout, LONG_TIMEOUT_S) if long else args.timeout
+    wait = {"timeout": timeout, "probe_every": PROBE_EVERY_S if long else None}
     if args.command in SIMPLE:
-        return client.command(args.command, timeout=timeout)
+        return client.command(args.command, **wait)
     if args.command in MODEL_COMMANDS:
-        return client.command(args.command, model=args.model, timeout=timeout)
+        return client.command(args.command, model=args.model, **wait)
     if args.command == "install":
-        return _install(client, args, timeout, path=args.bundle)  # on the device: not resolved
+        return _install(client, args, wait, path=args.bundle)
     if args.command == "push":
-        return _install(client, args, timeout, upload=_push(client, args, timeout))
+        return _install(client, args, wait, upload=_push(client, args, timeout))
     options = vars(args)
     return client.command(
         args.command,
         model=args.model,
         version=args.version,
-        path=str(Path(args.path).resolve()) if args.path else None,  # the daemon's cwd differs
+        path=args.path,
         policy=options.get("policy"),
         fraction=options.get("fraction"),
         force=args.force or None,
-        timeout=timeout,
+        **wait,
     )
 
 
 def _install(
     client: Client,
     args: argparse.Namespace,
-    timeout: float,
+    wait: dict[str, Any],
     *,
     path: str | None = None,
     upload: str | None = None,
 ) -> dict[str, Any]:
     """``install`` a bundle: a ``path`` on the device, or a finished ``upload``."""
     return client.command(
-        "install",
-        path=path,
-        upload=upload,
-        allow_downgrade=args.allow_downgrade or None,
-        timeout=timeout,
+        "install", path=path, upload=upload, allow_downgrade=args.allow_downgrade or None, **wait
     )
 
 
@@ -223,7 +259,9 @@ def _send_rest(
     """Ask the daemon how much of the bundle it has, then send the rest a chunk at a time. A
     request that may complete the upload (the question, the last chunk) waits ``patience``:
     its reply comes once the daemon has verified the whole bundle."""
-    progress = client.command("upload", sha256=sha256, size=size, timeout=patience)
+    progress = client.command(
+        "upload", sha256=sha256, size=size, timeout=patience, probe_every=PROBE_EVERY_S
+    )
     with bundle.open("rb") as data:
         data.seek(progress["received"])
         while not progress["complete"]:
@@ -239,6 +277,7 @@ def _send_rest(
                 offset=offset,
                 data=piece,
                 timeout=patience if last else args.timeout,
+                probe_every=PROBE_EVERY_S if last else None,
             )
 
 
@@ -251,12 +290,13 @@ def _logs(client: Client, args: argparse.Namespace) -> int:
         follow=args.follow or None,
         timeout=math.inf if args.follow else args.timeout,
     )
-    try:
-        for reply in replies:
-            for record in reply.get("records", []):
-                print(json.dumps(record) if args.json else _log_line(record), flush=True)
-    except KeyboardInterrupt:
-        replies.close()  # cancels the follow in the daemon
+    with contextlib.closing(replies):  # leaving early (^C, a closed pipe) cancels a follow
+        try:
+            for reply in replies:
+                for record in reply.get("records", []):
+                    print(json.dumps(record) if args.json else _log_line(record), flush=True)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -265,6 +305,16 @@ def _log_line(record: dict[str, Any]) -> str:
     trace = record.get("trace")
     trace = f" [trace {trace}]" if trace and f"[trace {trace}]" not in record["message"] else ""
     return f"{stamp} {record['level']} {record['logger']}: {record['message']}{trace}"
+
+
+def _keys(args: argparse.Namespace) -> int:
+    if args.action == "gen":
+        print(
+            "edgectl: 'keys gen' is deprecated, say 'keys curve' (a CurveZMQ pair for remote "
+            "control; 'edged keys gen' makes the Ed25519 keys that sign bundles)",
+            file=sys.stderr,
+        )
+    return _print(args, _generate_keys(Path(args.dir), args.name))
 
 
 def _generate_keys(directory: Path, name: str) -> dict[str, Any]:
@@ -300,7 +350,13 @@ def _status(fields: dict[str, Any]) -> str:
         f"models: {memory['used_bytes'] / 2**20:.1f} MiB {limit}, "
         f"{memory['free_bytes'] / 2**20:.0f} MiB free",
     ]
-    lines += [f"  {name}: v{m['version']} {m['state']}" for name, m in fields["models"].items()]
+    for name, m in fields["models"].items():
+        lines.append(f"  {name}: v{m['version']} {m['state']}")
+        if "error" in m:
+            lines.append(
+                f"    {m['error']['code']}: {m['error']['message']} ({m['failed_loads']} failed "
+                f"loads; next attempt in {m['retry_in_s']:.0f} s, or now with edgectl load)"
+            )
     lines.append(f"errors answered: {fields['errors']}")
     lines += [f"  {_log_line(record)}" for record in fields["last_errors"]]
     return "\n".join(lines)
@@ -322,6 +378,11 @@ def _models(fields: dict[str, Any]) -> str:
             )
         if model["errors"]:
             lines.append(f"  errors: {model['errors']}")
+        if model["error"]:
+            lines.append(
+                f"  last load failed: {model['error']['code']}: {model['error']['message']}"
+            )
+        lines += [f"  warning: {warning}" for warning in model["warnings"]]
     return "\n".join(lines)
 
 

@@ -168,9 +168,24 @@ class StoreError(EdgedError):
 
 
 class ClientTimeout(EdgedError):
-    """Raised by the client alone: no reply within the timeout (daemon down or message refused)."""
+    """Raised by the client alone: no reply within the timeout (daemon down or message refused).
+    Its subclasses say why no reply can come, so code that retries on timeouts retries them too."""
 
     code = "TIMEOUT"
+
+
+class NoDaemon(ClientTimeout):
+    """Raised by the client alone: nothing listens at an IPC endpoint (no socket file there, or
+    one left behind by a daemon that is gone)."""
+
+    code = "NO_DAEMON"
+
+
+class SocketAccessDenied(ClientTimeout):
+    """Raised by the client alone: this user may not open an IPC socket (or a directory above
+    it); the message names the path, its mode, owner and group."""
+
+    code = "ACCESS_DENIED"
 
 
 class ConfigError(EdgedError):

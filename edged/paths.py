@@ -88,10 +88,23 @@ def resolve_paths(config: Config) -> Paths:
 
 def client_socket(name: str) -> str:
     """Where a client finds socket ``name``: the daemon's own default place, unless nothing
-    is there and the system service's socket (edged.service, /run/edged) exists."""
+    is there and the system service's socket (edged.service, /run/edged) exists. A place this
+    user may not look into counts as there: connecting then says why (the client's check)."""
     socket = default_runtime_dir() / name
     service = SERVICE_RUNTIME_DIR / name
-    return f"ipc://{service if not socket.exists() and service.exists() else socket}"
+    return f"ipc://{service if not _present(socket) and _present(service) else socket}"
+
+
+def _present(path: Path) -> bool:
+    """Whether ``path`` exists, True where a closed directory hides it (``Path.exists`` raises
+    PermissionError there before Python 3.12)."""
+    try:
+        path.stat()
+    except PermissionError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def default_control_endpoint() -> str:

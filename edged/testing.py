@@ -22,9 +22,11 @@ from types import TracebackType
 from typing import Any
 
 from edged.client import Client
-from edged.errors import ClientTimeout
+from edged.errors import ClientTimeout, NoDaemon
 
 START_TIMEOUT_S = 60.0
+#: how often ``wait_ready`` looks for the socket file of a daemon still starting
+POLL_S = 0.02
 
 
 class DaemonExited(RuntimeError):
@@ -100,11 +102,13 @@ class DaemonProcess:
                 try:
                     client.ping()
                     return
-                except ClientTimeout:
+                except ClientTimeout as exc:
                     if time.monotonic() > deadline:
                         raise TimeoutError(
                             f"edged not ready after {timeout} s\n{self.log()}"
                         ) from None
+                    if isinstance(exc, NoDaemon):  # its socket is not bound yet: look again soon
+                        time.sleep(POLL_S)
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait; returns the exit code."""

@@ -7,13 +7,19 @@ tokens, a fixed word list and single characters) is built here. Output is gibber
 deterministic, and the model never emits EOS or other special/byte tokens, so a generation runs
 to exactly ``max_tokens`` tokens of valid text. ``gguf``, ``llama_cpp`` and ``numpy`` are
 imported only when a model is built: this module lives in the daemon package.
+
+``python -m edged.tinyllama OUT.gguf`` writes one, to try edged's language-model side with no
+download (it needs the ``gguf`` extra).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -208,3 +214,35 @@ def _quantize(src: Path, dst: Path, quantize: str) -> None:
     ]
     if kept:
         raise RuntimeError(f"{quantize} left {kept} unquantized: n_embd/n_ff not block-aligned?")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write the tiny model where asked and say how to serve it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m edged.tinyllama",
+        description="Write a tiny llama GGUF model (random weights: gibberish, but real) to try "
+        "edged's generate and embed ops without downloading a model",
+    )
+    parser.add_argument("output", type=Path, help="the .gguf file to write")
+    parser.add_argument(
+        "--quantize", choices=(*QUANT_TYPES, "F16"), default="Q8_0", help="default Q8_0"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="another seed, other weights")
+    args = parser.parse_args(argv)
+    quantize = None if args.quantize == "F16" else args.quantize
+    try:
+        path = build_tiny_llama(args.output, quantize=quantize, seed=args.seed)
+    except ImportError as exc:
+        print(f"{parser.prog}: {exc.name} is missing: pip install 'edged[gguf]'", file=sys.stderr)
+        return 1
+    size = path.stat().st_size / 2**20
+    print(
+        f"wrote {path} ({size:.1f} MiB). Serve it with, in edged.toml:\n\n"
+        f'[models.tiny]\npath = "{path.absolute()}"\n\n'
+        'then: edged infer tiny --prompt "Hello" --max-tokens 16'
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,7 @@ def test_first_start_on_defaults_builds_and_serves_the_demo(tmp_path: Path) -> N
 
 
 def _wait_ping(client: Client, proc: subprocess.Popen[str]) -> None:
-    from edged.errors import ClientTimeout
+    from edged.errors import ClientTimeout, NoDaemon
 
     for _ in range(240):
         if proc.poll() is not None:
@@ -75,6 +76,8 @@ def _wait_ping(client: Client, proc: subprocess.Popen[str]) -> None:
         try:
             client.ping()
             return
+        except NoDaemon:  # answered at once while the socket is not bound yet
+            time.sleep(client.timeout)  # as long as a ping would have waited
         except ClientTimeout:
             continue
     raise AssertionError("daemon never answered")

@@ -22,7 +22,7 @@ from tests.conftest import EDGECTL, DaemonFactory, free_port
 def keys(tmp_path: Path) -> Path:
     """server, client (allowed) and stranger (not allowed) key pairs made by edgectl."""
     for name in ("server", "client", "stranger"):
-        assert edgectl_main(["keys", "gen", name, "--dir", str(tmp_path / "keys"), "--json"]) == 0
+        assert edgectl_main(["keys", "curve", name, "--dir", str(tmp_path / "keys"), "--json"]) == 0
     allowed = tmp_path / "allowed"
     allowed.mkdir()
     (allowed / "client.key").write_bytes((tmp_path / "keys" / "client.key").read_bytes())

@@ -194,7 +194,11 @@ def test_the_units_reload_command_fails_when_the_daemon_refuses_the_reload(
     command = _service("ExecReload").replace(INSTALLED_EDGECTL, str(edgectl))
     argv = shlex.split(command.replace("%t/edged", str(daemon.runtime_dir)))
     assert _run(argv).returncode == 0  # the same file again: a reload that takes
-    daemon.config_path.write_text(daemon.config_path.read_text() + "\n[models.demo\n")
+    valid = daemon.config_path.read_text()
+    daemon.config_path.write_text(valid + '\n[models.late]\npath = "missing.onnx"\n')
+    partial = _run(argv)  # taken, but a model in it failed: the report says so, and so must systemd
+    assert partial.returncode == 1 and "no file at" in partial.stdout, partial.stdout
+    daemon.config_path.write_text(valid + "\n[models.demo\n")
     refused = _run(argv)
     assert refused.returncode == 1 and "CONFIG" in refused.stderr, refused.stderr
     with daemon.client() as client:  # nothing changed: still serving

@@ -1,7 +1,7 @@
 """CurveZMQ for the remote control socket: the server's key pair and an allow-list of clients.
 
 ZeroMQ's ZAP handler (``zmq.auth``) asks ``KeyAllowList`` about every client key. The list is
-the directory of client public key files (``edgectl keys gen`` makes them), re-read on each
+the directory of client public key files (``edgectl keys curve`` makes them), re-read on each
 attempt, so adding or deleting a key file takes effect without a restart. Every refusal is
 logged, and so is every handshake that fails before ZAP is even asked (no key, the wrong
 server key, plain text on a CURVE port), through the socket's monitor.
