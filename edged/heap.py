@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 #: growth over the resident size after the last trim that is worth a trim
 TRIM_GROWTH_BYTES = 32 * MIB
+#: a trim that gave back more than the growth / this is followed by another on the next tick
+AGAIN_FRACTION = 8
 
 
 @dataclass(frozen=True)
@@ -37,23 +39,28 @@ class HeapTrimmer:
         self._process = psutil.Process()
         self._growth = growth_bytes
         self._baseline = self._rss()
+        self._again = False
         self._trims = 0
         self._returned = 0
 
     async def tick(self) -> None:
-        """Trim when the resident size grew by ``growth_bytes`` since the last look; a model
-        load grows it too, and costs one trim that finds little to give back."""
+        """Trim when the resident size grew by ``growth_bytes`` since the last trim (a model
+        load grows it too, and costs one trim that finds little to give back), and again on
+        the next tick while trims still give much back: one that did ran during a burst, and
+        the burst's last buffers were freed after it."""
         before = self._rss()
-        if before - self._baseline < self._growth:
+        if not self._again and before - self._baseline < self._growth:
             self._baseline = min(self._baseline, before)
             return
         await in_fresh_thread(give_back_freed_memory)
         after = self._rss()
+        returned = max(0, before - after)
         self._trims += 1
-        self._returned += max(0, before - after)
+        self._returned += returned
         self._baseline = after
-        if before - after >= self._growth:
-            log.info("gave %.0f MiB of freed memory back to the system", (before - after) / MIB)
+        self._again = returned >= self._growth // AGAIN_FRACTION
+        if returned >= self._growth:
+            log.info("gave %.0f MiB of freed memory back to the system", returned / MIB)
 
     def statistics(self) -> HeapStatistics:
         return HeapStatistics(self._trims, self._returned)

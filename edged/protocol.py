@@ -13,7 +13,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import numpy as np
@@ -111,6 +111,9 @@ MAX_STOP_LEN = 256
 MAX_EMBED_TEXTS = 64
 MAX_SEED = 2**32 - 1
 MAX_TOKENS = 2**31 - 1
+#: one day: longer is no deadline at all, and far longer overflows the clock arithmetic
+MAX_DEADLINE_MS = 86_400_000
+BOOL = DTYPES["bool"]
 
 
 @dataclass(frozen=True)
@@ -224,7 +227,9 @@ def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
             raise TooLarge(f"message is {total} bytes, limit {limits.max_message_bytes}")
         return _parse_request(header, frames[1:], limits)
     except EdgedError as exc:
-        raise RequestRejected(exc, request_id) from None
+        # the error alone, not its traceback: that holds this call's frames, and with them the
+        # message's buffers (up to max_message_bytes), for as long as anything holds the error
+        raise RequestRejected(exc.with_traceback(None), request_id) from None
 
 
 def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Limits) -> Request:
@@ -255,8 +260,8 @@ def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Li
     if pinned is not None and not (_is_int(pinned) and pinned >= 0):
         raise BadRequest("'version' must be a non-negative integer")
     deadline = header.get("deadline_ms")
-    if deadline is not None and not (_is_number(deadline) and deadline > 0):
-        raise BadRequest("'deadline_ms' must be a positive number")
+    if deadline is not None and not (_is_number(deadline) and 0 < deadline <= MAX_DEADLINE_MS):
+        raise BadRequest(f"'deadline_ms' must be a number above 0 and at most {MAX_DEADLINE_MS}")
     specs = header.get("inputs", [])
     if op not in ("infer", "upload") and tensors:
         raise FrameMismatch(f"op {op!r} takes no tensor frames, got {len(tensors)}")
@@ -292,8 +297,10 @@ def _data_frame(frames: Sequence[Buffer]) -> Buffer | None:
 
 def _swap_args(header: Mapping[str, Any]) -> SwapArgs:
     path = _optional(header, "path", str)
-    if path is not None and (not path or header.get("version") is not None):
-        raise BadRequest("'path' must be a non-empty string, and not given with 'version'")
+    if path is not None and (not valid_path(path) or header.get("version") is not None):
+        raise BadRequest(
+            "'path' must be a non-empty string without NUL, and not given with 'version'"
+        )
     policy = header.get("policy")
     policy = "auto" if policy is None else policy
     if type(policy) is not str or policy not in SWAP_POLICIES:
@@ -378,7 +385,10 @@ def _decode_tensors(
                 f"tensor {name!r}: {dtype.name}{list(shape)} needs {expected} bytes, "
                 f"frame {index + 1} has {len(frame)}"
             )
-        arrays[name] = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        array = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        if dtype is BOOL and array.size and array.view(np.uint8).max() > 1:
+            raise BadRequest(f"tensor {name!r}: a bool element is neither 0 nor 1")
+        arrays[name] = array
     return arrays
 
 
@@ -425,6 +435,11 @@ def _optional(header: Mapping[str, Any], key: str, kind: type) -> Any:
     if value is not None and not isinstance(value, kind):
         raise BadRequest(f"{key!r} must be a {kind.__name__}")
     return value
+
+
+def valid_path(value: Any) -> TypeGuard[str]:
+    """A file path a client may name: a non-empty string the OS can take (no NUL byte)."""
+    return type(value) is str and bool(value) and "\0" not in value
 
 
 def _valid_id(value: Any) -> int | None:

@@ -24,6 +24,7 @@ import zmq
 
 from edged import protocol
 from edged.config import ServerConfig
+from edged.logsetup import log_error_reply
 from edged.models.runner import ReplySink
 from edged.protocol import Limits, Request, RequestRejected
 from edged.zmqio import NOBLOCK, recv_frames, send_frames
@@ -153,7 +154,9 @@ class Endpoint:
         try:
             request = protocol.decode_request([f.buffer for f in body], self._limits)
         except RequestRejected as rejected:
-            send(protocol.encode_error(rejected.request_id, rejected.error))
+            error = rejected.error
+            log_error_reply(error.code, error.message, request_id=rejected.request_id)
+            send(protocol.encode_error(rejected.request_id, error))
             return
         self._service.handle(request, send, envelope[0])
 

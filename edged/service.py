@@ -23,7 +23,7 @@ from edged.errors import (
     UnknownOp,
     UnknownRequest,
 )
-from edged.logsetup import log_fields
+from edged.logsetup import log_error_reply, log_fields
 from edged.models.candidate import Candidate
 from edged.models.generation import GenerationRunner
 from edged.models.registry import Registry, Runner
@@ -132,7 +132,7 @@ class InferenceService:
         now = time.monotonic_ns()
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
-        job = Job(request.id, request.trace, request.inputs, send, now, deadline_ns)
+        job = Job(request.id, request.trace, request.inputs, send, now, deadline_ns, peer)
         shadow = self._shadow(request, runner, job)
         runner.submit(job)
         self._pending.add(runner)
@@ -222,7 +222,7 @@ class InferenceService:
             cancelled = self._parked.pop(parked, False)
             if error is not None:
                 self.errors[slot.name, error.code] += 1
-                send(protocol.encode_error(request.id, error, request.trace))
+                reply_error(request, send, error, slot.name)
                 return
             self.handle(request, send, peer)
             if cancelled:  # ends the way a cancelled queued request does
@@ -253,10 +253,12 @@ def dispatch(
             raise UnknownOp(f"op {request.op!r} {elsewhere}")
         handler(request, send, peer)
     except EdgedError as exc:
-        if errors is not None:  # an unknown name is not a model: no series of its own
-            model = "" if exc.code == UnknownModel.code else request.model or ""
+        # an unknown name is not a model: no series (and no rate-limit key) of its own
+        model = "" if exc.code == UnknownModel.code else request.model or ""
+        # a cancel that found nothing lost a race with its target's end: answered, not counted
+        if errors is not None and exc.code != UnknownRequest.code:
             errors[model, exc.code] += 1
-        send(protocol.encode_error(request.id, exc, request.trace))
+        reply_error(request, send, exc, model)
     except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
         log.exception(
             "request %s (op %s) failed [trace %s]",
@@ -267,6 +269,14 @@ def dispatch(
         )
         error = InternalError("internal error; the daemon log has the details")
         send(protocol.encode_error(request.id, error, request.trace))
+
+
+def reply_error(request: Request, send: ReplySink, error: EdgedError, model: str) -> None:
+    """Send ``error`` as the reply to ``request``, and log it (rate-limited)."""
+    log_error_reply(
+        error.code, error.message, model=model, trace=request.trace, request_id=request.id
+    )
+    send(protocol.encode_error(request.id, error, request.trace))
 
 
 def with_trace(fields: dict[str, Any], request: Request) -> dict[str, Any]:

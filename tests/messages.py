@@ -8,6 +8,7 @@ The mutator draws every choice from a ``random.Random``: hypothesis drives it th
 from __future__ import annotations
 
 import random
+import sys
 from typing import Any
 
 import msgpack
@@ -27,8 +28,12 @@ def valid_requests(model: str = "m") -> list[list[bytes]]:
     """One well-formed request per kind: every op family, tensors, a data frame."""
     return _as_bytes(
         [
-            protocol.encode_request(1, "infer", model=model, inputs={"x": X, "n": np.array(3)}),
-            protocol.encode_request(2, "generate", model="llm", fields={"prompt": "hi", "seed": 1}),
+            protocol.encode_request(
+                1, "infer", model=model, inputs={"x": X, "n": np.array(3)}, deadline_ms=50
+            ),
+            protocol.encode_request(
+                2, "generate", model="llm", fields={"prompt": "hi", "seed": 1, "top_p": 0.5}
+            ),
             protocol.encode_request(3, "embed", model="e", fields={"input": ["a", "b"]}),
             protocol.encode_request(4, "cancel", fields={"target": 2}),
             protocol.encode_request(5, "describe", model=model, version=2),
@@ -37,6 +42,9 @@ def valid_requests(model: str = "m") -> list[list[bytes]]:
             protocol.encode_request(8, "install", fields={"path": "/x.bundle"}),
             protocol.encode_request(
                 9, "upload", fields={"sha256": "0" * 64, "size": 3, "offset": 0}, data=b"abc"
+            ),
+            protocol.encode_request(
+                10, "canary", model="m", fields={"path": "/m.onnx", "fraction": 0.5}
             ),
         ]
     )
@@ -48,8 +56,18 @@ def valid_replies() -> list[list[bytes]]:
     return _as_bytes([good, bad])
 
 
-#: header keys an edit may touch: the common ones, some op keys, and one nobody knows
-HEADER_KEYS = ["v", "id", "op", "inputs", "outputs", "shape", "error", "ok", "model", "zz"]
+#: header keys an edit may touch: the common ones, every op's numbers and paths, and one
+#: nobody knows
+HEADER_KEYS = [
+    *("v", "id", "op", "inputs", "outputs", "shape", "error", "ok", "model", "trace", "zz"),
+    *("version", "deadline_ms", "max_tokens", "temperature", "top_p", "seed", "target"),
+    *("path", "fraction", "last", "level", "offset", "size", "sha256"),
+]
+#: numbers no field takes: non-finite, beyond any bound, beyond a double's integers
+ABSURD_NUMBERS = [
+    *(float("nan"), float("inf"), -float("inf"), 1e300, 1e308, -1e308, sys.float_info.max),
+    *(2**63 - 1, 2**64 - 1, -(2**63), 86_400_001),
+]
 EDITS = ["flip", "cut", "insert", "drop", "dup", "empty", "header", "junk"]
 
 
@@ -63,9 +81,9 @@ def random_value(rng: random.Random) -> Any:
     if kind == 2:
         return rng.choice([0, 1, -1, 2**31, 2**63 - 1, -(2**63), 2**64 - 1, rng.randrange(-9, 99)])
     if kind == 3:
-        return rng.choice([0.0, -1.5, 1e300, float("nan"), float("inf")])
-    if kind == 4:
-        return "".join(rng.choice("abz\u00e9\u20ac\x00") for _ in range(rng.randrange(16)))
+        return rng.choice([0.0, -1.5, 0.5, *ABSURD_NUMBERS])
+    if kind == 4:  # NUL bytes included: a path or a name holding one must be refused
+        return "".join(rng.choice("abz/\u00e9\u20ac\x00") for _ in range(rng.randrange(16)))
     if kind == 5:
         return rng.randbytes(rng.randrange(16))
     if kind == 6:

@@ -5,6 +5,7 @@ to where they were."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import time
@@ -12,10 +13,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import numpy as np
+import pytest
 import zmq
 
 from edged import protocol
+from edged.errors import BusyError
 from edged.testing import DaemonProcess
 from tests.conftest import Connect, DaemonFactory, llm_config, slow_config
 from tests.models import SLOW_WIDTH
@@ -63,12 +67,79 @@ def test_a_flood_gets_busy_replies_and_every_accepted_request_its_result(
     assert statuses == ["serving"] * 5
 
 
+def test_a_flood_cannot_lock_out_a_client_that_keeps_one_request_outstanding(
+    start_daemon: DaemonFactory, models_dir: Path, connect: Connect
+) -> None:
+    """One connection keeps a slow model's queue full, refilling it after every BUSY; another
+    sends one request at a time and is admitted every time: its fair share of the queue is
+    made for it by refusing the flood's newest queued request."""
+    daemon = start_daemon(slow_config(models_dir, queue_depth=8, max_batch=1))
+    flood = connect(daemon.endpoint)
+    heavy, light = (np.ones((rows, SLOW_WIDTH), np.float32) for rows in (32, 1))
+    ids = itertools.count(1)
+    replies: dict[int, protocol.Reply] = {}
+
+    def read_flood() -> protocol.Reply:
+        assert flood.poll(60000), "no reply to the flood"
+        reply = protocol.decode_reply(flood.recv_multipart())
+        assert reply.id is not None and reply.id not in replies
+        replies[reply.id] = reply
+        return reply
+
+    with daemon.client(timeout=60) as client:
+        for _ in range(10):
+            for _ in range(16):  # twice the queue: full once a BUSY comes back
+                request_id = next(ids)
+                flood.send_multipart(
+                    protocol.encode_request(request_id, "infer", model="slow", inputs={"x": heavy})
+                )
+            while not isinstance(read_flood().error, BusyError):
+                pass
+            assert client.infer("slow", {"x": light})["y"].shape == (1, SLOW_WIDTH)
+    sent = next(ids) - 1
+    while len(replies) < sent:
+        read_flood()
+    outcome = Counter(r.error.code if r.error else "ok" for r in replies.values())
+    assert set(outcome) == {"ok", "BUSY"} and outcome["ok"] >= 10, outcome
+
+
+@pytest.mark.gguf
+def test_a_flood_of_generations_cannot_lock_out_another_client(
+    start_daemon: DaemonFactory, gguf_models: dict[str, Path], connect: Connect
+) -> None:
+    """The same fair share on a language model's queue: a connection that fills it is refused
+    while another connection's generation is admitted."""
+    config = llm_config(gguf_models["q8"], queue_depth=4)
+    daemon = start_daemon({"models": {"llm": config}})
+    flood = connect(daemon.endpoint)
+    for request_id in range(1, 9):
+        header = {"v": 1, "id": request_id, "op": "generate", "model": "llm"}
+        flood.send(msgpack.packb({**header, "prompt": "once", "max_tokens": 64}))
+    finals: dict[int, dict[str, Any]] = {}
+    while not any(not r.get("ok") for r in finals.values()):  # the queue is full
+        assert flood.poll(30000), "no reply to the flood"
+        reply = msgpack.unpackb(flood.recv())
+        if not reply.get("more"):
+            finals[reply["id"]] = reply
+    with daemon.client(timeout=60) as client:
+        done = client.generate("llm", "next", max_tokens=2).text()
+    assert done.completion_tokens == 2
+    while len(finals) < 8:
+        assert flood.poll(30000), "no reply to the flood"
+        reply = msgpack.unpackb(flood.recv())
+        if not reply.get("more"):
+            finals[reply["id"]] = reply
+    codes = Counter("ok" if r.get("ok") else r["error"]["code"] for r in finals.values())
+    assert codes["BUSY"] >= 4 and codes["ok"] >= 3, codes
+
+
 def test_a_client_that_never_reads_does_not_hold_up_others_or_grow_memory(
     demo_daemon: DaemonProcess, connect: Connect
 ) -> None:
     """A client sends 20 000 requests and reads none of the replies: they fill the queues between
     the daemon and it (the high-water marks), and beyond them the daemon drops its replies rather
-    than buffer them. Another client is served throughout, and the daemon's memory stays flat."""
+    than buffer them. Another client, one request at a time, is served throughout (its fair
+    share of the model's queue is always there), and the daemon's memory stays flat."""
     request = protocol.encode_request(1, "infer", model="demo", inputs={"x": X})
     with demo_daemon.client() as client:
         client.infer("demo", {"x": X})

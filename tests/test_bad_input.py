@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import zmq
 from edged import protocol
 from edged.errors import ClientTimeout, TooLarge
 from edged.testing import DaemonProcess
+from tests.bundles import signing_keys, start_ota_daemon
 from tests.conftest import Connect, DaemonFactory
 
 LIMIT = 64 * 1024
@@ -71,6 +73,24 @@ BAD_MESSAGES = {
     "shape vs byte length": ([msgpack.packb(header()), b"\0" * 60], "FRAME_MISMATCH"),
     "more frames than declared": ([msgpack.packb(header()), x_frame(), b"extra"], "FRAME_MISMATCH"),
     "empty message": ([b""], "BAD_REQUEST"),
+    "infinite deadline": (
+        [msgpack.packb(header(deadline_ms=float("inf"))), x_frame()],
+        "BAD_REQUEST",
+    ),
+    "NaN deadline": ([msgpack.packb(header(deadline_ms=float("nan"))), x_frame()], "BAD_REQUEST"),
+    "huge deadline": ([msgpack.packb(header(deadline_ms=1e308)), x_frame()], "BAD_REQUEST"),
+    "deadline over a day": (
+        [msgpack.packb(header(deadline_ms=86_400_001)), x_frame()],
+        "BAD_REQUEST",
+    ),
+    "bool byte 2": (
+        [msgpack.packb(header(inputs=[spec(dtype="bool", shape=[2])])), b"\1\2"],
+        "BAD_REQUEST",
+    ),
+    "bool byte 255": (
+        [msgpack.packb(header(inputs=[spec(dtype="bool", shape=[1])])), b"\xff"],
+        "BAD_REQUEST",
+    ),
     "frames over the limit together": (
         [msgpack.packb(header()), *([b"\0" * (LIMIT // 2)] * 3)],
         "TOO_LARGE",
@@ -122,3 +142,56 @@ def test_too_large_is_typed_on_the_client(limited_daemon: DaemonProcess) -> None
     }
     with limited_daemon.client() as client, pytest.raises(TooLarge):
         client.infer("demo", inputs)
+
+
+#: numbers and strings no field takes: non-finite, huge, NUL bytes, a path too long for the OS
+ABSURD_VALUES = [
+    *(float("nan"), float("inf"), -float("inf"), 1e308, -1e308, 2**64 - 1, -(2**63)),
+    *("a\0b", "\0", "x" * 5000),
+]
+#: the rest of a valid request of each op, so that the field under test is what fails
+BASE_FIELDS: dict[str, dict[str, Any]] = {
+    "infer": {"inputs": []},
+    "generate": {"prompt": "hi"},
+    "embed": {"input": "hi"},
+    "cancel": {"target": 1},
+    "upload": {"sha256": "0" * 64, "size": 3},
+}
+INFERENCE_OPS = frozenset({"ping", "describe", "infer", "generate", "embed", "cancel"})
+
+
+def test_no_value_of_any_field_of_any_op_gets_internal(
+    start_daemon: DaemonFactory, tmp_path: Path, connect: Connect
+) -> None:
+    """Every key of every op, on the socket that serves it, set to each absurd value: each
+    gets a specific error (mostly BAD_REQUEST), never INTERNAL, and nothing is logged as a
+    bug."""
+    daemon = start_ota_daemon(start_daemon, tmp_path, signing_keys(tmp_path))
+    sockets = {"infer": connect(daemon.endpoint), "control": connect(daemon.control_endpoint)}
+    codes: Counter[str] = Counter()
+    request_id = 100
+    for op, keys in protocol.OP_KEYS.items():
+        for key in sorted(keys) or (["trace"] if op == "ping" else []):
+            for value in ABSURD_VALUES:
+                request_id += 1
+                header = {"v": 1, "id": request_id, "op": op, **BASE_FIELDS.get(op, {})}
+                if op in protocol.MODEL_OPS:
+                    header["model"] = "m"
+                header[key] = value
+                sock = sockets["infer" if op in INFERENCE_OPS else "control"]
+                sock.send(msgpack.packb(header))
+                reply = reply_to(sock, request_id)
+                code = "ok" if reply.get("ok") else reply["error"]["code"]
+                assert code != "INTERNAL", (op, key, value, reply)
+                codes[code] += 1
+    assert codes["BAD_REQUEST"] > 100, codes
+    assert "Traceback" not in daemon.log()
+
+
+def reply_to(sock: zmq.Socket[Any], request_id: int) -> dict[str, Any]:
+    """The first reply to ``request_id`` (replies to others, such as a logs follow, skipped)."""
+    while True:
+        assert sock.poll(10000), f"no reply to request {request_id}"
+        header = msgpack.unpackb(sock.recv_multipart()[0])
+        if header.get("id") == request_id:
+            return dict(header)

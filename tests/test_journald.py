@@ -86,4 +86,4 @@ def test_under_systemd_the_log_carries_model_version_trace_and_error_code(
     failed = [e for e in logged if e.get("TRACE_ID") == "cafe0001"]
     assert failed and failed[0]["ERROR_CODE"] == "RUN_FAILED" and failed[0]["PRIORITY"] == "4"
     assert failed[0]["MODEL"] == "m"
-    assert "run failed" not in stderr.read_text()  # the journal has it, not stderr
+    assert "error reply RUN_FAILED" not in stderr.read_text()  # the journal has it, not stderr

@@ -5,13 +5,15 @@ from __future__ import annotations
 import urllib.request
 from pathlib import Path
 
+import msgpack
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edged.config import parse_config
-from edged.errors import ConfigError, ShapeMismatch
-from tests.conftest import DaemonFactory, free_port
+from edged.errors import ConfigError, ShapeMismatch, UnknownRequest
+from edged.testing import DaemonProcess
+from tests.conftest import Connect, DaemonFactory, free_port, llm_config
 
 GOOD = {"x": np.zeros((1, 16), np.float32)}
 BAD = {"x": np.zeros((1, 15), np.float32)}
@@ -71,3 +73,56 @@ def test_prometheus_scrapes_the_loopback_http_endpoint(
 def test_metrics_http_must_stay_on_loopback() -> None:
     with pytest.raises(ConfigError, match="loopback"):
         parse_config({"metrics": {"http": "0.0.0.0:9464"}}, "edged.toml", Path())
+
+
+def runs(daemon: DaemonProcess, model: str) -> dict[str, float]:
+    """The version 1 runs of ``model`` by mode (inline, threaded), from the metrics."""
+    with daemon.control() as control:
+        found = samples(control.command("metrics")["text"])
+    return {
+        mode: found[("edged_runs_total", (("mode", mode), ("model", model), ("version", "1")))]
+        for mode in ("inline", "threaded")
+    }
+
+
+def test_a_request_far_larger_than_the_recent_ones_runs_on_the_models_thread(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    """A tiny model runs inline once its runs are quick; a 100 000-row request to it would
+    hold the event loop for tens of milliseconds, so it goes to the model's thread."""
+    demo = {"path": str(models_dir / "demo.onnx"), "preload": True, "inline_max_us": 5000}
+    daemon = start_daemon({"models": {"demo": demo}})
+    with daemon.client(timeout=60) as client:
+        for _ in range(20):
+            client.infer("demo", GOOD)
+        before = runs(daemon, "demo")
+        assert before["inline"] >= 10, before  # quick runs moved inline (the first never is)
+        big = client.infer("demo", {"x": np.ones((100_000, 16), np.float32)})
+        assert big["probs"].shape == (100_000, 4)
+        after_big = runs(daemon, "demo")
+        client.infer("demo", GOOD)
+        after_small = runs(daemon, "demo")
+    assert after_big == {"inline": before["inline"], "threaded": before["threaded"] + 1}
+    assert after_small["inline"] == before["inline"] + 1  # one outlier moved the estimate little
+
+
+@pytest.mark.gguf
+def test_a_late_cancel_is_answered_but_not_counted_as_an_error(
+    start_daemon: DaemonFactory, gguf_models: dict[str, Path], connect: Connect
+) -> None:
+    """Cancelling a generation that has just finished is a race every streaming client can
+    lose: UNKNOWN_REQUEST on the wire, as the protocol says, but no error in the figures."""
+    daemon = start_daemon({"models": {"llm": llm_config(gguf_models["q8"])}})
+    sock = connect(daemon.endpoint)
+    request = {"v": 1, "id": 1, "op": "generate", "model": "llm", "prompt": "hi", "max_tokens": 2}
+    sock.send(msgpack.packb(request))
+    while msgpack.unpackb(sock.recv()).get("more"):
+        pass  # the generation has ended with its final reply
+    sock.send(msgpack.packb({"v": 1, "id": 2, "op": "cancel", "target": 1}))
+    assert msgpack.unpackb(sock.recv())["error"]["code"] == UnknownRequest.code
+    with daemon.control() as control:
+        found = samples(control.command("metrics")["text"])
+        status = control.command("status")
+    codes = {dict(labels).get("code") for name, labels in found if name.startswith("edged_req")}
+    assert UnknownRequest.code not in codes
+    assert status["errors"] == 0

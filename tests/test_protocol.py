@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import msgpack
@@ -99,6 +100,28 @@ def test_big_endian_input_is_sent_little_endian() -> None:
         (frames_of(infer_header(model=None)), BadRequest, "needs a 'model'"),
         (frames_of(infer_header(colour="red")), BadRequest, "colour"),
         (frames_of(infer_header(deadline_ms=-3)), BadRequest, "deadline_ms"),
+        (frames_of(infer_header(deadline_ms=float("inf"))), BadRequest, "deadline_ms"),
+        (frames_of(infer_header(deadline_ms=float("nan"))), BadRequest, "deadline_ms"),
+        (frames_of(infer_header(deadline_ms=1e308)), BadRequest, "at most 86400000"),
+        (frames_of(infer_header(deadline_ms=2**64 - 1)), BadRequest, "at most 86400000"),
+        (frames_of(infer_header(deadline_ms=86_400_001)), BadRequest, "at most 86400000"),
+        (
+            frames_of(
+                infer_header(inputs=[{"name": "m", "dtype": "bool", "shape": [3]}]), b"\1\0\2"
+            ),
+            BadRequest,
+            "neither 0 nor 1",
+        ),
+        (
+            frames_of(infer_header(inputs=[{"name": "m", "dtype": "bool", "shape": [1]}]), b"\xff"),
+            BadRequest,
+            "neither 0 nor 1",
+        ),
+        (
+            frames_of({"v": 1, "id": 1, "op": "swap", "model": "m", "path": "/tmp/a\0.onnx"}),
+            BadRequest,
+            "without NUL",
+        ),
         (frames_of(infer_header()), FrameMismatch, "declares 1 tensor(s) but 0"),
         (frames_of(infer_header(), b"\0" * 24, b"\0"), FrameMismatch, "but 2 frame(s)"),
         (frames_of(infer_header(), b"\0" * 23), FrameMismatch, "needs 24 bytes"),
@@ -129,6 +152,16 @@ def test_bad_messages_get_specific_errors(
     failure = rejected(frames)
     assert isinstance(failure.error, error)
     assert words in failure.error.message
+
+
+def test_a_day_is_the_longest_deadline_and_bools_of_0_and_1_pass() -> None:
+    header = infer_header(
+        deadline_ms=protocol.MAX_DEADLINE_MS,
+        inputs=[{"name": "m", "dtype": "bool", "shape": [2]}],
+    )
+    request = protocol.decode_request(frames_of(header, b"\1\0"), LIMITS)
+    assert request.deadline_ms == 86_400_000.0
+    assert request.inputs["m"].tolist() == [True, False]
 
 
 def test_rejection_carries_the_request_id_when_readable() -> None:
@@ -189,3 +222,19 @@ def test_zero_dimensional_tensor_keeps_its_shape() -> None:
     frames = protocol.encode_request(1, "infer", model="m", inputs={"sr": np.array(16000)})
     request = protocol.decode_request([bytes(memoryview(f)) for f in frames], LIMITS)
     assert request.inputs["sr"].shape == ()
+
+
+def test_a_rejected_request_keeps_no_reference_to_its_frames() -> None:
+    """A refused 60 MiB frame must be freed with its message: an error that kept the decoder's
+    frames (through its traceback) kept the buffer for as long as the error lived."""
+    buffer = np.zeros(1 << 20, np.uint8)
+    freed = weakref.ref(buffer)
+    header = msgpack.packb({"v": 1, "id": 1, "op": "infer", "model": "m", "inputs": []})
+    frames: list[Any] = [header, memoryview(buffer)]
+    try:
+        protocol.decode_request(frames, Limits())
+    except RequestRejected as rejected:
+        error = rejected.error
+    del frames, buffer
+    assert error.code == "FRAME_MISMATCH"
+    assert freed() is None

@@ -6,15 +6,18 @@ slowly."""
 from __future__ import annotations
 
 import contextlib
+import math
 import random
+from typing import Any
 
+import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edged import protocol
 from edged.errors import EdgedError
 from edged.protocol import Limits, RequestRejected
-from tests.messages import mutate, valid_replies, valid_requests
+from tests.messages import ABSURD_NUMBERS, mutate, valid_replies, valid_requests
 
 LIMITS = Limits(max_message_bytes=1 << 20)
 REQUESTS = valid_requests()
@@ -32,7 +35,22 @@ def decode_request(frames: list[bytes]) -> protocol.Request | None:
         assert rejection.error.code in DECODE_CODES, rejection.error
         return None
     assert request.op in protocol.OP_KEYS
+    assert_usable(request)
     return request
+
+
+def assert_usable(request: protocol.Request) -> None:
+    """What the daemon computes from a decoded request's numbers and paths cannot fail: a
+    deadline in nanoseconds, sampling settings, a canary's share, a file to open."""
+    if request.deadline_ms is not None:
+        assert 0 < request.deadline_ms <= protocol.MAX_DEADLINE_MS
+        assert int(request.deadline_ms * 1e6) >= 0  # no overflow
+    if request.generation is not None:
+        assert math.isfinite(request.generation.temperature)
+        assert math.isfinite(request.generation.top_p)
+    if request.swap is not None:
+        assert 0 < request.swap.fraction <= 1
+        assert request.swap.path is None or "\0" not in request.swap.path
 
 
 @settings(max_examples=1500, deadline=200, suppress_health_check=[HealthCheck.too_slow])
@@ -66,6 +84,39 @@ def test_arbitrary_replies_only_raise_edged_errors(frames: list[bytes]) -> None:
         protocol.decode_reply(frames, LIMITS)
 
 
+#: (op, key) of every number and path the decoder checks, with the rest of a valid header
+CHECKED_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
+    ("infer", "deadline_ms"): {"model": "m", "inputs": []},
+    ("generate", "deadline_ms"): {"model": "m", "prompt": "hi"},
+    ("embed", "deadline_ms"): {"model": "m", "input": "hi"},
+    ("generate", "max_tokens"): {"model": "m", "prompt": "hi"},
+    ("generate", "temperature"): {"model": "m", "prompt": "hi"},
+    ("generate", "top_p"): {"model": "m", "prompt": "hi"},
+    ("generate", "seed"): {"model": "m", "prompt": "hi"},
+    ("infer", "version"): {"model": "m", "inputs": []},
+    ("cancel", "target"): {},
+    ("canary", "fraction"): {"model": "m"},
+    ("swap", "path"): {"model": "m"},
+    ("canary", "path"): {"model": "m"},
+}
+ANY_VALUE = st.one_of(
+    st.sampled_from(ABSURD_NUMBERS),
+    st.floats(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.text(alphabet=st.sampled_from("a/.\0\u00e9"), max_size=12),
+)
+
+
+@settings(max_examples=600, deadline=200)
+@given(st.sampled_from(sorted(CHECKED_FIELDS)), ANY_VALUE)
+def test_any_number_or_string_in_a_checked_field_is_refused_or_usable(
+    field: tuple[str, str], value: Any
+) -> None:
+    op, key = field
+    header = {"v": 1, "id": 1, "op": op, **CHECKED_FIELDS[field], key: value}
+    decode_request([msgpack.packb(header)])
+
+
 def test_every_valid_message_decodes() -> None:
     ops = [protocol.decode_request(frames, LIMITS).op for frames in REQUESTS]
     assert ops == [
@@ -78,6 +129,7 @@ def test_every_valid_message_decodes() -> None:
         "logs",
         "install",
         "upload",
+        "canary",
     ]
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import zmq
+from onnx import TensorProto, helper, numpy_helper
 
 from edged import protocol
 from edged.client import AsyncClient, Client
@@ -225,3 +227,41 @@ def test_deadline_shorter_than_the_batch_delay_runs_in_time(
     with daemon.client() as client:
         result = client.infer("demo", {"x": np.zeros((1, 16), np.float32)}, deadline_ms=50)
     assert result.timing["queue_us"] < 2_000_000
+
+
+def build_row_sum_model(path: Path, width: int) -> Path:
+    """x float32[batch, width] -> y float32[batch]: a ReduceSum over each row, whose vector
+    kernel adds in an order that depends on where the row starts in memory."""
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x", "axes"], ["y"], keepdims=0)],
+        "row_sum",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch"])],
+        initializer=[axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def test_results_do_not_depend_on_where_a_frame_lands_in_memory(
+    start_daemon: DaemonFactory, tmp_path: Path, connect: Connect
+) -> None:
+    """The same request with headers of different lengths (a longer trace) puts its tensor
+    frame at different addresses: the result is the same to the bit."""
+    model = build_row_sum_model(tmp_path / "row_sum.onnx", 1000)
+    daemon = start_daemon({"models": {"sum": {"path": str(model), "preload": True}}})
+    x = np.random.default_rng(6).standard_normal((1, 1000)).astype(np.float32)
+    sock = connect(daemon.endpoint)
+    results = set()
+    for pad in range(64):
+        request = protocol.encode_request(
+            pad + 1, "infer", model="sum", inputs={"x": x}, trace="t" * (pad + 1)
+        )
+        sock.send_multipart(request)
+        reply = recv_reply(sock, 10000)
+        assert reply.error is None, reply.error
+        results.add(reply.tensors["y"].tobytes())
+    assert len(results) == 1

@@ -15,9 +15,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
-from edged.models.generation import GenerationRunner
 from edged.models.latency import Histogram, RequestLatency
 from edged.models.registry import Registry, Runner
+from edged.models.runner import RunnerStatistics
 from edged.service import ErrorCounts
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,11 @@ class _DaemonCollector:
         batches = HistogramMetricFamily(
             "edged_batch_requests", "Requests that shared one run", labels=by_version
         )
+        runs = CounterMetricFamily(
+            "edged_runs",
+            "ONNX runs, on the event-loop thread (inline) or on the model's thread",
+            labels=[*by_version, "mode"],
+        )
         errors: Counter[tuple[str, str]] = Counter(metrics.errors)
         for role, runner in loaded_runners(metrics.registry):
             labels = [runner.name, str(runner.version)]
@@ -120,8 +125,11 @@ class _DaemonCollector:
             loaded.add_metric([*labels, role], 1)
             requests.add_metric(labels, stats.requests)
             queued.add_metric(labels, stats.queued)
-            if isinstance(runner, GenerationRunner):
-                tokens.add_metric(labels, runner.statistics().generated_tokens)
+            if isinstance(stats, RunnerStatistics):
+                runs.add_metric([*labels, "inline"], stats.inline_runs)
+                runs.add_metric([*labels, "threaded"], stats.threaded_runs)
+            else:
+                tokens.add_metric(labels, stats.generated_tokens)
             latency: RequestLatency = runner.latency
             for stage, histogram in (
                 ("queue", latency.queue),
@@ -138,7 +146,7 @@ class _DaemonCollector:
         for (model, code), count in sorted(errors.items()):
             if count:
                 failures.add_metric([model, code], count)
-        yield from (requests, failures, duration, batches, tokens, queued, loaded)
+        yield from (requests, failures, duration, batches, runs, tokens, queued, loaded)
         yield from self._memory(GaugeMetricFamily)
         uptime = GaugeMetricFamily("edged_uptime_seconds", "Seconds since the daemon started")
         uptime.add_metric([], time.time() - metrics.started)

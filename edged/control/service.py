@@ -26,7 +26,7 @@ from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_err
 from edged.models.runner import ReplySink
 from edged.models.swap import Swapper, SwapReport
 from edged.protocol import Request
-from edged.service import Handler, dispatch, with_trace
+from edged.service import Handler, dispatch, reply_error, with_trace
 
 if TYPE_CHECKING:
     from edged.ota.install import Installer
@@ -161,10 +161,12 @@ class ControlService:
             )
         if isinstance(upload, str):
             work = installer.install_upload(upload, allow_downgrade=downgrade)
-        elif isinstance(path, str) and path:
+        elif protocol.valid_path(path):
             work = installer.install(Path(path), allow_downgrade=downgrade)
         else:
-            raise BadRequest("'path' must name a bundle file, 'upload' an upload's sha256")
+            raise BadRequest(
+                "'path' must name a bundle file (no NUL byte), 'upload' an upload's sha256"
+            )
         self._run(request, send, work)
 
     def _upload(self, request: Request, send: ReplySink, peer: bytes) -> None:
@@ -234,7 +236,8 @@ class ControlService:
         send(protocol.encode_reply(request.id, with_trace({"text": text}, request)))
 
     def _models(self, request: Request, send: ReplySink, peer: bytes) -> None:
-        """Each model's versions (active, loaded, previous, stored), memory and traffic."""
+        """Each model's versions (active, loaded, previous, stored), memory and traffic, a
+        failed load's error, and what its configuration asks for in vain (``warnings``)."""
         memory = self.registry.budget.statistics()
         errors: dict[str, Counter[str]] = {}
         for (model, code), count in self.metrics.errors.items():
@@ -254,9 +257,12 @@ class ControlService:
         models = {}
         for slot in self.registry:
             previous = slot.previous
+            failure = slot.statistics().error
             models[slot.name] = {
                 "version": slot.version,
                 "state": slot.state.value,
+                "error": None if failure is None else {"code": failure[0], "message": failure[1]},
+                "warnings": list(slot.warnings),
                 "swapping": slot.swapping,
                 "loaded": slot.loaded_versions(),
                 "previous": None if previous is None else previous.version,
@@ -277,8 +283,12 @@ class ControlService:
 
     def _target(self, slot: ModelSlot, version: int | None, path: str | None) -> VersionSpec:
         if path is not None:
-            file = Path(path).resolve()
-            if not file.is_file():
+            try:  # the protocol let through a string: the OS may still refuse it (too long)
+                file = Path(path).resolve()
+                found = file.is_file()
+            except (OSError, RuntimeError) as exc:
+                raise BadRequest(f"'path' cannot name a file: {exc}") from None
+            if not found:
                 raise ModelLoadError(f"model {slot.name!r}: no file at {file}")
             config = dataclasses.replace(slot.config, path=str(file))
             return VersionSpec(self.loader.next_version(slot), config)
@@ -305,7 +315,7 @@ class ControlService:
                 fields = await work
             except Exception as exc:  # the command's error is its reply
                 error = as_edged_error(exc, f"{request.op} failed unexpectedly; see the log")
-                send(protocol.encode_error(request.id, error, request.trace))
+                reply_error(request, send, error, request.model or "")
             else:
                 send(protocol.encode_reply(request.id, with_trace(fields, request)))
 

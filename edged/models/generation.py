@@ -6,7 +6,8 @@ text streams back as it comes: the thread appends pieces to the job and wakes th
 at most once per ``stream_interval_ms`` (the first piece at once), so tokens that come faster
 share a message instead of each paying for a wake-up that would slow the model's own thread.
 A job stops between tokens when it is cancelled, when its client has gone (a send finds no
-peer), or when the daemon aborts it.
+peer), or when the daemon aborts it. Each connection gets a fair share of the queue, as for
+ONNX models (``runner.FairShare``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from edged.errors import (
 )
 from edged.logsetup import log_fields
 from edged.models.latency import RequestLatency
-from edged.models.runner import IdleWaiters, ReplySink, run_failed
+from edged.models.runner import FairShare, IdleWaiters, ReplySink, fail_logged, run_failed
 from edged.protocol import Generation, Request
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class GenerationRunner:
         self._thread = threading.Thread(target=self._work, name=f"gen-{name}", daemon=True)
         self._idle = IdleWaiters(loop)
         self._counters = _Counters()
+        self._fair = FairShare()
         self.latency = RequestLatency()
 
     def start(self) -> None:
@@ -172,16 +174,20 @@ class GenerationRunner:
         """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
         self._counters.requests += 1
         tokens, count = self._admit(request)
-        if len(self._queue) >= self.config.queue_depth:
+        try:
+            displaced = self._fair.admit(self.name, self._queue, self.config.queue_depth, peer)
+        except BusyError:
             self._counters.busy_rejections += 1
-            raise BusyError(
-                f"model {self.name!r} has {len(self._queue)} requests queued behind the one "
-                f"running (queue_depth {self.config.queue_depth}); retry later"
-            )
+            raise
+        if displaced is not None:
+            self._counters.busy_rejections += 1
+            self._unqueue(displaced[0])
+            self._fail(*displaced)
         now = time.monotonic_ns()
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
         self._queue.append(TextJob(request, peer, send, now, deadline_ns, tokens, count))
+        self._fair.add(peer)
         self._next()
 
     def cancel(self, peer: bytes, request_id: int) -> bool:
@@ -196,7 +202,7 @@ class GenerationRunner:
             return True
         for job in self._queue:
             if (job.peer, job.request.id) == (peer, request_id):
-                self._queue.remove(job)
+                self._unqueue(job)
                 self._counters.cancelled += 1
                 job.cancelled = True
                 self._reply_final(job)
@@ -211,8 +217,9 @@ class GenerationRunner:
     def abort(self, error: EdgedError) -> None:
         """Answer every queued and running job with ``error`` (after a drain timed out)."""
         for job in [*self._queue, *([self._current] if self._current else [])]:
-            job.fail(error)
+            self._fail(job, error)
         self._queue.clear()
+        self._fair.queued.clear()
 
     def close(self) -> None:
         if self._current is not None:
@@ -274,18 +281,30 @@ class GenerationRunner:
     def _next(self) -> None:
         """Start the oldest queued job whose deadline has not passed, if the model is free."""
         while self._current is None and self._queue:
-            job = self._queue.popleft()
+            job = self._queue[0]
+            self._unqueue(job)
             now = time.monotonic_ns()
             if job.deadline_ns is not None and job.deadline_ns <= now:
                 self._counters.deadline_misses += 1
                 waited_ms = (now - job.arrived_ns) / 1e6
-                job.fail(DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms queued"))
+                error = DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms queued")
+                self._fail(job, error)
                 continue
             job.started_ns = self._progress_ns = now
             self._current = job
             self._inbox.put(job)
         if self._current is None and self._idle:
             self._idle.release()
+
+    def _unqueue(self, job: TextJob) -> None:
+        if job is self._queue[0]:
+            self._queue.popleft()
+        else:
+            self._queue.remove(job)
+        self._fair.remove(job.peer)
+
+    def _fail(self, job: TextJob, error: EdgedError) -> None:
+        fail_logged(job, error, (self.name, self.version), job.request.trace, job.request.id)
 
     def _flush(self, job: TextJob) -> None:
         """Send what the thread produced since the last flush as one partial reply."""
@@ -320,7 +339,7 @@ class GenerationRunner:
         self._counters.generated_tokens += job.tokens
         if job.error is not None:
             self._counters.failures += 1
-            job.fail(job.error)
+            self._fail(job, job.error)
         else:
             self._reply_final(job)
         self._next()
@@ -328,7 +347,7 @@ class GenerationRunner:
     def _reply_final(self, job: TextJob) -> None:
         request = job.request
         if request.op == "embed" and (job.cancelled or job.embedding is None):
-            job.fail(Cancelled(f"embed request {request.id} was cancelled"))  # no result to give
+            self._fail(job, Cancelled(f"embed request {request.id} was cancelled"))  # no result
             return
         if job.replied:
             return
@@ -369,7 +388,7 @@ class GenerationRunner:
                 else:
                     self._generate(job)
             except Exception as exc:  # any backend failure becomes this job's error reply
-                job.error = run_failed(self.name, self.version, exc, job.request.trace)
+                job.error = run_failed(self.name, exc)
             job.ended_ns = time.monotonic_ns()
             if not self._post(self._finished, job):
                 return

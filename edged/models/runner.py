@@ -1,34 +1,36 @@
 """Per-model scheduling: a bounded admission queue, dynamic batching, and where runs happen.
 
 Each model gets one dedicated run thread (onnxruntime releases the GIL while it computes), so a
-slow model never blocks the event loop or another model. A model whose recent runs took less
-than ``inline_max_us`` runs on the event-loop thread instead: for tiny models the thread hop
-costs more than the run. Every job is answered exactly once (``Job.replied`` guards it).
+slow model never blocks the event loop or another model. A batch whose run is expected to take
+less than ``inline_max_us`` runs on the event-loop thread instead: for tiny models the thread hop
+costs more than the run. The expectation is the recent runs' time, scaled up by how much larger
+the batch is than the recent runs were, so one huge request to a tiny model still goes to the
+thread. Every job is answered exactly once (``Job.replied`` guards it).
+
+Each connection gets a fair share of a model's queue (``FairShare``): a client that floods is
+refused ``BUSY`` while one that keeps a request or two outstanding is still admitted.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from edged import protocol
 from edged.config import ModelConfig
 from edged.errors import BusyError, DeadlineExceeded, EdgedError, RunFailed
-from edged.logsetup import log_fields
+from edged.logsetup import log_error_reply
 from edged.models import batching
 from edged.models.backend import Arrays, Backend
 from edged.models.latency import RequestLatency
-
-log = logging.getLogger(__name__)
 
 #: sends one reply message; ``False`` when it was dropped (the client has gone or stopped reading)
 ReplySink = Callable[[list[Any]], bool]
@@ -36,15 +38,112 @@ Outputs = dict[str, np.ndarray[Any, Any]]
 #: a partial batch waiting for rows is started this long before its earliest deadline
 DEADLINE_MARGIN_NS = 1_000_000
 EWMA_WEIGHT = 0.1
-#: a single slow run (preemption, a page fault) moves the estimate by at most this much
+#: a single slow (or large) run moves the estimates by at most this much
 EWMA_CLAMP = 2.0
+#: requests a connection may keep queued on a model whatever its share (room permitting)
+FAIR_FLOOR = 2
 
 
-def run_failed(name: str, version: int, exc: Exception, trace: str | None) -> RunFailed:
-    """Log a backend's failure (with the fields the journal indexes); the error to reply."""
-    fields = log_fields(model=name, version=version, trace=trace, code=RunFailed.code)
-    log.warning("model %s run failed: %s [trace %s]", name, exc, trace, extra=fields)
+def run_failed(name: str, exc: Exception) -> RunFailed:
+    """The error to reply for a backend's failure (its reply is logged, ``log_error_reply``)."""
     return RunFailed(f"model {name!r} failed to run: {str(exc).strip()[:500]}")
+
+
+class Failable(Protocol):
+    """A queued request of either kind: answered once, with a result or an error."""
+
+    replied: bool
+
+    def fail(self, error: EdgedError) -> None: ...
+
+
+def fail_logged(
+    job: Failable,
+    error: EdgedError,
+    model: tuple[str, int],
+    trace: str | None,
+    request_id: int,
+) -> None:
+    """Answer ``job`` with ``error`` (once), logged with the fields the journal indexes;
+    ``model`` is its (name, version)."""
+    if not job.replied:
+        name, version = model
+        log_error_reply(
+            error.code,
+            error.message,
+            model=name,
+            version=version,
+            trace=trace,
+            request_id=request_id,
+        )
+        job.fail(error)
+
+
+class Queued(Protocol):
+    @property
+    def peer(self) -> bytes: ...
+
+
+QueuedJob = TypeVar("QueuedJob", bound=Queued)
+
+
+class FairShare:
+    """Each connection's share of a model's queue: ``queue_depth`` split evenly between the
+    connections (ROUTER peers) with requests queued, never below ``FAIR_FLOOR``.
+
+    A connection at its share is refused ``BUSY``. When the queue is full, a connection below
+    its share still gets in: the newest queued request of a connection above its share is
+    answered ``BUSY`` to make room (longest-queue drop), so a flood can never lock another
+    client out and the queue never exceeds ``queue_depth``. Costs a dict update per request.
+    """
+
+    __slots__ = ("queued",)
+
+    def __init__(self) -> None:
+        #: requests queued per connection; connections with none are not in it
+        self.queued: dict[bytes, int] = {}
+
+    def share(self, depth: int, peer: bytes) -> int:
+        """How many requests ``peer`` may have queued, counting it among the active."""
+        active = len(self.queued) + (peer not in self.queued)
+        return max(FAIR_FLOOR, depth // active)
+
+    def add(self, peer: bytes) -> None:
+        self.queued[peer] = self.queued.get(peer, 0) + 1
+
+    def remove(self, peer: bytes) -> None:
+        count = self.queued.get(peer, 0) - 1
+        if count > 0:
+            self.queued[peer] = count
+        else:
+            self.queued.pop(peer, None)
+
+    def admit(
+        self, name: str, queue: Sequence[QueuedJob], depth: int, peer: bytes
+    ) -> tuple[QueuedJob, BusyError] | None:
+        """Check that ``peer`` may queue one more request on model ``name``: raise its
+        ``BUSY``; or return the queued job to refuse, and how, to make room for it; or ``None``
+        when there is room."""
+        share = self.share(depth, peer)
+        if self.queued.get(peer, 0) >= share:
+            raise self._refusal(name, peer, depth, share)
+        if len(queue) < depth:
+            return None
+        queued = self.queued
+        victim = next((job for job in reversed(queue) if queued[job.peer] > share), None)
+        if victim is None:
+            raise BusyError(
+                f"model {name!r} has {len(queue)} requests queued (queue_depth {depth}); "
+                "retry later"
+            )
+        return victim, self._refusal(name, victim.peer, depth, share)
+
+    def _refusal(self, name: str, peer: bytes, depth: int, share: int) -> BusyError:
+        return BusyError(
+            f"model {name!r}: this connection has {self.queued.get(peer, 0)} requests queued, "
+            f"its share ({share}) of queue_depth {depth} among {len(self.queued)} connections; "
+            "retry later"
+        )
 
 
 @dataclass(slots=True, eq=False)
@@ -57,6 +156,8 @@ class Job:
     send: ReplySink
     arrived_ns: int
     deadline_ns: int | None
+    #: the connection it came from (its fair share of the queue)
+    peer: bytes = b""
     replied: bool = False
     #: sees the outputs before they are sent (a shadow comparison)
     observe: Callable[[Outputs], None] | None = None
@@ -100,6 +201,7 @@ class RunnerStatistics:
     runs: int
     rows: int
     inline_runs: int
+    threaded_runs: int
     recent_run_us: float | None
 
 
@@ -112,12 +214,15 @@ class _Counters:
     runs: int = 0
     rows: int = 0
     inline_runs: int = 0
+    threaded_runs: int = 0
 
 
 @dataclass(slots=True)
 class _Run:
     jobs: list[Job]
     started_ns: int
+    #: the inputs' bytes, what the run time is scaled by
+    nbytes: int
     outputs: Outputs | None = None
     error: EdgedError | None = None
     ended_ns: int = 0
@@ -145,6 +250,8 @@ class ModelRunner:
         self._thread = threading.Thread(target=self._work, name=f"run-{name}", daemon=True)
         self._timer: asyncio.TimerHandle | None = None
         self._recent_run_us: float | None = None
+        self._recent_bytes = 1.0  # bytes of the runs behind _recent_run_us (moving average)
+        self._fair = FairShare()
         self._with_deadline = 0  # queued jobs that carry a deadline: skip the scan when none
         self._draining = False
         self._idle = IdleWaiters(loop)
@@ -163,15 +270,19 @@ class ModelRunner:
         return now_ns - self._in_flight_since_ns if self._in_flight else 0
 
     def submit(self, job: Job) -> None:
-        """Admit a job or refuse it at once; runs start on the next ``pump``."""
+        """Admit a job or refuse it at once (``FairShare``); runs start on the next ``pump``."""
         self._counters.requests += 1
-        if len(self._queue) >= self.config.queue_depth:
+        try:
+            displaced = self._fair.admit(self.name, self._queue, self.config.queue_depth, job.peer)
+        except BusyError:
             self._counters.busy_rejections += 1
-            raise BusyError(
-                f"model {self.name!r} has {len(self._queue)} requests queued "
-                f"(queue_depth {self.config.queue_depth}); retry later"
-            )
+            raise
+        if displaced is not None:
+            self._counters.busy_rejections += 1
+            self._remove(displaced[0])
+            self._fail(*displaced)
         self._queue.append(job)
+        self._fair.add(job.peer)
         if job.deadline_ns is not None:
             self._with_deadline += 1
 
@@ -181,12 +292,14 @@ class ModelRunner:
             jobs = self._take_batch()
             if jobs is None:
                 break
-            run = _Run(jobs, time.monotonic_ns())
-            if self._runs_inline():
+            nbytes = sum(array.nbytes for job in jobs for array in job.inputs.values())
+            run = _Run(jobs, time.monotonic_ns(), nbytes)
+            if self._runs_inline(nbytes):
                 self._counters.inline_runs += 1
                 self._execute(run)
                 self._finish(run)
             else:
+                self._counters.threaded_runs += 1
                 self._in_flight, self._in_flight_since_ns = jobs, run.started_ns
                 self._inbox.put(run)
         if self._idle and not self._in_flight and not self._queue:
@@ -204,8 +317,9 @@ class ModelRunner:
         if self._timer is not None:
             self._timer.cancel()
         for job in [*self._queue, *self._in_flight]:
-            job.fail(error)
+            self._fail(job, error)
         self._queue.clear()
+        self._fair.queued.clear()
         self._with_deadline = 0
 
     def close(self) -> None:
@@ -226,6 +340,7 @@ class ModelRunner:
             runs=c.runs,
             rows=c.rows,
             inline_runs=c.inline_runs,
+            threaded_runs=c.threaded_runs,
             recent_run_us=self._recent_run_us,
         )
 
@@ -273,6 +388,7 @@ class ModelRunner:
             self._queue.popleft()
         else:
             self._queue.remove(job)
+        self._fair.remove(job.peer)
         if job.deadline_ns is not None:
             self._with_deadline -= 1
 
@@ -285,13 +401,21 @@ class ModelRunner:
             self._remove(job)
             self._counters.deadline_misses += 1
             waited_ms = (now - job.arrived_ns) / 1e6
-            job.fail(DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms in the queue"))
+            error = DeadlineExceeded(f"deadline passed after {waited_ms:.1f} ms in the queue")
+            self._fail(job, error)
+
+    def _fail(self, job: Job, error: EdgedError) -> None:
+        fail_logged(job, error, (self.name, self.version), job.trace, job.request_id)
 
     # -- running ---------------------------------------------------------------------------
 
-    def _runs_inline(self) -> bool:
-        recent = self._recent_run_us
-        return recent is not None and recent < self.config.inline_max_us
+    def _runs_inline(self, nbytes: int) -> bool:
+        """Whether a run of ``nbytes`` of inputs is expected to end within ``inline_max_us``:
+        the recent runs' time, scaled up by how much larger this batch is than theirs."""
+        recent, limit = self._recent_run_us, self.config.inline_max_us
+        if recent is None or recent >= limit:
+            return False
+        return recent * max(1.0, nbytes / self._recent_bytes) < limit
 
     def _work(self) -> None:
         while (run := self._inbox.get()) is not None:
@@ -306,8 +430,7 @@ class ModelRunner:
         try:
             run.outputs = self.backend.run(merged)
         except Exception as exc:  # any backend failure becomes this batch's error reply
-            traces = ",".join(job.trace or "-" for job in run.jobs)
-            run.error = run_failed(self.name, self.version, exc, traces)
+            run.error = run_failed(self.name, exc)
         run.ended_ns = time.monotonic_ns()
 
     def _finish_threaded(self, run: _Run) -> None:
@@ -316,13 +439,7 @@ class ModelRunner:
         self.pump()
 
     def _finish(self, run: _Run) -> None:
-        run_us = (run.ended_ns - run.started_ns) / 1000
-        recent = self._recent_run_us
-        if recent is None:
-            self._recent_run_us = run_us
-        else:
-            sample = min(run_us, EWMA_CLAMP * max(recent, self.config.inline_max_us))
-            self._recent_run_us = recent + EWMA_WEIGHT * (sample - recent)
+        self._observe_run((run.ended_ns - run.started_ns) / 1000, max(run.nbytes, 1))
         rows = [batching.batch_rows(job.inputs) for job in run.jobs]
         c = self._counters
         c.runs += 1
@@ -337,10 +454,22 @@ class ModelRunner:
         if run.error is not None:
             c.failures += len(run.jobs)
             for job in run.jobs:
-                job.fail(run.error)
+                self._fail(job, run.error)
             return
         for job, outputs in zip(run.jobs, parts, strict=True):
             self._reply(job, outputs, run)
+
+    def _observe_run(self, run_us: float, nbytes: int) -> None:
+        """Move the recent run time and size towards this run's; one outlier moves neither
+        by more than ``EWMA_CLAMP`` times."""
+        recent = self._recent_run_us
+        if recent is None:
+            self._recent_run_us, self._recent_bytes = run_us, nbytes
+            return
+        sample = min(run_us, EWMA_CLAMP * max(recent, self.config.inline_max_us))
+        self._recent_run_us = recent + EWMA_WEIGHT * (sample - recent)
+        size = self._recent_bytes
+        self._recent_bytes = size + EWMA_WEIGHT * (min(nbytes, EWMA_CLAMP * size) - size)
 
     def _reply(self, job: Job, outputs: Outputs, run: _Run) -> None:
         if job.replied:
@@ -364,7 +493,7 @@ class ModelRunner:
         try:
             frames = protocol.encode_reply(job.request_id, fields, outputs)
         except EdgedError as exc:
-            job.fail(exc)
+            self._fail(job, exc)
             return
         job.replied = True
         job.send(frames)
