@@ -1,12 +1,14 @@
 """Overload: how long a request waits to be told BUSY while its model is saturated.
 
-``python -m bench.overload ENDPOINT WORKLOAD`` is the flood: one process keeping more requests
-in flight at the workload's model than its queue holds, each a batch of FLOOD_ROWS rows so that
-a slot frees only once per long run, and resending as each reply comes, so the queue is full
-again at once. Meanwhile ``busy_spans`` times one-row requests from this process; the ones
-refused BUSY show how fast a full queue says so (those that slip into a freed slot are counted,
-not timed). Two workloads: camera frames (the image model, 600 KB a request) and a sensor
-vector (a slow model taking 2 KB), so the transport of a large frame does not hide the refusal.
+``python -m bench.overload ENDPOINT WORKLOAD`` is the flood: one process keeping its share of
+the model's queue full (each connection may queue only its fair share, FLOOD_SHARE of the
+QUEUE_DEPTH here) plus the run, each request a batch of FLOOD_ROWS rows so that a slot frees
+only once per long run, and resending as each reply comes. Meanwhile ``busy_spans`` holds this
+process's own share with requests of its own and times one-row requests sent beyond it: the
+daemon refuses those at once, and that refusal is what is timed (spans during which a held
+request came back and was re-sent are left out; requests that found room are counted, not
+timed). Two workloads: camera frames (the image model, 600 KB a request) and a sensor vector (a
+slow model taking 2 KB), so the transport of a large frame does not hide the refusal.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zmq
@@ -24,9 +27,13 @@ from edged import protocol
 from tests.models import SLOW_WIDTH, build_slow_model
 
 QUEUE_DEPTH = 4
-#: the run and a full queue; a reply makes room, and the resend right behind it takes the slot
-#: again (more in flight would spin on BUSY replies, and measure a box with no idle core)
-IN_FLIGHT = QUEUE_DEPTH + 1
+#: each of the two connections' share of the queue (runner.FairShare: depth / connections)
+FLOOD_SHARE = QUEUE_DEPTH // 2
+#: the flood's run and its share; a reply makes room, and the resend right behind it takes the
+#: slot again (more in flight would spin on BUSY replies, and measure a box with no idle core)
+IN_FLIGHT = FLOOD_SHARE + 1
+#: request ids of the timed requests and of the ones that hold the timing connection's share
+TIMED_ID, HELD_ID = 1, 2
 SENSOR = Workload("sensor", "slow", "x", (1, SLOW_WIDTH), build_slow_model)
 WORKLOADS = {w.name: w for w in (IMAGE, SENSOR)}
 #: rows per flood request: each run a few tens of milliseconds here
@@ -45,11 +52,16 @@ def declaration(path: str) -> dict[str, object]:
     }
 
 
-def flood(endpoint: str, workload: Workload) -> None:
+def flood_frames(workload: Workload, request_id: int) -> list[Any]:
+    """One flood request: FLOOD_ROWS rows, a run of a few tens of milliseconds."""
     rows = np.repeat(workload.inputs()[workload.input_name], FLOOD_ROWS[workload.name], axis=0)
-    frames = protocol.encode_request(
-        1, "infer", model=workload.model, inputs={workload.input_name: rows}
+    return protocol.encode_request(
+        request_id, "infer", model=workload.model, inputs={workload.input_name: rows}
     )
+
+
+def flood(endpoint: str, workload: Workload) -> None:
+    frames = flood_frames(workload, 1)
     sock: zmq.Socket[bytes] = zmq.Context().socket(zmq.DEALER)
     sock.connect(endpoint)
     for _ in range(IN_FLIGHT):
@@ -69,7 +81,10 @@ class BusySpans:
 
 
 def busy_spans(endpoint: str, workload: Workload, requests: int) -> BusySpans:
-    frames = protocol.encode_request(1, "infer", model=workload.model, inputs=workload.inputs())
+    frames = protocol.encode_request(
+        TIMED_ID, "infer", model=workload.model, inputs=workload.inputs()
+    )
+    held = flood_frames(workload, HELD_ID)
     sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.linger = 0
     sock.rcvtimeo = int(CALL_TIMEOUT_S * 1000)
@@ -77,15 +92,22 @@ def busy_spans(endpoint: str, workload: Workload, requests: int) -> BusySpans:
     spans: list[float] = []
     admitted = 0
     try:
+        for _ in range(
+            FLOOD_SHARE
+        ):  # this connection's share, held: what it sends beyond is refused
+            sock.send_multipart(held, copy=False)
         for _ in range(requests):
             started = time.perf_counter()
             sock.send_multipart(frames, copy=False)
-            reply = protocol.decode_reply(sock.recv_multipart())
+            disturbed = False
+            while (reply := protocol.decode_reply(sock.recv_multipart())).id != TIMED_ID:
+                sock.send_multipart(held, copy=False)  # a held request ended: hold its place again
+                disturbed = True
             span = time.perf_counter() - started
-            if reply.error is not None and reply.error.code == "BUSY":
-                spans.append(span)
-            else:
+            if reply.error is None or reply.error.code != "BUSY":
                 admitted += 1
+            elif not disturbed:
+                spans.append(span)
     finally:
         sock.close()
     return BusySpans(spans, admitted)
