@@ -24,6 +24,7 @@ from typing import Any
 from bench.harness import Call, Sample
 from edged.client import Client
 from edged.config import GgufOptions
+from edged.models.gguf import thread_counts
 from edged.tinyllama import build_tiny_llama
 
 #: words that are one token each in the tiny-llama vocabulary ("▁the" is a piece)
@@ -84,12 +85,13 @@ def open_llama(path: Path, options: GgufOptions) -> Any:
     """The in-process model, set up with the context settings the daemon is given."""
     import llama_cpp  # here: only the GGUF benchmarks need it
 
+    threads: dict[str, Any] = thread_counts(options)
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=options.n_ctx,
         n_batch=options.n_batch,
-        n_threads=options.n_threads,
         verbose=False,
+        **threads,  # prompt threads too, as the daemon sets them
     )
 
 
