@@ -109,9 +109,9 @@ def test_twenty_swaps_under_load_fail_nothing_and_replies_name_their_version(
 def test_with_room_for_one_version_swaps_replace_and_still_fail_nothing(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
-    files = wide_versions(tmp_path, 2048)  # 16 MiB of weights, about 52 MiB charged each
+    files = wide_versions(tmp_path, 2048)  # 16 MiB of weights, about 36 MiB charged each
     expected = expected_outputs(files, 2048, tmp_path / "expected.npz")
-    config = {"memory": {"budget_mb": 80, "reserve_mb": 0}, "models": {"m": {"preload": True}}}
+    config = {"memory": {"budget_mb": 60, "reserve_mb": 0}, "models": {"m": {"preload": True}}}
     store_versions(tmp_path / "d", "m", files)
     daemon = start_daemon(config, workdir=tmp_path / "d")
     with load_clients(daemon, expected, tmp_path) as tallies:
