@@ -43,6 +43,7 @@ from edged.sdnotify import Notifier
 from edged.server import Endpoint, Service
 from edged.service import InferenceService
 from edged.store import Manifest, ModelStore
+from edged.tasks import TaskGroup
 from edged.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -109,16 +110,23 @@ class Daemon:
             memory.budget_mb * MIB or None, memory.reserve_mb * MIB, self.paths.budget_file
         )
         self.registry = Registry(budget)
+        #: every background task, cancelled (newest first) when the daemon stops
+        self.tasks = TaskGroup()
         self.loader = ModelLoader(
             self.registry, ModelStore(self.paths.models), self.paths.state / "cache"
         )
         swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
-        reloader = Reloader(config, self.registry, self.loader, swapper)
+        reloader = Reloader(config, self.registry, self.loader, swapper, self.tasks)
         self.service = InferenceService(self.registry)
         self.metrics = Metrics(self.registry, self.service.errors)
         self.logs = LogRing()
         diagnostics = Diagnostics(
-            lambda: reloader.config, self.registry, self.service, self.logs, str(self.paths.state)
+            lambda: reloader.config,
+            self.registry,
+            self.service,
+            self.logs,
+            str(self.paths.state),
+            tasks=self.tasks,
         )
         self.journal = Journal(self.paths.state / "ota")
         installer = None
@@ -133,6 +141,7 @@ class Daemon:
                 journal=self.journal,
                 config=config.ota,
                 trusted=TrustedKeys(Path(config.ota.trusted_keys)),
+                tasks=self.tasks,
             )
         self._installer = installer
         self.control = ControlService(
@@ -143,6 +152,7 @@ class Daemon:
             metrics=self.metrics,
             diagnostics=diagnostics,
             installer=installer,
+            tasks=self.tasks,
         )
         self.notifier = Notifier()
         self.watchdog = Watchdog(
@@ -210,16 +220,18 @@ class Daemon:
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
         stack.callback(self.registry.close)
+        # before the models close, after the sockets stop: what still runs in the background
+        # (a swap, a load, an install) is cancelled, newest first
+        stack.push_async_callback(self.tasks.close)
         await in_fresh_thread(self._recover)
         declared = await in_fresh_thread(self._declared_models)
         if self.config.ota.inbox:  # there before any agent looks for it
             await in_fresh_thread(Path(self.config.ota.inbox).mkdir, 0o755, True, True)
         for name, spec in declared.items():
-            slot = ModelSlot(name, spec, self.loader.load, loop)
+            slot = ModelSlot(name, spec, self.loader.load, self.tasks)
             self.registry.add(slot)
             if spec.config.preload or spec.config.pinned:
                 await slot.load()
-        stack.callback(self.control.close)
         paths = self.paths
         endpoints: list[tuple[Path, list[str], Service]] = [
             (paths.infer_socket, [paths.infer_endpoint, *self.config.server.tcp], self.service),

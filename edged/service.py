@@ -1,5 +1,8 @@
 """The ops (ping, describe, infer, generate, embed, cancel): decoded requests in, replies out.
 
+A model is used through the ``Runner`` protocol alone: which ops it serves, what ``describe``
+says of it, and how its requests queue are the runner's own.
+
 ``handle`` is the one place where errors become replies: the ops raise, ``handle`` answers, and
 a request that waited for its model to load comes back through ``handle`` too.
 """
@@ -17,7 +20,6 @@ from edged import __version__, protocol
 from edged.errors import (
     EdgedError,
     InternalError,
-    OpNotSupported,
     ShuttingDown,
     UnknownModel,
     UnknownOp,
@@ -25,9 +27,8 @@ from edged.errors import (
 )
 from edged.logsetup import log_error_reply, log_fields
 from edged.models.candidate import Candidate
-from edged.models.generation import GenerationRunner
 from edged.models.registry import Registry, Runner
-from edged.models.runner import Job, ModelRunner, ReplySink
+from edged.models.runner import ModelRunner, ReplySink
 from edged.protocol import Request
 
 CANCELLABLE_OPS = frozenset({"generate", "embed"})
@@ -43,7 +44,7 @@ class InferenceService:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.accepting = True
-        self._pending: set[ModelRunner] = set()
+        self._pending: set[Runner] = set()
         #: requests received, for the rate in systemd's status line
         self.handled = 0
         #: error replies by (model, code), for the metrics
@@ -53,9 +54,9 @@ class InferenceService:
         self._ops: dict[str, Handler] = {
             "ping": self._ping,
             "describe": self._describe,
-            "infer": self._infer,
-            "generate": self._generate,
-            "embed": self._generate,
+            "infer": self._submit,
+            "generate": self._submit,
+            "embed": self._submit,
             "cancel": self._cancel,
         }
 
@@ -105,51 +106,24 @@ class InferenceService:
         runner = self._loaded(request, send, peer)
         if runner is None:
             return
-        fields: dict[str, Any] = {"model": runner.name, "version": runner.version}
-        if isinstance(runner, GenerationRunner):
-            fields["ops"] = ["embed" if runner.backend.embedding else "generate"]
-            fields["llm"] = runner.backend.describe()
-        else:
-            signature = runner.backend.signature
-            fields["ops"] = ["infer"]
-            fields["signature"] = {
-                "inputs": [spec.describe() for spec in signature.inputs],
-                "outputs": [spec.describe() for spec in signature.outputs],
-            }
-            fields["max_batch"] = runner.config.max_batch if runner.batching else 1
+        fields = {"model": runner.name, "version": runner.version, **runner.describe()}
         send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
-    def _infer(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """``infer``, ``generate`` and ``embed``: queued on the model (or its canary); runs
+        start on the next ``pump``."""
         self._check_accepting()
         runner = self._loaded(request, send, peer)
         if runner is None:
             return
-        if not isinstance(runner, ModelRunner):
-            raise OpNotSupported(
-                f"model {runner.name!r} is a GGUF language model: use generate or embed, not infer"
-            )
-        runner.backend.signature.check(runner.name, request.inputs)
-        now = time.monotonic_ns()
-        deadline = request.deadline_ms
-        deadline_ns = None if deadline is None else now + int(deadline * 1e6)
-        job = Job(request.id, request.trace, request.inputs, send, now, deadline_ns, peer)
-        shadow = self._shadow(request, runner, job)
-        runner.submit(job)
+        if request.op not in runner.ops:
+            raise runner.unsupported(request.op)
+        shadow = self._shadow(request, runner)
+        if shadow is None:
+            runner.submit(request, send, peer)
+        else:
+            self._submit_shadowed(runner, shadow, request, send, peer)
         self._pending.add(runner)
-        if shadow is not None:
-            self._submit_shadow(shadow, job)
-
-    def _generate(self, request: Request, send: ReplySink, peer: bytes) -> None:
-        """``generate`` and ``embed``: queued on the model's one context, streamed back."""
-        self._check_accepting()
-        runner = self._loaded(request, send, peer)
-        if runner is None:
-            return
-        if not isinstance(runner, GenerationRunner):
-            raise OpNotSupported(
-                f"model {runner.name!r} is an ONNX model: use infer, not {request.op}"
-            )
-        runner.submit(request, send, peer)
 
     def _cancel(self, request: Request, send: ReplySink, peer: bytes) -> None:
         target = request.target
@@ -168,25 +142,32 @@ class InferenceService:
         send(protocol.encode_reply(request.id, with_trace({"cancelled": target}, request)))
 
     def _cancel_admitted(self, peer: bytes, target: int) -> bool:
-        runners = self.registry.runners()
-        return any(isinstance(r, GenerationRunner) and r.cancel(peer, target) for r in runners)
+        return any(runner.cancel(peer, target) for runner in self.registry.runners())
 
     def _check_accepting(self) -> None:
         if not self.accepting:
             raise ShuttingDown("the daemon is shutting down; retry against its successor")
 
-    def _shadow(self, request: Request, runner: ModelRunner, job: Job) -> Candidate | None:
-        """The model's shadow candidate when ``job`` runs on its active version."""
+    def _shadow(self, request: Request, runner: Runner) -> Candidate | None:
+        """The model's shadow candidate when ``request`` runs on its active version."""
         candidate = self.registry.slot(runner.name).candidate
         if candidate is None or candidate.mode != "shadow" or request.version is not None:
             return None
         return candidate if candidate.runner is not runner else None
 
-    def _submit_shadow(self, candidate: Candidate, job: Job) -> None:
+    def _submit_shadowed(
+        self, runner: Runner, candidate: Candidate, request: Request, send: ReplySink, peer: bytes
+    ) -> None:
+        """Queue an ``infer`` on the active version and its twin on the shadow candidate,
+        whose outputs are compared and never sent."""
         shadow = candidate.runner
-        assert isinstance(shadow, ModelRunner)  # shadows are tensor models
+        # the one place that needs the kind: the comparison hooks tensor jobs, and a swap
+        # takes a shadow only for a model that serves infer (Swapper.try_out)
+        assert isinstance(runner, ModelRunner) and isinstance(shadow, ModelRunner)
+        job = runner.job(request, send, peer)
+        runner.admit(job)
         try:
-            shadow.submit(candidate.shadow_job(job))
+            shadow.admit(candidate.shadow_job(job))
         except EdgedError:  # a busy candidate skips the comparison, never delays the request
             candidate.shadow.skipped += 1
             job.observe = None

@@ -26,6 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edged.sdnotify",
             "edged.store",
             "edged.zmqio",
+            "edged.tasks",
             "edged.demo",
             "edged.tinyllama",
         ),

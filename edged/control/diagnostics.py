@@ -25,14 +25,12 @@ from edged.control.logring import LogRing, Record
 from edged.control.metrics import loaded_runners, runner_errors
 from edged.control.stack import task_stacks, thread_stacks
 from edged.control.sysinfo import sysinfo
-from edged.errors import BadRequest, error_from_code
-from edged.models.generation import GenerationRunner
-from edged.models.loading import in_fresh_thread
+from edged.errors import BadRequest
 from edged.models.registry import Registry, SlotStatistics, as_edged_error
 from edged.models.runner import ReplySink
-from edged.models.validation import WARM_UP_PROMPT, rehearse
 from edged.protocol import Request
 from edged.service import Handler, InferenceService, with_trace
+from edged.tasks import TaskGroup
 
 #: config keys whose values are not shown (key material, credentials)
 SECRET = re.compile(r"secret|password|token|_key$")
@@ -48,6 +46,8 @@ class Diagnostics:
         service: InferenceService,
         logs: LogRing,
         state_dir: str,
+        *,
+        tasks: TaskGroup,
     ) -> None:
         #: the configuration in effect now: reloads change it
         self.config = config
@@ -60,7 +60,7 @@ class Diagnostics:
         self._process.cpu_percent(None)  # primes the measurement: the first call reads 0
         psutil.cpu_percent(percpu=True)
         self._follows: dict[tuple[bytes, int], Any] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = tasks
         self.ops: dict[str, Handler] = {
             "status": self._status,
             "sysinfo": self._sysinfo,
@@ -182,10 +182,7 @@ class Diagnostics:
                 if runner is None:
                     continue
                 try:
-                    if isinstance(runner, GenerationRunner):
-                        await _probe(runner)
-                    else:
-                        await in_fresh_thread(rehearse, slot.name, runner)
+                    await runner.probe()
                     results[slot.name] = "ok"
                 except Exception as exc:  # the result names what failed
                     error = as_edged_error(exc, "the self-test failed unexpectedly; see the log")
@@ -193,9 +190,7 @@ class Diagnostics:
             fields = {"results": results, "ok_all": all(r == "ok" for r in results.values())}
             send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)  # a task nobody holds may be collected before it is done
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.start(run(), f"selftest {request.id}")
 
 
 def _model_status(stats: SlotStatistics) -> dict[str, Any]:
@@ -208,29 +203,6 @@ def _model_status(stats: SlotStatistics) -> dict[str, Any]:
         entry["failed_loads"] = stats.failed_loads
         entry["retry_in_s"] = stats.retry_in_s
     return entry
-
-
-async def _probe(runner: GenerationRunner) -> None:
-    """One token (or one embedding) through the model's own queue: its context is never used
-    from two threads at once."""
-    done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-
-    def sink(frames: list[Any]) -> bool:
-        header = protocol.unpack_header(frames[0], protocol.Limits())  # outputs not needed
-        if not header.get("more") and not done.done():
-            done.set_result(header)
-        return True
-
-    if runner.backend.embedding:
-        probe = Request(0, "embed", model=runner.name, texts=(WARM_UP_PROMPT,))
-    else:
-        generation = protocol.Generation(WARM_UP_PROMPT, 1, (), 0.0, 1.0, 0)
-        probe = Request(0, "generate", model=runner.name, generation=generation)
-    runner.submit(probe, sink, b"selftest")
-    reply = await done
-    if not reply.get("ok"):
-        error = reply.get("error") or {}
-        raise error_from_code(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
 
 
 def _at_least(record: Record, level: str | None) -> bool:

@@ -17,7 +17,6 @@ from typing import Any, cast
 
 from edged.models.latency import Histogram, RequestLatency
 from edged.models.registry import Registry, Runner
-from edged.models.runner import RunnerStatistics
 from edged.service import ErrorCounts
 
 log = logging.getLogger(__name__)
@@ -125,10 +124,9 @@ class _DaemonCollector:
             loaded.add_metric([*labels, role], 1)
             requests.add_metric(labels, stats.requests)
             queued.add_metric(labels, stats.queued)
-            if isinstance(stats, RunnerStatistics):
-                runs.add_metric([*labels, "inline"], stats.inline_runs)
-                runs.add_metric([*labels, "threaded"], stats.threaded_runs)
-            else:
+            for mode, count in stats.runs_by_mode.items():
+                runs.add_metric([*labels, mode], count)
+            if stats.generated_tokens is not None:
                 tokens.add_metric(labels, stats.generated_tokens)
             latency: RequestLatency = runner.latency
             for stage, histogram in (

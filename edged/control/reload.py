@@ -24,6 +24,7 @@ from edged.models.budget import MIB
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.swap import Swapper
+from edged.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -31,12 +32,19 @@ T = TypeVar("T")
 
 class Reloader:
     def __init__(
-        self, config: Config, registry: Registry, loader: ModelLoader, swapper: Swapper
+        self,
+        config: Config,
+        registry: Registry,
+        loader: ModelLoader,
+        swapper: Swapper,
+        tasks: TaskGroup,
     ) -> None:
         self.config = config
         self.registry = registry
         self.loader = loader
         self.swapper = swapper
+        #: where the models it adds load
+        self.tasks = tasks
         self._lock = asyncio.Lock()
 
     async def reload(self) -> dict[str, Any]:
@@ -103,7 +111,7 @@ class Reloader:
 
     async def _add(self, name: str, declared: ModelConfig) -> None:
         spec = await in_fresh_thread(self.loader.declared, name, declared)
-        slot = ModelSlot(name, spec, self.loader.load, asyncio.get_running_loop())
+        slot = ModelSlot(name, spec, self.loader.load, self.tasks)
         self.registry.add(slot)
         if declared.preload or declared.pinned:
             await slot.load()

@@ -8,11 +8,10 @@ one more client: it runs the same reload.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,13 +19,21 @@ from edged import protocol
 from edged.control.diagnostics import Diagnostics
 from edged.control.metrics import Metrics, loaded_runners, runner_errors
 from edged.control.reload import Reloader
-from edged.errors import BadRequest, EdgedError, ModelLoadError, SwapInProgress, UnknownRequest
+from edged.errors import (
+    BadRequest,
+    EdgedError,
+    ModelLoadError,
+    ShuttingDown,
+    SwapInProgress,
+    UnknownRequest,
+)
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
 from edged.models.runner import ReplySink
 from edged.models.swap import Swapper, SwapReport
 from edged.protocol import Request
 from edged.service import Handler, dispatch, reply_error, with_trace
+from edged.tasks import TaskGroup
 
 if TYPE_CHECKING:
     from edged.ota.install import Installer
@@ -45,6 +52,7 @@ class ControlService:
         metrics: Metrics,
         diagnostics: Diagnostics,
         installer: Installer | None,
+        tasks: TaskGroup,
     ) -> None:
         self.registry = registry
         self.installer = installer
@@ -53,7 +61,8 @@ class ControlService:
         self.loader = loader
         self.swapper = swapper
         self.reloader = reloader
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: the daemon's background tasks: a command's work runs there
+        self.tasks = tasks
         self._ops: dict[str, Handler] = {
             "ping": self._ping,
             "swap": self._swap,
@@ -80,10 +89,6 @@ class ControlService:
 
     def pump(self) -> None:
         """Nothing is batched here."""
-
-    def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
 
     def _ping(self, request: Request, send: ReplySink, peer: bytes) -> None:
         fields = {"server": "edged", "socket": "control"}
@@ -214,7 +219,10 @@ class ControlService:
             finally:
                 done()
 
-        self._start(reload())
+        try:
+            self.tasks.start(reload(), "reload (SIGHUP)")
+        except ShuttingDown:
+            log.info("SIGHUP while stopping: no reload")
 
     def _reload(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Re-read the config file and the store, and serve what they say now."""
@@ -319,12 +327,13 @@ class ControlService:
             else:
                 send(protocol.encode_reply(request.id, with_trace(fields, request)))
 
-        self._start(reply())
-
-    def _start(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        try:
+            self.tasks.start(reply(), f"control {request.op} {request.id}")
+        except ShuttingDown:
+            close = getattr(work, "close", None)  # a coroutine that will never run
+            if close is not None:
+                close()
+            raise
 
 
 def _mean(total: float, count: int) -> float | None:

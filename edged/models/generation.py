@@ -33,15 +33,21 @@ from edged.errors import (
     DeadlineExceeded,
     EdgedError,
     OpNotSupported,
+    SwapRejected,
+    error_from_code,
 )
 from edged.logsetup import log_fields
 from edged.models.latency import RequestLatency
 from edged.models.runner import FairShare, IdleWaiters, ReplySink, fail_logged, run_failed
+from edged.models.validation import Interface
 from edged.protocol import Generation, Request
 
 log = logging.getLogger(__name__)
 
 CANCELLED = "cancelled"
+#: what a warm-up or a self-test asks of a model: one token, or one embedding
+WARM_UP_PROMPT = "hello"
+WARM_UP = Generation(WARM_UP_PROMPT, 1, (), 0.0, 1.0, 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +129,11 @@ class GenerationStatistics:
     failures: int
     generated_tokens: int
 
+    @property
+    def runs_by_mode(self) -> dict[str, int]:
+        """None counted: a language model runs one job at a time, always on its thread."""
+        return {}
+
 
 @dataclass
 class _Counters:
@@ -136,6 +147,8 @@ class _Counters:
 
 
 class GenerationRunner:
+    """Serves a GGUF model: ``generate`` (streamed) or ``embed``, one job at a time."""
+
     def __init__(
         self,
         name: str,
@@ -148,6 +161,7 @@ class GenerationRunner:
         self.version = version
         self.backend = backend
         self.config = config
+        self.ops = frozenset({"embed" if backend.embedding else "generate"})
         self._loop = loop
         self._queue: deque[TextJob] = deque()
         self._current: TextJob | None = None
@@ -170,6 +184,17 @@ class GenerationRunner:
         """How long the current job has gone without producing a token (0 when idle)."""
         return now_ns - self._progress_ns if self._current is not None else 0
 
+    def unsupported(self, op: str) -> OpNotSupported:
+        if op == "embed":
+            return OpNotSupported(
+                f"model {self.name!r} is a generative model: use generate, not embed"
+            )
+        if op == "generate":
+            return OpNotSupported(f"model {self.name!r} is an embedding model: use embed")
+        return OpNotSupported(
+            f"model {self.name!r} is a GGUF language model: use generate or embed, not {op}"
+        )
+
     def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
         """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
         self._counters.requests += 1
@@ -188,6 +213,11 @@ class GenerationRunner:
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
         self._queue.append(TextJob(request, peer, send, now, deadline_ns, tokens, count))
         self._fair.add(peer)
+        self._next()
+
+    def pump(self) -> None:
+        """Start the next job if the model is free (``submit`` already does: nothing waits to
+        form a batch)."""
         self._next()
 
     def cancel(self, peer: bytes, request_id: int) -> bool:
@@ -243,17 +273,58 @@ class GenerationRunner:
             generated_tokens=c.generated_tokens,
         )
 
+    def describe(self) -> dict[str, Any]:
+        return {"ops": sorted(self.ops), "llm": self.backend.describe()}
+
+    def interface(self) -> Interface:
+        backend = self.backend
+        return ("embed", backend.describe()["n_embd"]) if backend.embedding else ("generate",)
+
+    def warnings(self) -> tuple[str, ...]:
+        return ()
+
+    def rehearse(self) -> None:
+        """One token (or one embedding) straight on the backend (blocking: runs before the
+        version gets any traffic, so nothing else uses its context meanwhile)."""
+        backend = self.backend
+        try:
+            if backend.embedding:
+                backend.embed((WARM_UP_PROMPT,))
+            else:
+                list(backend.stream(backend.tokenize(WARM_UP_PROMPT), WARM_UP))
+        except Exception as exc:  # any failure here means the version cannot serve
+            raise SwapRejected(
+                f"model {self.name!r}: the new version's warm-up failed: {exc}"
+            ) from None
+
+    async def probe(self) -> None:
+        """One token (or one embedding) through the model's own queue: its context is never
+        used from two threads at once."""
+        done: asyncio.Future[dict[str, Any]] = self._loop.create_future()
+
+        def sink(frames: list[Any]) -> bool:
+            header = protocol.unpack_header(frames[0], protocol.Limits())  # outputs not needed
+            if not header.get("more") and not done.done():
+                done.set_result(header)
+            return True
+
+        if self.backend.embedding:
+            probe = Request(0, "embed", model=self.name, texts=(WARM_UP_PROMPT,))
+        else:
+            probe = Request(0, "generate", model=self.name, generation=WARM_UP)
+        self.submit(probe, sink, b"selftest")
+        reply = await done
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise error_from_code(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
+
     # -- on the event loop ----------------------------------------------------------------
 
     def _admit(self, request: Request) -> tuple[list[int], int]:
-        """Check the op against the model and the prompt against the context; the prompt's
-        tokens and how many tokens the request reads."""
+        """Check the prompt against the context; the prompt's tokens and how many tokens the
+        request reads."""
         backend, n_ctx = self.backend, self.backend.n_ctx
         if request.op == "embed":
-            if not backend.embedding:
-                raise OpNotSupported(
-                    f"model {self.name!r} is a generative model: use generate, not embed"
-                )
             limit = min(n_ctx, backend.n_batch)  # llama.cpp embeds a text in one batch
             total = 0
             for index, text in enumerate(request.texts):
@@ -265,8 +336,6 @@ class GenerationRunner:
                     )
                 total += count
             return [], total
-        if backend.embedding:
-            raise OpNotSupported(f"model {self.name!r} is an embedding model: use embed")
         generation = request.generation
         assert generation is not None  # the protocol guarantees it for generate
         tokens = backend.tokenize(generation.prompt)

@@ -25,7 +25,7 @@ from edged.models.budget import footprint
 from edged.models.generation import GenerationRunner
 from edged.models.gguf import GgufBackend
 from edged.models.onnx import OnnxBackend
-from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec, load_warnings
+from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec
 from edged.models.runner import ModelRunner
 from edged.store import ModelStore
 
@@ -104,7 +104,7 @@ class ModelLoader:
         runner.start()
         fields = log_fields(model=name, version=spec.version)
         log.info("model %s version %d loaded", name, spec.version, extra=fields)
-        for warning in load_warnings(runner):
+        for warning in runner.warnings():
             log.warning("model %s version %d: %s", name, spec.version, warning, extra=fields)
         return runner
 

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from edged.config import ModelConfig
 from edged.errors import (
@@ -27,21 +27,110 @@ from edged.errors import (
     BusyError,
     EdgedError,
     InternalError,
+    OpNotSupported,
     RunFailed,
     UnknownModel,
 )
 from edged.logsetup import log_fields
 from edged.models.budget import MIB, MemoryBudget, footprint, give_back_freed_memory
-from edged.models.generation import GenerationRunner
-from edged.models.runner import ModelRunner
+from edged.models.generation import GenerationStatistics
+from edged.models.latency import RequestLatency
+from edged.models.runner import ReplySink, RunnerStatistics
+from edged.models.validation import Interface
+from edged.protocol import Request
+from edged.tasks import TaskGroup
 
 if TYPE_CHECKING:
     from edged.models.candidate import Candidate
 
 log = logging.getLogger(__name__)
 
-#: what serves a loaded model: tensor runs (ONNX) or one text stream at a time (GGUF)
-Runner = ModelRunner | GenerationRunner
+
+@runtime_checkable
+class Runner(Protocol):
+    """What serves a loaded model version: tensor runs (ONNX, ``runner.ModelRunner``) or one
+    text stream at a time (GGUF, ``generation.GenerationRunner``). Everything above the models
+    uses a model through this alone, never by asking which kind it is."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def config(self) -> ModelConfig: ...
+
+    @property
+    def latency(self) -> RequestLatency: ...
+
+    @property
+    def ops(self) -> frozenset[str]:
+        """The model ops it serves: ``infer``; or ``generate`` or ``embed``."""
+        ...
+
+    @property
+    def busy(self) -> bool:
+        """Whether anything is queued or running."""
+        ...
+
+    def start(self) -> None: ...
+
+    def unsupported(self, op: str) -> OpNotSupported:
+        """The refusal for ``op``, one of the model ops it does not serve."""
+        ...
+
+    def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Check and queue a request for one of ``ops``, or refuse it at once."""
+        ...
+
+    def pump(self) -> None:
+        """Start what was admitted since the last pump, when the model is free."""
+        ...
+
+    def cancel(self, peer: bytes, request_id: int) -> bool:
+        """Stop the request ``request_id`` of ``peer``; ``False`` when none is queued or
+        running, or the model's requests cannot be cancelled."""
+        ...
+
+    def stalled_ns(self, now_ns: int) -> int:
+        """How long the model's thread has gone without progress (0 when idle)."""
+        ...
+
+    async def drained(self) -> None:
+        """Return once nothing is queued or running."""
+        ...
+
+    def abort(self, error: EdgedError) -> None:
+        """Answer every queued and running request with ``error``."""
+        ...
+
+    def close(self) -> None: ...
+
+    def statistics(self) -> RunnerStatistics | GenerationStatistics: ...
+
+    def describe(self) -> dict[str, Any]:
+        """The model's fields of a ``describe`` reply, after its name and version."""
+        ...
+
+    def interface(self) -> Interface:
+        """What its clients rely on: a new version must offer the same (``validation``)."""
+        ...
+
+    def warnings(self) -> tuple[str, ...]:
+        """What its configuration asks for but will not get: said at load (in the log) and
+        by ``edgectl models``, rather than found out from latency."""
+        ...
+
+    def rehearse(self) -> None:
+        """A warm-up run, with golden vectors where there are any; raises ``SwapRejected``
+        (blocking, straight on the backend: only before the version serves)."""
+        ...
+
+    async def probe(self) -> None:
+        """The self-test while it serves: ``rehearse``'s check beside its requests where that
+        is safe, else through its own queue."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -86,7 +175,7 @@ class SlotStatistics:
     error: tuple[str, str] | None
     #: seconds until a request (or ``load``) tries the load again; 0 when it is due
     retry_in_s: float | None
-    #: what the loaded version's configuration does not do as written (``load_warnings``)
+    #: what the loaded version's configuration does not do as written (``Runner.warnings``)
     warnings: tuple[str, ...]
 
 
@@ -96,7 +185,7 @@ class ModelSlot:
         name: str,
         spec: VersionSpec,
         loader: Loader,
-        loop: asyncio.AbstractEventLoop,
+        tasks: TaskGroup,
     ) -> None:
         self.name = name
         self.spec = spec
@@ -111,7 +200,7 @@ class ModelSlot:
         self.swapping = False
         self.last_used_ns = 0
         self._loader = loader
-        self._loop = loop
+        self._tasks = tasks  # where its loads run
         self._waiters: list[Waiter] = []
         self._loading: asyncio.Task[None] | None = None
         self._error: EdgedError | None = None
@@ -190,7 +279,7 @@ class ModelSlot:
         """Route to ``runner`` from now on and let parked requests through."""
         self.runner, self.spec = runner, spec
         self.state = ModelState.READY
-        self.warnings = load_warnings(runner)
+        self.warnings = runner.warnings()
         self._error, self._failed_loads = None, 0
         self._loads += 1
         self.last_used_ns = time.monotonic_ns()
@@ -249,7 +338,7 @@ class ModelSlot:
             self.state is ModelState.FAILED and self.retry_in_s() == 0
         ):
             self.state = ModelState.LOADING
-            self._loading = self._loop.create_task(self._load())
+            self._loading = self._tasks.start(self._load(), f"load {self.name}")
 
     async def _load(self) -> None:
         try:
@@ -283,19 +372,6 @@ class ModelSlot:
             self.name,
             extra=fields,
         )
-
-
-def load_warnings(runner: Runner) -> tuple[str, ...]:
-    """What a loaded version's configuration asks for but will not get: said at load (in the
-    log) and by ``edgectl models``, rather than found out from latency."""
-    if isinstance(runner, ModelRunner) and runner.config.max_batch > 1 and not runner.batching:
-        inputs = "; ".join(str(spec) for spec in runner.backend.signature.inputs)
-        return (
-            f"max_batch {runner.config.max_batch} has no effect: batching needs a dynamic "
-            f"leading (batch) dimension on every input and output, and the model takes {inputs}; "
-            f"it runs one request at a time",
-        )
-    return ()
 
 
 def as_edged_error(exc: Exception, unexpected: str) -> EdgedError:

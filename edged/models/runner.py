@@ -26,11 +26,13 @@ import numpy as np
 
 from edged import protocol
 from edged.config import ModelConfig
-from edged.errors import BusyError, DeadlineExceeded, EdgedError, RunFailed
+from edged.errors import BusyError, DeadlineExceeded, EdgedError, OpNotSupported, RunFailed
 from edged.logsetup import log_error_reply
 from edged.models import batching
 from edged.models.backend import Arrays, Backend
 from edged.models.latency import RequestLatency
+from edged.models.validation import Interface, rehearse_tensors
+from edged.protocol import Request
 
 #: sends one reply message; ``False`` when it was dropped (the client has gone or stopped reading)
 ReplySink = Callable[[list[Any]], bool]
@@ -204,6 +206,16 @@ class RunnerStatistics:
     threaded_runs: int
     recent_run_us: float | None
 
+    @property
+    def runs_by_mode(self) -> dict[str, int]:
+        """Runs on the event-loop thread (inline) and on the model's thread."""
+        return {"inline": self.inline_runs, "threaded": self.threaded_runs}
+
+    @property
+    def generated_tokens(self) -> None:
+        """None: a tensor model generates no tokens."""
+        return None
+
 
 @dataclass
 class _Counters:
@@ -229,6 +241,10 @@ class _Run:
 
 
 class ModelRunner:
+    """Serves an ONNX model: ``infer`` requests, batched, run on the model's thread or inline."""
+
+    ops = frozenset({"infer"})
+
     def __init__(
         self,
         name: str,
@@ -269,7 +285,22 @@ class ModelRunner:
         """How long the run on the model's thread has been going (0 when none is)."""
         return now_ns - self._in_flight_since_ns if self._in_flight else 0
 
-    def submit(self, job: Job) -> None:
+    def unsupported(self, op: str) -> OpNotSupported:
+        return OpNotSupported(f"model {self.name!r} is an ONNX model: use infer, not {op}")
+
+    def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
+        """Check an ``infer`` request's inputs and admit it (``admit``)."""
+        self.admit(self.job(request, send, peer))
+
+    def job(self, request: Request, send: ReplySink, peer: bytes) -> Job:
+        """The job for an ``infer`` request, once its inputs match the signature."""
+        self.backend.signature.check(self.name, request.inputs)
+        now = time.monotonic_ns()
+        deadline = request.deadline_ms
+        deadline_ns = None if deadline is None else now + int(deadline * 1e6)
+        return Job(request.id, request.trace, request.inputs, send, now, deadline_ns, peer)
+
+    def admit(self, job: Job) -> None:
         """Admit a job or refuse it at once (``FairShare``); runs start on the next ``pump``."""
         self._counters.requests += 1
         try:
@@ -304,6 +335,11 @@ class ModelRunner:
                 self._inbox.put(run)
         if self._idle and not self._in_flight and not self._queue:
             self._idle.release()
+
+    def cancel(self, peer: bytes, request_id: int) -> bool:
+        """``False``: a tensor run is short and not cancellable (``cancel`` names generate and
+        embed requests)."""
+        return False
 
     async def drained(self) -> None:
         """Return once nothing is queued or running; delays stop holding partial batches."""
@@ -343,6 +379,40 @@ class ModelRunner:
             threaded_runs=c.threaded_runs,
             recent_run_us=self._recent_run_us,
         )
+
+    def describe(self) -> dict[str, Any]:
+        signature = self.backend.signature
+        return {
+            "ops": sorted(self.ops),
+            "signature": {
+                "inputs": [spec.describe() for spec in signature.inputs],
+                "outputs": [spec.describe() for spec in signature.outputs],
+            },
+            "max_batch": self.config.max_batch if self.batching else 1,
+        }
+
+    def interface(self) -> Interface:
+        return self.backend.signature
+
+    def warnings(self) -> tuple[str, ...]:
+        if self.config.max_batch > 1 and not self.batching:
+            inputs = "; ".join(str(spec) for spec in self.backend.signature.inputs)
+            return (
+                f"max_batch {self.config.max_batch} has no effect: batching needs a dynamic "
+                f"leading (batch) dimension on every input and output, and the model takes "
+                f"{inputs}; it runs one request at a time",
+            )
+        return ()
+
+    def rehearse(self) -> None:
+        """A warm-up run, checked against the golden vectors when the version ships them."""
+        rehearse_tensors(self.name, self.backend, self.config.path)
+
+    async def probe(self) -> None:
+        """``rehearse`` on a thread of its own: onnxruntime runs concurrent requests safely."""
+        from edged.models.loading import in_fresh_thread  # loading imports this module
+
+        await in_fresh_thread(self.rehearse)
 
     # -- batching --------------------------------------------------------------------------
 

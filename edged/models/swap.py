@@ -27,8 +27,7 @@ from edged.errors import BadRequest, OpNotSupported, RunFailed, SwapInProgress
 from edged.models.candidate import Candidate
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec, as_edged_error
-from edged.models.runner import ModelRunner
-from edged.models.validation import Interface, check_compatible, interface_of, rehearse
+from edged.models.validation import Interface, check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +100,7 @@ class Swapper:
         old = slot.runner
         if old is None:
             raise BadRequest(f"model {slot.name!r} is not loaded: nothing to compare with")
-        if mode == "shadow" and not isinstance(old, ModelRunner):
+        if mode == "shadow" and "infer" not in old.ops:
             raise OpNotSupported("shadow compares tensor outputs: GGUF models take canaries")
         self._begin(slot)
         try:
@@ -112,7 +111,7 @@ class Swapper:
                 )
             new = await self.loader.load(slot.name, target)
             try:
-                await self._validate(slot.name, interface_of(old), new, force)
+                await self._validate(slot.name, old.interface(), new, force)
             except BaseException:
                 self.registry.close_runner(new, "after failing validation")
                 raise
@@ -172,7 +171,7 @@ class Swapper:
     ) -> None:
         new = await self.loader.load(slot.name, target, evict=evict)
         try:
-            await self._validate(slot.name, interface_of(old), new, force)
+            await self._validate(slot.name, old.interface(), new, force)
         except BaseException:
             self.registry.close_runner(new, "after failing validation")
             raise
@@ -189,7 +188,7 @@ class Swapper:
         self, slot: ModelSlot, old: Runner | None, target: VersionSpec, force: bool
     ) -> None:
         previous = slot.spec
-        interface = None if old is None else interface_of(old)
+        interface = None if old is None else old.interface()
         slot.hold()
         if old is not None:
             slot.detach()  # new requests wait in the slot from here on
@@ -231,8 +230,8 @@ class Swapper:
 
     async def _validate(self, name: str, old: Interface | None, new: Runner, force: bool) -> None:
         if old is not None and not force:
-            check_compatible(name, old, interface_of(new))
-        await in_fresh_thread(rehearse, name, new)
+            check_compatible(name, old, new.interface())
+        await in_fresh_thread(new.rehearse)
 
     async def finish(self, old: Runner) -> None:
         """Let the old version answer what it has; past the grace period, fail the rest."""

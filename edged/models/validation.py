@@ -3,7 +3,8 @@
 Three checks, in order: its interface is one the old version's clients can keep using (the
 same input and output names, dtypes, ranks and fixed dimensions for an ONNX model; the same
 kind, and embedding width, for a GGUF one); a warm-up run succeeds; and, when the version ships
-golden vectors, its outputs for their inputs match theirs within tolerance.
+golden vectors, its outputs for their inputs match theirs within tolerance. Each runner
+answers for itself (``Runner.interface``, ``Runner.rehearse``); what they share is here.
 
 Golden vectors live next to the model file, as ``<stem>.golden.npz`` (``model.onnx`` ->
 ``model.golden.npz``): an ``input.<name>`` array per model input, an ``output.<name>`` array
@@ -18,24 +19,13 @@ from typing import Any
 import numpy as np
 
 from edged.errors import SwapRejected
-from edged.models.backend import Signature, TensorSpec
-from edged.models.generation import GenerationRunner
-from edged.models.registry import Runner
-from edged.protocol import Generation
+from edged.models.backend import Backend, Signature, TensorSpec
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-3
-WARM_UP_PROMPT = "hello"
 
 #: what a version offers its clients: a tensor signature, or ("generate",) / ("embed", n_embd)
 Interface = Signature | tuple[Any, ...]
-
-
-def interface_of(runner: Runner) -> Interface:
-    if isinstance(runner, GenerationRunner):
-        backend = runner.backend
-        return ("embed", backend.describe()["n_embd"]) if backend.embedding else ("generate",)
-    return runner.backend.signature
 
 
 def check_compatible(name: str, old: Interface, new: Interface) -> None:
@@ -56,28 +46,17 @@ def golden_path(model_path: str) -> Path:
     return Path(model_path).with_suffix(".golden.npz")
 
 
-def rehearse(name: str, runner: Runner) -> None:
+def rehearse_tensors(name: str, backend: Backend, model_path: str) -> None:
     """A warm-up run, checked against the golden vectors when there are any (blocking: runs
     before the version gets any traffic, so nothing else uses its backend meanwhile)."""
-    golden = golden_path(runner.config.path)
-    if isinstance(runner, GenerationRunner):
-        backend = runner.backend
-        try:
-            if backend.embedding:
-                backend.embed((WARM_UP_PROMPT,))
-            else:
-                prompt = backend.tokenize(WARM_UP_PROMPT)
-                list(backend.stream(prompt, Generation(WARM_UP_PROMPT, 1, (), 0.0, 1.0, 0)))
-        except Exception as exc:  # any failure here means the version cannot serve
-            raise SwapRejected(f"model {name!r}: the new version's warm-up failed: {exc}") from None
-        return
+    golden = golden_path(model_path)
     vectors = _read_golden(name, golden) if golden.is_file() else {}
     inputs = {
         spec.name: vectors.get(f"input.{spec.name}", _zeros(spec))
-        for spec in runner.backend.signature.inputs
+        for spec in backend.signature.inputs
     }
     try:
-        outputs = runner.backend.run(inputs)
+        outputs = backend.run(inputs)
     except Exception as exc:  # any failure here means the version cannot serve
         raise SwapRejected(f"model {name!r}: the new version's warm-up run failed: {exc}") from None
     atol = float(vectors.get("atol", DEFAULT_ATOL))

@@ -44,6 +44,7 @@ from edged.ota.journal import Journal
 from edged.ota.keys import TrustedKeys
 from edged.ota.upload import Uploads
 from edged.store import ModelStore
+from edged.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class Installer:
         journal: Journal,
         config: OtaConfig,
         trusted: TrustedKeys,
+        tasks: TaskGroup,
     ) -> None:
         self.registry = registry
         self.loader = loader
@@ -82,7 +84,8 @@ class Installer:
         self.max_bytes = config.max_bundle_mb * MIB
         self.keep_versions = config.keep_versions
         #: bundles pushed over the control socket, beside the install records
-        self.uploads = Uploads(journal.directory / "uploads", self.max_bytes)
+        self.uploads = Uploads(journal.directory / "uploads", self.max_bytes, tasks)
+        self.tasks = tasks
         self._one_at_a_time = asyncio.Lock()
         self._inbox_task: asyncio.Task[None] | None = None
         #: inbox bundles that could not be moved out of the inbox, by (name, size, mtime):
@@ -201,8 +204,8 @@ class Installer:
         found = self._waiting(inbox)
         if found is not None:
             bundle, identity = found
-            self._inbox_task = asyncio.get_running_loop().create_task(
-                self._from_inbox(bundle, identity)
+            self._inbox_task = self.tasks.start(
+                self._from_inbox(bundle, identity), f"inbox install {bundle.name}"
             )
 
     def _waiting(self, inbox: Path) -> tuple[Path, tuple[str, int, int]] | None:

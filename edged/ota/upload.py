@@ -27,6 +27,7 @@ from edged.errors import BadBundle, BadRequest, TooLarge
 from edged.models.loading import in_fresh_thread
 from edged.protocol import Buffer
 from edged.store import fsync_dir, sha256_of
+from edged.tasks import TaskGroup
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +40,12 @@ _KINDS = (".part", ".bundle")
 
 
 class Uploads:
-    def __init__(self, directory: Path, max_bytes: int) -> None:
+    def __init__(self, directory: Path, max_bytes: int, tasks: TaskGroup) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
+        self._tasks = tasks
         #: sha256 -> the verification of its fully received upload, while it runs
-        self._completing: dict[str, asyncio.Future[None]] = {}
+        self._completing: dict[str, asyncio.Task[None]] = {}
         directory.mkdir(parents=True, exist_ok=True)
         self._drop_stale()
 
@@ -116,8 +118,9 @@ class Uploads:
             return
         task = self._completing.get(sha256)
         if task is None:
-            task = asyncio.ensure_future(
-                in_fresh_thread(_verify, self._part(sha256, size), sha256, bundle)
+            task = self._tasks.start(
+                in_fresh_thread(_verify, self._part(sha256, size), sha256, bundle),
+                f"verify upload {sha256[:12]}",
             )
             self._completing[sha256] = task
             task.add_done_callback(lambda _: self._completing.pop(sha256, None))
