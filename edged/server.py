@@ -25,8 +25,8 @@ import zmq
 from edged import protocol
 from edged.config import ServerConfig
 from edged.logsetup import log_error_reply
-from edged.models.runner import ReplySink
 from edged.protocol import Limits, Request, RequestRejected
+from edged.replies import ReplyTo
 from edged.zmqio import NOBLOCK, recv_frames, send_frames
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ LINGER_MS = 500
 class Service(Protocol):
     """What an endpoint hands decoded requests to."""
 
-    def handle(self, request: Request, send: ReplySink, peer: bytes) -> None: ...
+    def handle(self, request: Request, reply: ReplyTo, peer: bytes) -> None: ...
 
     def pump(self) -> None: ...
 
@@ -148,17 +148,17 @@ class Endpoint:
             envelope.append(b"")
             body = body[1:]
 
-        def send(reply: list[Any]) -> bool:
-            return self._send(envelope, reply)
+        def send(frames: list[Any]) -> bool:
+            return self._send(envelope, frames)
 
         try:
             request = protocol.decode_request([f.buffer for f in body], self._limits)
         except RequestRejected as rejected:
             error = rejected.error
             log_error_reply(error.code, error.message, request_id=rejected.request_id)
-            send(protocol.encode_error(rejected.request_id, error))
+            ReplyTo(send, rejected.request_id, None).fail(error)
             return
-        self._service.handle(request, send, envelope[0])
+        self._service.handle(request, ReplyTo(send, request.id, request.trace), envelope[0])
 
     def _send(self, envelope: list[bytes], reply: list[Any]) -> bool:
         """Send without blocking; ``False`` when the reply was dropped: its peer has vanished

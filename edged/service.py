@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from edged import __version__, protocol
+from edged import __version__
 from edged.errors import (
     EdgedError,
     InternalError,
@@ -28,14 +28,15 @@ from edged.errors import (
 from edged.logsetup import log_error_reply, log_fields
 from edged.models.candidate import Candidate
 from edged.models.registry import Registry, Runner
-from edged.models.runner import ModelRunner, ReplySink
+from edged.models.runner import ModelRunner
 from edged.protocol import Request
+from edged.replies import ReplyTo
 
 CANCELLABLE_OPS = frozenset({"generate", "embed"})
 #: error replies by (model, wire code)
 ErrorCounts = Counter[tuple[str, str]]
 #: an op's handler: the request, where its replies go, and the connection it came from
-Handler = Callable[[Request, ReplySink, bytes], None]
+Handler = Callable[[Request, ReplyTo, bytes], None]
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +61,10 @@ class InferenceService:
             "cancel": self._cancel,
         }
 
-    def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
+    def handle(self, request: Request, reply: ReplyTo, peer: bytes = b"") -> None:
         self.handled += 1
         elsewhere = "is served on the control socket, not here"
-        dispatch(self._ops, request, send, peer, elsewhere, errors=self.errors)
+        dispatch(self._ops, request, reply, peer, elsewhere, errors=self.errors)
 
     def pump(self) -> None:
         """Start runs for what was admitted since the last pump (batches form in between)."""
@@ -71,7 +72,7 @@ class InferenceService:
         for runner in pending:
             runner.pump()
 
-    def _ping(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _ping(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         state = "serving" if self.accepting else "draining"
         fields = {
             "server": "edged",
@@ -82,7 +83,7 @@ class InferenceService:
             "loaded": [slot.name for slot in self.registry if slot.runner is not None],
             "memory": self._memory(),
         }
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
     def _memory(self) -> dict[str, Any]:
         stats = self.registry.budget.statistics()
@@ -102,30 +103,30 @@ class InferenceService:
             "models": per_model,
         }
 
-    def _describe(self, request: Request, send: ReplySink, peer: bytes) -> None:
-        runner = self._loaded(request, send, peer)
+    def _describe(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
+        runner = self._loaded(request, reply, peer)
         if runner is None:
             return
         fields = {"model": runner.name, "version": runner.version, **runner.describe()}
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
-    def _submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _submit(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """``infer``, ``generate`` and ``embed``: queued on the model (or its canary); runs
         start on the next ``pump``."""
         self._check_accepting()
-        runner = self._loaded(request, send, peer)
+        runner = self._loaded(request, reply, peer)
         if runner is None:
             return
         if request.op not in runner.ops:
             raise runner.unsupported(request.op)
         shadow = self._shadow(request, runner)
         if shadow is None:
-            runner.submit(request, send, peer)
+            runner.submit(request, reply, peer)
         else:
-            self._submit_shadowed(runner, shadow, request, send, peer)
+            self._submit_shadowed(runner, shadow, request, reply, peer)
         self._pending.add(runner)
 
-    def _cancel(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _cancel(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         target = request.target
         assert target is not None  # the protocol guarantees it for cancel
         parked = (peer, target)
@@ -139,7 +140,7 @@ class InferenceService:
                 f"no generate or embed request with id {target} is queued or running for "
                 f"this connection"
             )
-        send(protocol.encode_reply(request.id, with_trace({"cancelled": target}, request)))
+        reply.ok({"cancelled": target})
 
     def _cancel_admitted(self, peer: bytes, target: int) -> bool:
         return any(runner.cancel(peer, target) for runner in self.registry.runners())
@@ -156,7 +157,7 @@ class InferenceService:
         return candidate if candidate.runner is not runner else None
 
     def _submit_shadowed(
-        self, runner: Runner, candidate: Candidate, request: Request, send: ReplySink, peer: bytes
+        self, runner: Runner, candidate: Candidate, request: Request, reply: ReplyTo, peer: bytes
     ) -> None:
         """Queue an ``infer`` on the active version and its twin on the shadow candidate,
         whose outputs are compared and never sent."""
@@ -164,7 +165,7 @@ class InferenceService:
         # the one place that needs the kind: the comparison hooks tensor jobs, and a swap
         # takes a shadow only for a model that serves infer (Swapper.try_out)
         assert isinstance(runner, ModelRunner) and isinstance(shadow, ModelRunner)
-        job = runner.job(request, send, peer)
+        job = runner.job(request, reply, peer)
         runner.admit(job)
         try:
             shadow.admit(candidate.shadow_job(job))
@@ -174,7 +175,7 @@ class InferenceService:
             return
         self._pending.add(shadow)
 
-    def _loaded(self, request: Request, send: ReplySink, peer: bytes) -> Runner | None:
+    def _loaded(self, request: Request, reply: ReplyTo, peer: bytes) -> Runner | None:
         """The model's runner (or its canary's), or ``None`` after parking the request until
         the model loads."""
         slot = self.registry.slot(str(request.model))
@@ -203,9 +204,9 @@ class InferenceService:
             cancelled = self._parked.pop(parked, False)
             if error is not None:
                 self.errors[slot.name, error.code] += 1
-                reply_error(request, send, error, slot.name)
+                reply_error(request, reply, error, slot.name)
                 return
-            self.handle(request, send, peer)
+            self.handle(request, reply, peer)
             if cancelled:  # ends the way a cancelled queued request does
                 self._cancel_admitted(peer, request.id)
             self.pump()
@@ -219,7 +220,7 @@ class InferenceService:
 def dispatch(
     ops: dict[str, Handler],
     request: Request,
-    send: ReplySink,
+    reply: ReplyTo,
     peer: bytes,
     elsewhere: str,
     *,
@@ -232,14 +233,14 @@ def dispatch(
         handler = ops.get(request.op)
         if handler is None:
             raise UnknownOp(f"op {request.op!r} {elsewhere}")
-        handler(request, send, peer)
+        handler(request, reply, peer)
     except EdgedError as exc:
         # an unknown name is not a model: no series (and no rate-limit key) of its own
         model = "" if exc.code == UnknownModel.code else request.model or ""
         # a cancel that found nothing lost a race with its target's end: answered, not counted
         if errors is not None and exc.code != UnknownRequest.code:
             errors[model, exc.code] += 1
-        reply_error(request, send, exc, model)
+        reply_error(request, reply, exc, model)
     except Exception:  # a bug becomes INTERNAL; the traceback stays in the log
         log.exception(
             "request %s (op %s) failed [trace %s]",
@@ -249,18 +250,12 @@ def dispatch(
             extra=log_fields(model=request.model, trace=request.trace, code="INTERNAL"),
         )
         error = InternalError("internal error; the daemon log has the details")
-        send(protocol.encode_error(request.id, error, request.trace))
+        reply.fail(error)
 
 
-def reply_error(request: Request, send: ReplySink, error: EdgedError, model: str) -> None:
+def reply_error(request: Request, reply: ReplyTo, error: EdgedError, model: str) -> None:
     """Send ``error`` as the reply to ``request``, and log it (rate-limited)."""
     log_error_reply(
         error.code, error.message, model=model, trace=request.trace, request_id=request.id
     )
-    send(protocol.encode_error(request.id, error, request.trace))
-
-
-def with_trace(fields: dict[str, Any], request: Request) -> dict[str, Any]:
-    if request.trace is not None:
-        fields["trace"] = request.trace
-    return fields
+    reply.fail(error)

@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edged.store",
             "edged.zmqio",
             "edged.tasks",
+            "edged.replies",
             "edged.demo",
             "edged.tinyllama",
         ),

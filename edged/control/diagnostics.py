@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from edged import __version__, protocol
+from edged import __version__
 from edged.config import Config
 from edged.control.logring import LogRing, Record
 from edged.control.metrics import loaded_runners, runner_errors
@@ -27,9 +27,9 @@ from edged.control.stack import task_stacks, thread_stacks
 from edged.control.sysinfo import sysinfo
 from edged.errors import BadRequest
 from edged.models.registry import Registry, SlotStatistics, as_edged_error
-from edged.models.runner import ReplySink
 from edged.protocol import Request
-from edged.service import Handler, InferenceService, with_trace
+from edged.replies import ReplyTo
+from edged.service import Handler, InferenceService
 from edged.tasks import TaskGroup
 
 #: config keys whose values are not shown (key material, credentials)
@@ -78,7 +78,7 @@ class Diagnostics:
         stop()
         return True
 
-    def _status(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _status(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """The daemon at a glance: version, uptime, process, memory budget, models, errors."""
         budget = self.registry.budget
         with self._process.oneshot():
@@ -107,19 +107,19 @@ class Diagnostics:
             ),
             "last_errors": self.logs.last_errors()[-5:],
         }
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
     def _errors(self) -> int:
         """Error replies so far: refused ones and those the models' runners answered."""
         answered = (runner_errors(runner) for _, runner in loaded_runners(self.registry))
         return sum(self.service.errors.values()) + sum(sum(e.values()) for e in answered)
 
-    def _sysinfo(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _sysinfo(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """CPU, load, memory, disks, temperatures; GPU load, power rails, nvpmodel on Jetson."""
         fields = {"sysinfo": sysinfo([self.state_dir])}
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
-    def _logs(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _logs(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """The last ``last`` records at ``level`` or worse; with ``follow``, then every new one
         as it is logged (partial replies) until cancelled."""
         args = request.args
@@ -136,8 +136,7 @@ class Diagnostics:
         def forward(record: Record) -> None:
             if record["seq"] <= backlog_seq or not _at_least(record, level):
                 return
-            fields = with_trace({"more": True, "records": [record]}, request)
-            if not send(protocol.encode_reply(request.id, fields)):
+            if not reply.ok({"more": True, "records": [record]}):
                 self.cancel(peer, request.id)  # the client has gone
 
         if follow:
@@ -151,9 +150,9 @@ class Diagnostics:
         fields: dict[str, Any] = {"records": pending}
         if follow:
             fields["more"] = True
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
-    def _config(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _config(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """The configuration in effect (as the last reload left it), every default filled in,
         secrets redacted."""
         config = self.config()
@@ -161,17 +160,17 @@ class Diagnostics:
             "source": config.source,
             "config": _redacted(dataclasses.asdict(config)),
         }
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
-    def _stack(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _stack(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Every thread's stack and every asyncio task's, for a hung or busy daemon."""
         fields = {
             "threads": thread_stacks(),
             "tasks": task_stacks(asyncio.get_running_loop()),
         }
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
-    def _selftest(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _selftest(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Run every loaded model once (its golden vectors when it ships them); per model
         "ok" or the error. The reply's ``ok_all`` says whether all passed."""
 
@@ -188,7 +187,7 @@ class Diagnostics:
                     error = as_edged_error(exc, "the self-test failed unexpectedly; see the log")
                     results[slot.name] = f"{error.code}: {error}"
             fields = {"results": results, "ok_all": all(r == "ok" for r in results.values())}
-            send(protocol.encode_reply(request.id, with_trace(fields, request)))
+            reply.ok(fields)
 
         self._tasks.start(run(), f"selftest {request.id}")
 

@@ -29,10 +29,10 @@ from edged.errors import (
 )
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
-from edged.models.runner import ReplySink
 from edged.models.swap import Swapper, SwapReport
 from edged.protocol import Request
-from edged.service import Handler, dispatch, reply_error, with_trace
+from edged.replies import ReplyTo
+from edged.service import Handler, dispatch, reply_error
 from edged.tasks import TaskGroup
 
 if TYPE_CHECKING:
@@ -83,18 +83,18 @@ class ControlService:
             **diagnostics.ops,
         }
 
-    def handle(self, request: Request, send: ReplySink, peer: bytes = b"") -> None:
+    def handle(self, request: Request, reply: ReplyTo, peer: bytes = b"") -> None:
         served = ", ".join(sorted(self._ops))
-        dispatch(self._ops, request, send, peer, f"is not a control command; served: {served}")
+        dispatch(self._ops, request, reply, peer, f"is not a control command; served: {served}")
 
     def pump(self) -> None:
         """Nothing is batched here."""
 
-    def _ping(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _ping(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         fields = {"server": "edged", "socket": "control"}
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
-    def _swap(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _swap(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Make another version of a model the active one: a stored ``version``, a new model
         file at ``path``, or (neither) the newest stored version."""
         slot = self.registry.slot(str(request.model))
@@ -105,11 +105,11 @@ class ControlService:
             raise BadRequest(f"model {slot.name!r} already serves version {target.version}")
         self._run(
             request,
-            send,
+            reply,
             self._report(slot, self.swapper.swap(slot, target, args.policy, args.force)),
         )
 
-    def _try_out(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _try_out(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Load a version beside the active one: ``canary`` serves a ``fraction`` of requests
         with it, ``shadow`` runs every request on it too and compares the outputs."""
         slot = self.registry.slot(str(request.model))
@@ -119,19 +119,19 @@ class ControlService:
         if target.version == slot.version:
             raise BadRequest(f"model {slot.name!r} already serves version {target.version}")
         trial = self.swapper.try_out(slot, target, request.op, args.fraction, args.force)
-        self._run(request, send, trial)
+        self._run(request, reply, trial)
 
-    def _promote(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _promote(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Make the candidate the active version (it is loaded: the flip is immediate)."""
         slot = self.registry.slot(str(request.model))
-        self._run(request, send, self._report(slot, self.swapper.promote(slot)))
+        self._run(request, reply, self._report(slot, self.swapper.promote(slot)))
 
-    def _discard(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _discard(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """End the candidate's trial and unload it."""
         slot = self.registry.slot(str(request.model))
-        self._run(request, send, self.swapper.discard(slot))
+        self._run(request, reply, self.swapper.discard(slot))
 
-    def _load(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _load(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Load a model now (its active version), as its first request would."""
         slot = self.registry.slot(str(request.model))
 
@@ -139,9 +139,9 @@ class ControlService:
             await slot.load()
             return {"model": slot.name, "version": slot.version, "state": slot.state.value}
 
-        self._run(request, send, load())
+        self._run(request, reply, load())
 
-    def _unload(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _unload(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Unload a model's active version now; refused while it has requests or a swap."""
         slot = self.registry.slot(str(request.model))
         if slot.runner is None:
@@ -150,9 +150,9 @@ class ControlService:
             raise SwapInProgress(f"model {slot.name!r} is busy; retry when it is idle")
         self.registry.unload(slot, "on request")
         fields = {"model": slot.name, "version": slot.version, "state": slot.state.value}
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
-    def _install(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _install(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Install a signed bundle and swap to it: a file on this device (``path``) or a
         finished upload (``upload``, its sha256), which goes once installed or refused."""
         installer = self._ota()
@@ -172,9 +172,9 @@ class ControlService:
             raise BadRequest(
                 "'path' must name a bundle file (no NUL byte), 'upload' an upload's sha256"
             )
-        self._run(request, send, work)
+        self._run(request, reply, work)
 
-    def _upload(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _upload(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Append a chunk of a bundle (the data frame) at ``offset``, or, without one, say how
         much of it has arrived: where a client that lost its connection goes on."""
         uploads = self._ota().uploads
@@ -188,25 +188,25 @@ class ControlService:
             chunk = (offset, request.data)
         elif offset is not None:
             raise BadRequest("'offset' goes with a chunk (the frame after the header)")
-        self._run(request, send, uploads.receive(sha256, size, chunk))
+        self._run(request, reply, uploads.receive(sha256, size, chunk))
 
-    def _history(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _history(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """The last installs, newest last: outcome, version, reason, swap report."""
         fields = {"installs": self._ota().history()}
-        send(protocol.encode_reply(request.id, with_trace(fields, request)))
+        reply.ok(fields)
 
     def _ota(self) -> Installer:
         if self.installer is None:
             raise BadRequest("this daemon installs no bundles: set 'ota.trusted_keys'")
         return self.installer
 
-    def _cancel(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _cancel(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Stop a ``logs`` follow sent on this connection."""
         target = request.target
         assert target is not None  # the protocol guarantees it for cancel
         if not self.diagnostics.cancel(peer, target):
             raise UnknownRequest(f"no logs follow with id {target} on this connection")
-        send(protocol.encode_reply(request.id, with_trace({"cancelled": target}, request)))
+        reply.ok({"cancelled": target})
 
     def reload_later(self, done: Callable[[], None]) -> None:
         """SIGHUP: reload in the background; the outcome goes to the log, then ``done``."""
@@ -224,26 +224,26 @@ class ControlService:
         except ShuttingDown:
             log.info("SIGHUP while stopping: no reload")
 
-    def _reload(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _reload(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Re-read the config file and the store, and serve what they say now."""
-        self._run(request, send, self.reloader.reload())
+        self._run(request, reply, self.reloader.reload())
 
-    def _rollback(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _rollback(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Go back to the version that served before the last swap (no interface check: it
         served before)."""
         slot = self.registry.slot(str(request.model))
         if slot.previous is None:
             raise BadRequest(f"model {slot.name!r} has no previous version to roll back to")
         self._run(
-            request, send, self._report(slot, self.swapper.swap(slot, slot.previous, force=True))
+            request, reply, self._report(slot, self.swapper.swap(slot, slot.previous, force=True))
         )
 
-    def _metrics(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _metrics(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Every metric in the Prometheus text format (``text``)."""
         text = self.metrics.exposition().decode()
-        send(protocol.encode_reply(request.id, with_trace({"text": text}, request)))
+        reply.ok({"text": text})
 
-    def _models(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def _models(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Each model's versions (active, loaded, previous, stored), memory and traffic, a
         failed load's error, and what its configuration asks for in vain (``warnings``)."""
         memory = self.registry.budget.statistics()
@@ -287,7 +287,7 @@ class ControlService:
                 "versions": traffic.get(slot.name, {}),
                 "errors": {code: n for code, n in sorted(errors.get(slot.name, {}).items()) if n},
             }
-        send(protocol.encode_reply(request.id, with_trace({"models": models}, request)))
+        reply.ok({"models": models})
 
     def _target(self, slot: ModelSlot, version: int | None, path: str | None) -> VersionSpec:
         if path is not None:
@@ -315,20 +315,20 @@ class ControlService:
         await in_fresh_thread(self.loader.commit, slot.name, slot.spec)
         return report.fields()
 
-    def _run(self, request: Request, send: ReplySink, work: Awaitable[dict[str, Any]]) -> None:
+    def _run(self, request: Request, reply: ReplyTo, work: Awaitable[dict[str, Any]]) -> None:
         """Reply with ``work``'s result, or its error, once it is done."""
 
-        async def reply() -> None:
+        async def answer() -> None:
             try:
                 fields = await work
             except Exception as exc:  # the command's error is its reply
                 error = as_edged_error(exc, f"{request.op} failed unexpectedly; see the log")
-                reply_error(request, send, error, request.model or "")
+                reply_error(request, reply, error, request.model or "")
             else:
-                send(protocol.encode_reply(request.id, with_trace(fields, request)))
+                reply.ok(fields)
 
         try:
-            self.tasks.start(reply(), f"control {request.op} {request.id}")
+            self.tasks.start(answer(), f"control {request.op} {request.id}")
         except ShuttingDown:
             close = getattr(work, "close", None)  # a coroutine that will never run
             if close is not None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from edged.models.registry import Runner, VersionSpec
 from edged.models.runner import Job, Outputs
+from edged.replies import ReplyTo
 
 MODES = ("canary", "shadow")
 
@@ -76,7 +77,7 @@ class Candidate:
             job.request_id,
             job.trace,
             job.inputs,
-            pair.shadow_sink,
+            ReplyTo(pair.shadow_sink, job.request_id, job.trace),
             job.arrived_ns,
             None,
             observe=pair.shadow_outputs,

@@ -18,13 +18,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from edged import protocol
 from edged.config import ModelConfig
 from edged.errors import (
     BusyError,
@@ -34,13 +33,13 @@ from edged.errors import (
     EdgedError,
     OpNotSupported,
     SwapRejected,
-    error_from_code,
 )
 from edged.logsetup import log_fields
 from edged.models.latency import RequestLatency
-from edged.models.runner import FairShare, IdleWaiters, ReplySink, fail_logged, run_failed
+from edged.models.runner import FairShare, IdleWaiters, fail_logged, run_failed
 from edged.models.validation import Interface
 from edged.protocol import Generation, Request
+from edged.replies import ReplyTo
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +87,7 @@ class TextJob:
 
     request: Request
     peer: bytes
-    send: ReplySink
+    reply: ReplyTo
     arrived_ns: int
     deadline_ns: int | None
     #: the prompt's tokens (generate), to hand to the model as they are
@@ -114,7 +113,7 @@ class TextJob:
         if not self.replied:
             self.replied = True
             self.cancelled = True
-            self.send(protocol.encode_error(self.request.id, error, self.request.trace))
+            self.reply.fail(error)
 
 
 @dataclass(frozen=True)
@@ -195,7 +194,7 @@ class GenerationRunner:
             f"model {self.name!r} is a GGUF language model: use generate or embed, not {op}"
         )
 
-    def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def submit(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
         self._counters.requests += 1
         tokens, count = self._admit(request)
@@ -211,7 +210,7 @@ class GenerationRunner:
         now = time.monotonic_ns()
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
-        self._queue.append(TextJob(request, peer, send, now, deadline_ns, tokens, count))
+        self._queue.append(TextJob(request, peer, reply, now, deadline_ns, tokens, count))
         self._fair.add(peer)
         self._next()
 
@@ -300,23 +299,13 @@ class GenerationRunner:
     async def probe(self) -> None:
         """One token (or one embedding) through the model's own queue: its context is never
         used from two threads at once."""
-        done: asyncio.Future[dict[str, Any]] = self._loop.create_future()
-
-        def sink(frames: list[Any]) -> bool:
-            header = protocol.unpack_header(frames[0], protocol.Limits())  # outputs not needed
-            if not header.get("more") and not done.done():
-                done.set_result(header)
-            return True
-
+        done: asyncio.Future[None] = self._loop.create_future()
         if self.backend.embedding:
             probe = Request(0, "embed", model=self.name, texts=(WARM_UP_PROMPT,))
         else:
             probe = Request(0, "generate", model=self.name, generation=WARM_UP)
-        self.submit(probe, sink, b"selftest")
-        reply = await done
-        if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise error_from_code(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
+        self.submit(probe, _Outcome(done), b"selftest")
+        await done
 
     # -- on the event loop ----------------------------------------------------------------
 
@@ -388,9 +377,7 @@ class GenerationRunner:
             return
         job.tokens += tokens
         fields = {"more": True, "text": "".join(text), "tokens": tokens}
-        if job.request.trace is not None:
-            fields["trace"] = job.request.trace
-        if not job.send(protocol.encode_reply(job.request.id, fields)) and not job.cancelled:
+        if not job.reply.ok(fields) and not job.cancelled:
             trace = job.request.trace
             log.info(
                 "model %s: client of request %d has gone; stopping [trace %s]",
@@ -433,11 +420,9 @@ class GenerationRunner:
             "run_us": ((job.ended_ns or now) - started) // 1000,
         }
         fields: dict[str, Any] = {"model": self.name, "version": self.version, "timing": timing}
-        if request.trace is not None:
-            fields["trace"] = request.trace
         if job.embedding is not None:
             fields["usage"] = {"prompt_tokens": job.prompt_count}
-            job.send(protocol.encode_reply(request.id, fields, {"embedding": job.embedding}))
+            job.reply.ok(fields, {"embedding": job.embedding})
             return
         if job.first_token_ns:
             timing["ttft_us"] = (job.first_token_ns - job.started_ns) // 1000
@@ -445,7 +430,7 @@ class GenerationRunner:
             timing["tokens_per_s"] = round((job.tokens - 1) / decode_s, 1) if decode_s else 0.0
         fields["finish_reason"] = CANCELLED if job.cancelled else job.finish_reason or CANCELLED
         fields["usage"] = {"prompt_tokens": job.prompt_count, "completion_tokens": job.tokens}
-        job.send(protocol.encode_reply(request.id, fields))
+        job.reply.ok(fields)
 
     # -- on the model's thread -------------------------------------------------------------
 
@@ -494,4 +479,29 @@ class GenerationRunner:
             self._loop.call_soon_threadsafe(callback, job)
         except RuntimeError:  # the loop closed under us during shutdown
             return False
+        return True
+
+
+class _Outcome(ReplyTo):
+    """Where a self-test probe's replies go: kept as they are, never encoded: the final one
+    ends ``done``, an error as its exception."""
+
+    __slots__ = ("_done",)
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        super().__init__(lambda _: True, 0, None)
+        self._done = done
+
+    def ok(
+        self,
+        fields: dict[str, Any],
+        outputs: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    ) -> bool:
+        if not fields.get("more") and not self._done.done():
+            self._done.set_result(None)
+        return True
+
+    def fail(self, error: EdgedError) -> bool:
+        if not self._done.done():
+            self._done.set_exception(error)
         return True

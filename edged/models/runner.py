@@ -24,7 +24,6 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from edged import protocol
 from edged.config import ModelConfig
 from edged.errors import BusyError, DeadlineExceeded, EdgedError, OpNotSupported, RunFailed
 from edged.logsetup import log_error_reply
@@ -33,9 +32,8 @@ from edged.models.backend import Arrays, Backend
 from edged.models.latency import RequestLatency
 from edged.models.validation import Interface, rehearse_tensors
 from edged.protocol import Request
+from edged.replies import ReplyTo
 
-#: sends one reply message; ``False`` when it was dropped (the client has gone or stopped reading)
-ReplySink = Callable[[list[Any]], bool]
 Outputs = dict[str, np.ndarray[Any, Any]]
 #: a partial batch waiting for rows is started this long before its earliest deadline
 DEADLINE_MARGIN_NS = 1_000_000
@@ -155,7 +153,7 @@ class Job:
     request_id: int
     trace: str | None
     inputs: Arrays
-    send: ReplySink
+    reply: ReplyTo
     arrived_ns: int
     deadline_ns: int | None
     #: the connection it came from (its fair share of the queue)
@@ -167,7 +165,7 @@ class Job:
     def fail(self, error: EdgedError) -> None:
         if not self.replied:
             self.replied = True
-            self.send(protocol.encode_error(self.request_id, error, self.trace))
+            self.reply.fail(error)
 
 
 class IdleWaiters:
@@ -288,17 +286,17 @@ class ModelRunner:
     def unsupported(self, op: str) -> OpNotSupported:
         return OpNotSupported(f"model {self.name!r} is an ONNX model: use infer, not {op}")
 
-    def submit(self, request: Request, send: ReplySink, peer: bytes) -> None:
+    def submit(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
         """Check an ``infer`` request's inputs and admit it (``admit``)."""
-        self.admit(self.job(request, send, peer))
+        self.admit(self.job(request, reply, peer))
 
-    def job(self, request: Request, send: ReplySink, peer: bytes) -> Job:
+    def job(self, request: Request, reply: ReplyTo, peer: bytes) -> Job:
         """The job for an ``infer`` request, once its inputs match the signature."""
         self.backend.signature.check(self.name, request.inputs)
         now = time.monotonic_ns()
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
-        return Job(request.id, request.trace, request.inputs, send, now, deadline_ns, peer)
+        return Job(request.id, request.trace, request.inputs, reply, now, deadline_ns, peer)
 
     def admit(self, job: Job) -> None:
         """Admit a job or refuse it at once (``FairShare``); runs start on the next ``pump``."""
@@ -553,17 +551,10 @@ class ModelRunner:
                 "batch": len(run.jobs),
             },
         }
-        if job.trace is not None:
-            fields["trace"] = job.trace
         if job.observe is not None:
             job.observe(outputs)
         queue_s = (run.started_ns - job.arrived_ns) / 1e9
         run_s = (run.ended_ns - run.started_ns) / 1e9
         self.latency.observe(queue_s, run_s, (time.monotonic_ns() - job.arrived_ns) / 1e9)
-        try:
-            frames = protocol.encode_reply(job.request_id, fields, outputs)
-        except EdgedError as exc:
-            self._fail(job, exc)
-            return
         job.replied = True
-        job.send(frames)
+        job.reply.ok(fields, outputs)

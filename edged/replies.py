@@ -1,0 +1,51 @@
+"""Where one request's replies go, and the one place they become wire frames.
+
+The ops and the model runners say what to answer (result keys and output tensors, a stream
+piece, an error); a ``ReplyTo`` made for the request when it was decoded turns that into frames
+(adding the request's id and trace) and hands them to its connection. Nothing else encodes a
+reply, so a new op or runner cannot get the envelope wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from edged import protocol
+from edged.errors import EdgedError
+from edged.logsetup import log_error_reply
+
+#: sends one message's frames; ``False`` when it was dropped (the client has gone or stopped
+#: reading)
+FrameSink = Callable[[list[Any]], bool]
+
+
+class ReplyTo:
+    __slots__ = ("_send", "request_id", "trace")
+
+    def __init__(self, send: FrameSink, request_id: int | None, trace: str | None) -> None:
+        self._send = send
+        self.request_id = request_id
+        self.trace = trace
+
+    def ok(
+        self,
+        fields: dict[str, Any],
+        outputs: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    ) -> bool:
+        """A success reply (or, with ``more``, a stream piece): ``fields`` are the op's result
+        keys; the request's trace is added. Outputs that cannot be sent become the error."""
+        if self.trace is not None:
+            fields["trace"] = self.trace
+        try:
+            frames = protocol.encode_reply(self.request_id, fields, outputs)
+        except EdgedError as exc:  # an output of a dtype the wire has no name for
+            log_error_reply(exc.code, exc.message, trace=self.trace, request_id=self.request_id)
+            return self.fail(exc)
+        return self._send(frames)
+
+    def fail(self, error: EdgedError) -> bool:
+        """An error reply."""
+        return self._send(protocol.encode_error(self.request_id, error, self.trace))
