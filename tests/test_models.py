@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -135,3 +136,21 @@ def test_the_priming_model_is_one_identity_node() -> None:
     onnx.checker.check_model(model)
     assert model.SerializeToString() == onnx_backend.PRIME_MODEL
     onnx_backend.OnnxBackend.prime()
+
+
+def test_inputs_reach_the_model_64_byte_aligned_and_large_aligned_ones_are_not_copied() -> None:
+    def at_offset(nbytes: int, offset: int) -> np.ndarray[Any, Any]:
+        raw = np.zeros(nbytes + 128, np.uint8)
+        start = -raw.ctypes.data % batching.ALIGNMENT + offset
+        return raw[start : start + nbytes].view(np.float32)
+
+    for nbytes in (64, batching.ASK_ABOVE_BYTES * 4):
+        misaligned = at_offset(nbytes, 4)
+        misaligned[:] = np.arange(misaligned.size)
+        copy = batching.aligned(misaligned)
+        assert copy.ctypes.data % batching.ALIGNMENT == 0
+        np.testing.assert_array_equal(copy, misaligned)
+    large = at_offset(batching.ASK_ABOVE_BYTES * 4, 0)
+    assert batching.aligned(large) is large
+    merged = batching.merge([{"x": at_offset(64, 8).reshape(1, 16)}] * 3)
+    assert merged["x"].shape == (3, 16) and merged["x"].ctypes.data % batching.ALIGNMENT == 0
