@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+BENCH_STAMP := $(VENV)/.bench-installed
 # Debian/Ubuntu packages the build and tests need: libsystemd's headers for systemd-python,
 # systemd-analyze for the unit's tests, libzmq and msgpack-c for the C client example
 SYSTEM_PACKAGES := libsystemd-dev pkg-config gcc make systemd libzmq3-dev libmsgpack-dev
@@ -38,7 +39,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: $(STAMP)
+# the peers the benchmarks compare edged with; only the benchmarks need them
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+bench: $(BENCH_STAMP)
 	$(BIN)/python -m bench
 
 # mutated messages to a live daemon's sockets; the counts go to bench/fuzz.json
@@ -47,10 +53,11 @@ fuzz: $(STAMP)
 		$(BIN)/python -m pytest -q -s tests/test_fuzz_live.py --timeout 3600
 
 # mixed load for SOAK_MINUTES; its rows are merged into bench/results.json
-soak: $(STAMP)
+soak: $(BENCH_STAMP)
 	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
 
-lint: $(STAMP)
+# mypy reads bench/, which imports the peers
+lint: $(BENCH_STAMP)
 	$(BIN)/ruff check edged tests bench
 	$(BIN)/ruff format --check edged tests bench
 	$(BIN)/mypy

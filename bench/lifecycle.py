@@ -25,9 +25,9 @@ from edged.client import Client
 from edged.config import GgufOptions, OnnxOptions
 from edged.demo import DEMO_FEATURES, build_demo_model
 from edged.models.budget import give_back_freed_memory
+from edged.models.calls import Sampling
 from edged.models.gguf import GgufBackend
 from edged.models.onnx import OnnxBackend
-from edged.protocol import Generation
 from edged.testing import DaemonProcess
 
 #: the 16 MiB ONNX model: one float32 MatMul of WIDE x WIDE
@@ -147,8 +147,8 @@ class GgufSubject:
 
     def run(self, loaded: GgufBackend, lead: int) -> None:
         text = prompt(lead, LIGHT_PROMPT_TOKENS)
-        generation = Generation(text, max_tokens=1, stop=(), temperature=0.0, top_p=1.0, seed=0)
-        for _ in loaded.stream(loaded.tokenize(text), generation):
+        sampling = Sampling(max_tokens=1, temperature=0.0, top_p=1.0, seed=0)
+        for _ in loaded.stream(loaded.tokenize(text), sampling):
             pass
 
 

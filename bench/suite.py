@@ -29,6 +29,7 @@ from bench.harness import (
 from bench.httpjson import http_caller
 from bench.llm import GENERATION, LARGE
 from bench.load import CLIENTS, closed_loop_rates
+from bench.mosec_peer import mosec_caller
 from bench.workloads import (
     IMAGE,
     TINY,
@@ -173,6 +174,27 @@ def http_json(ctx: Context) -> list[Row]:
     return rows
 
 
+def peer_mosec(ctx: Context) -> list[Row]:
+    """mosec (Rust HTTP front, one Python worker, msgpack) against edged on the tiny model:
+    the round trip of one client, then the closed-loop rate of CLIENTS; ratio > 1 means edged
+    is faster on both rows."""
+    with ServerProcess("bench.mosec_peer", str(ctx.model_path(TINY))) as server:
+        mosec: Target = (mosec_caller, server.info)
+        p50 = ctx.p50s(TINY, {"mosec": mosec, "edged": ctx.edged})
+        rates = closed_loop_rates({"mosec": mosec, "edged": ctx.edged}, TINY, ctx.settings)
+    return [
+        Row("peer_mosec_tiny", "p50_rtt", "us", p50["mosec"], "edged", p50["edged"]),
+        Row(
+            "peer_mosec_tiny_throughput",
+            "throughput",
+            "req/s",
+            rates["edged"],
+            "mosec",
+            rates["mosec"],
+        ),
+    ]
+
+
 def idle_rss(ctx: Context) -> list[Row]:
     """A fresh idle daemon serving the demo model against a bare process holding the same session.
 
@@ -309,6 +331,7 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "rtt_image": functools.partial(rtt, workload=IMAGE),
     f"throughput_{CLIENTS}": throughput,
     "http_json": http_json,
+    "peer_mosec": peer_mosec,
     "idle_rss": idle_rss,
     "gguf_tokens_per_s": gguf_tokens_per_s,
     "gguf_ttft": gguf_ttft,

@@ -24,9 +24,9 @@ import zmq
 from edged import faults
 from edged.config import Config, ModelConfig
 from edged.control.auth import HandshakeLog, curve_server, load_server_keys, start_authenticator
-from edged.control.diagnostics import Diagnostics
 from edged.control.logring import LogRing
 from edged.control.metrics import Metrics
+from edged.control.ops import socket_tables
 from edged.control.reload import Reloader
 from edged.control.service import ControlService
 from edged.demo import build_demo_model
@@ -117,17 +117,10 @@ class Daemon:
         )
         swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
         reloader = Reloader(config, self.registry, self.loader, swapper, self.tasks)
-        self.service = InferenceService(self.registry)
+        data_ops, control_ops = socket_tables()
+        self.service = InferenceService(self.registry, data_ops)
         self.metrics = Metrics(self.registry, self.service.errors)
         self.logs = LogRing()
-        diagnostics = Diagnostics(
-            lambda: reloader.config,
-            self.registry,
-            self.service,
-            self.logs,
-            str(self.paths.state),
-            tasks=self.tasks,
-        )
         self.journal = Journal(self.paths.state / "ota")
         installer = None
         if config.ota.trusted_keys:  # imported only here: cryptography is not small
@@ -145,14 +138,17 @@ class Daemon:
             )
         self._installer = installer
         self.control = ControlService(
+            control_ops,
             self.registry,
             self.loader,
             swapper,
             reloader,
-            metrics=self.metrics,
-            diagnostics=diagnostics,
-            installer=installer,
-            tasks=self.tasks,
+            self.metrics,
+            self.service,
+            self.logs,
+            str(self.paths.state),
+            installer,
+            self.tasks,
         )
         self.notifier = Notifier()
         self.watchdog = Watchdog(

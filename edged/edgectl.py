@@ -13,14 +13,17 @@ import contextlib
 import json
 import math
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from edged.cli import quiet_broken_pipe
 from edged.client import Client, CurveKeys
+from edged.control.ops import CONTROL_OPS
+from edged.control.ops.install import DOWNGRADE_ARG
+from edged.control.ops.logs import log_line
 from edged.errors import ClientTimeout, ConfigError, EdgedError
+from edged.opunit import Arg
 from edged.paths import default_control_endpoint
 from edged.store import sha256_of
 
@@ -29,28 +32,8 @@ DEFAULT_TIMEOUT_S = 5.0
 #: commands that load or swap models: their reply comes when that is done
 LONG_TIMEOUT_S = 300.0
 HEADER = ("v", "id", "ok", "trace")
-SIMPLE = {
-    "status": "the daemon at a glance: version, uptime, memory, models, recent errors",
-    "models": "each model's versions, memory, traffic, latency and errors",
-    "metrics": "every metric in the Prometheus text format",
-    "sysinfo": "CPU, memory, disks, temperatures (GPU, power rails on a Jetson)",
-    "config": "the configuration in effect, secrets redacted",
-    "stack": "every thread's and asyncio task's stack (a hung or busy daemon)",
-    "selftest": "run every loaded model on its golden vectors; exit 1 if any fails",
-    "reload": "serve what the config file and the store say now",
-    "history": "the last bundle installs: outcome, version, reason",
-}
-MODEL_COMMANDS = {
-    "load": "load a model now",
-    "unload": "unload a model now (refused while it is busy)",
-    "rollback": "go back to the version before the last swap",
-    "promote": "make the candidate version the active one",
-    "discard": "end the candidate's trial and unload it",
-}
-LONG = frozenset(
-    {"selftest", "reload", "load", "swap", "rollback", "canary", "shadow", "promote", "discard"}
-    | {"install", "push"}
-)
+#: the control ops that are commands, in the registry's order
+COMMANDS = {name: op for name, op in CONTROL_OPS.items() if op.help}
 #: ``push``: new connections tried after a lost one, each resuming the upload
 PUSH_RETRIES = 5
 #: while waiting for a long command's reply, ping the daemon this often (seconds) on a fresh
@@ -84,9 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _partly_failed(command: str, reply: dict[str, Any]) -> bool:
-    """A reply that came back but reports a failure inside: a self-test that failed, or a
-    reload that could not apply a model (what ``systemctl reload`` must report)."""
-    return reply.get("ok_all") is False or (command == "reload" and bool(reply.get("failed")))
+    """A reply that came back but reports a failure inside (a self-test that failed, a reload
+    that could not apply a model), as the op says."""
+    op = COMMANDS.get(command)
+    return op is not None and op.failed is not None and op.failed(reply)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,35 +85,14 @@ def _parser() -> argparse.ArgumentParser:
     def command(name: str, text: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, help=text, description=text, parents=[common])
 
-    for name, text in SIMPLE.items():
-        command(name, text)
-    for name, text in MODEL_COMMANDS.items():
-        command(name, text).add_argument("model")
-    logs = command("logs", "the daemon's recent log records; --follow for new ones as they come")
-    logs.add_argument("-n", "--last", type=int, default=50, help="how many (default 50)")
-    logs.add_argument("--level", help="this level or worse, e.g. WARNING")
-    logs.add_argument("-f", "--follow", action="store_true", help="then every new record")
-    swap = command("swap", "serve another version of a model, validated first")
-    swap.add_argument("--policy", choices=("auto", "overlap", "replace"), default="auto")
-    canary = command("canary", "serve a share of the model's requests with another version")
-    canary.add_argument("--fraction", type=float, default=0.1, help="share of requests")
-    shadow = command("shadow", "run requests on another version too and compare outputs")
-    for sub in (swap, canary, shadow):
-        sub.add_argument("model")
-        sub.add_argument("version", type=int, nargs="?", help="a stored version (default: newest)")
-        sub.add_argument("--path", help="a new model file instead of a stored version")
-        sub.add_argument("--force", action="store_true", help="skip the interface check")
-    install = command("install", "install a signed bundle that is on the device, then swap to it")
-    install.add_argument("bundle", help="the bundle file's path on the device")
+    for name, op in COMMANDS.items():
+        _arguments(command(name, str(op.help)), op.args)
     push = command("push", "upload a signed bundle to the device (resumable), then install it")
     push.add_argument("bundle", help="the bundle file here")
     push.add_argument(
         "--chunk-kib", type=int, default=1024, help="KiB per upload message (default 1024)"
     )
-    for sub in (install, push):
-        sub.add_argument(
-            "--allow-downgrade", action="store_true", help="accept a version older than installed"
-        )
+    _arguments(push, (DOWNGRADE_ARG,))
     keys = command("keys", "make a CurveZMQ key pair for remote control")
     keys.add_argument(
         "action",
@@ -140,6 +103,15 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("name", help="file name stem: NAME.key (public) and NAME.key_secret")
     keys.add_argument("--dir", default=".", help="where to write them (default: here)")
     return parser
+
+
+def _arguments(parser: argparse.ArgumentParser, arguments: Sequence[Arg]) -> None:
+    """A command's arguments; what they fill in the request is kept with the parsed ones."""
+    actions = [parser.add_argument(*a.flags, **a.options) for a in arguments]
+    parser.set_defaults(
+        wire_keys=[action.dest for action in actions],
+        device_paths=[act.dest for act, a in zip(actions, arguments, strict=True) if a.device_path],
+    )
 
 
 def _options(parser: argparse.ArgumentParser, timeout: Any) -> None:
@@ -167,10 +139,8 @@ def _connection(
     endpoint = args.remote or args.control or default_control_endpoint()
     try:
         curve = CurveKeys.load(args.server_key, args.client_key) if args.remote else None
-        if args.command == "install":
-            args.bundle = _device_path(endpoint, args.bundle)
-        if vars(args).get("path"):
-            args.path = _device_path(endpoint, args.path)
+        for dest in args.device_paths:
+            setattr(args, dest, _device_path(endpoint, getattr(args, dest)))
     except ConfigError as exc:
         parser.error(str(exc))
     return endpoint, curve
@@ -188,42 +158,16 @@ def _device_path(endpoint: str, path: str | None) -> str | None:
 
 
 def _run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    long = args.command in LONG
-    timeout = max(args.timeout, LONG_TIMEOUT_S) if long else args.timeout
-    wait = {"timeout": timeout, "probe_every": PROBE_EVERY_S if long else None}
-    if args.command in SIMPLE:
-        return client.command(args.command, **wait)
-    if args.command in MODEL_COMMANDS:
-        return client.command(args.command, model=args.model, **wait)
-    if args.command == "install":
-        return _install(client, args, wait, path=args.bundle)
+    """The command's op with the request keys its arguments fill; a flag left off is left out
+    (the daemon's default applies), and so is an argument not given (``None``)."""
+    op = CONTROL_OPS["install" if args.command == "push" else args.command]
+    timeout = max(args.timeout, LONG_TIMEOUT_S) if op.long_running else args.timeout
+    wait = {"timeout": timeout, "probe_every": PROBE_EVERY_S if op.long_running else None}
+    fields = {key: getattr(args, key) for key in args.wire_keys}
     if args.command == "push":
-        return _install(client, args, wait, upload=_push(client, args, timeout))
-    options = vars(args)
-    return client.command(
-        args.command,
-        model=args.model,
-        version=args.version,
-        path=args.path,
-        policy=options.get("policy"),
-        fraction=options.get("fraction"),
-        force=args.force or None,
-        **wait,
-    )
-
-
-def _install(
-    client: Client,
-    args: argparse.Namespace,
-    wait: dict[str, Any],
-    *,
-    path: str | None = None,
-    upload: str | None = None,
-) -> dict[str, Any]:
-    """``install`` a bundle: a ``path`` on the device, or a finished ``upload``."""
-    return client.command(
-        "install", path=path, upload=upload, allow_downgrade=args.allow_downgrade or None, **wait
-    )
+        fields["upload"] = _push(client, args, timeout)
+    given = {key: value for key, value in fields.items() if value is not False}
+    return client.command(op.name, **given, **wait)
 
 
 def _push(client: Client, args: argparse.Namespace, patience: float) -> str:
@@ -294,17 +238,10 @@ def _logs(client: Client, args: argparse.Namespace) -> int:
         try:
             for reply in replies:
                 for record in reply.get("records", []):
-                    print(json.dumps(record) if args.json else _log_line(record), flush=True)
+                    print(json.dumps(record) if args.json else log_line(record), flush=True)
         except KeyboardInterrupt:
             pass
     return 0
-
-
-def _log_line(record: dict[str, Any]) -> str:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(record["time"]))
-    trace = record.get("trace")
-    trace = f" [trace {trace}]" if trace and f"[trace {trace}]" not in record["message"] else ""
-    return f"{stamp} {record['level']} {record['logger']}: {record['message']}{trace}"
 
 
 def _keys(args: argparse.Namespace) -> int:
@@ -314,7 +251,12 @@ def _keys(args: argparse.Namespace) -> int:
             "control; 'edged keys gen' makes the Ed25519 keys that sign bundles)",
             file=sys.stderr,
         )
-    return _print(args, _generate_keys(Path(args.dir), args.name))
+    keys = _generate_keys(Path(args.dir), args.name)
+    if args.json:
+        print(json.dumps(keys, sort_keys=True))
+    else:
+        print(f"public key {keys['public']}\nsecret key {keys['secret']} (keep it private)")
+    return 0
 
 
 def _generate_keys(directory: Path, name: str) -> dict[str, Any]:
@@ -326,90 +268,15 @@ def _generate_keys(directory: Path, name: str) -> dict[str, Any]:
     return {"public": str(public), "secret": str(secret)}
 
 
-def _print(args: argparse.Namespace, reply: dict[str, Any]) -> int:
+def _print(args: argparse.Namespace, reply: dict[str, Any]) -> None:
     fields = {key: value for key, value in reply.items() if key not in HEADER}
     if args.json:
         print(json.dumps(fields, sort_keys=True))
     else:
-        print(TEXT.get(args.command, _pretty)(fields))
-    return 0
+        op = COMMANDS.get(args.command)
+        text = op.format if op is not None and op.format is not None else _pretty
+        print(text(fields))
 
 
 def _pretty(fields: dict[str, Any]) -> str:
     return json.dumps(fields, indent=2, sort_keys=True)
-
-
-def _status(fields: dict[str, Any]) -> str:
-    memory, process = fields["memory"], fields["process"]
-    budget = memory["budget_bytes"]
-    limit = f"of {budget / 2**20:.0f} MiB" if budget else "(no budget)"
-    lines = [
-        f"edged {fields['edged_version']} pid {fields['pid']}: {fields['state']}, "
-        f"up {fields['uptime_s']:.0f} s",
-        f"process: {process['rss_bytes'] / 2**20:.1f} MiB RSS, {process['cpu_percent']:.0f}% CPU",
-        f"models: {memory['used_bytes'] / 2**20:.1f} MiB {limit}, "
-        f"{memory['free_bytes'] / 2**20:.0f} MiB free",
-    ]
-    for name, m in fields["models"].items():
-        lines.append(f"  {name}: v{m['version']} {m['state']}")
-        if "error" in m:
-            lines.append(
-                f"    {m['error']['code']}: {m['error']['message']} ({m['failed_loads']} failed "
-                f"loads; next attempt in {m['retry_in_s']:.0f} s, or now with edgectl load)"
-            )
-    lines.append(f"errors answered: {fields['errors']}")
-    lines += [f"  {_log_line(record)}" for record in fields["last_errors"]]
-    return "\n".join(lines)
-
-
-def _models(fields: dict[str, Any]) -> str:
-    lines = []
-    for name, model in fields["models"].items():
-        lines.append(
-            f"{name}: v{model['version']} {model['state']}, loaded {model['loaded']}, "
-            f"previous {model['previous']}, stored {model['stored']}"
-        )
-        for version, traffic in model["versions"].items():
-            latency = traffic["latency"]
-            lines.append(
-                f"  v{version} ({traffic['role']}): {traffic['requests']} requests, "
-                f"{traffic['queued']} queued, p50/p95/p99 {latency['p50_us']}/"
-                f"{latency['p95_us']}/{latency['p99_us']} us"
-            )
-        if model["errors"]:
-            lines.append(f"  errors: {model['errors']}")
-        if model["error"]:
-            lines.append(
-                f"  last load failed: {model['error']['code']}: {model['error']['message']}"
-            )
-        lines += [f"  warning: {warning}" for warning in model["warnings"]]
-    return "\n".join(lines)
-
-
-def _stack(fields: dict[str, Any]) -> str:
-    lines = []
-    for kind in ("threads", "tasks"):
-        for entry in fields[kind]:
-            lines.append(f"{kind[:-1]} {entry['name']}:")
-            lines += [f"    {frame}" for frame in entry["stack"]]
-    return "\n".join(lines)
-
-
-def _swap(fields: dict[str, Any]) -> str:
-    return (
-        f"{fields['model']}: version {fields['from_version']} -> {fields['version']} "
-        f"({fields['policy']}, {fields['seconds']:.2f} s)"
-    )
-
-
-TEXT: dict[str, Callable[[dict[str, Any]], str]] = {
-    "status": _status,
-    "models": _models,
-    "metrics": lambda fields: str(fields["text"]).rstrip("\n"),
-    "stack": _stack,
-    "selftest": lambda fields: "\n".join(f"{m}: {r}" for m, r in fields["results"].items()),
-    "swap": _swap,
-    "rollback": _swap,
-    "promote": _swap,
-    "keys": lambda f: f"public key {f['public']}\nsecret key {f['secret']} (keep it private)",
-}

@@ -8,12 +8,13 @@ validated here before any model is touched. Tensors are views on the received bu
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import msgpack
 import numpy as np
@@ -23,7 +24,6 @@ from edged.errors import (
     EdgedError,
     FrameMismatch,
     TooLarge,
-    UnknownOp,
     UnsupportedVersion,
     error_from_code,
 )
@@ -53,66 +53,12 @@ DTYPES: dict[str, np.dtype[Any]] = {
 
 WIRE_NAMES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DTYPES.items()}
 
-#: generation settings and their defaults (llama-cpp-python's own, except max_tokens)
-GENERATE_DEFAULTS: dict[str, Any] = {
-    "max_tokens": 128,
-    "stop": (),
-    "temperature": 0.8,
-    "top_p": 0.95,
-    "seed": None,
-}
-#: header keys each op accepts besides the common ones; anything else is a BAD_REQUEST.
+#: the header keys of every request; an op's own keys are its request type's fields
 COMMON_KEYS = frozenset({"v", "id", "op", "trace"})
-OP_KEYS: dict[str, frozenset[str]] = {
-    "ping": frozenset(),
-    "describe": frozenset({"model", "version"}),
-    "infer": frozenset({"model", "version", "deadline_ms", "inputs"}),
-    "generate": frozenset({"model", "version", "deadline_ms", "prompt", *GENERATE_DEFAULTS}),
-    "embed": frozenset({"model", "version", "deadline_ms", "input"}),
-    "cancel": frozenset({"target"}),
-    # control socket only
-    "swap": frozenset({"model", "version", "path", "policy", "force"}),
-    "rollback": frozenset({"model"}),
-    "canary": frozenset({"model", "version", "path", "fraction", "force"}),
-    "shadow": frozenset({"model", "version", "path", "force"}),
-    "promote": frozenset({"model"}),
-    "discard": frozenset({"model"}),
-    "reload": frozenset(),
-    "models": frozenset(),
-    "metrics": frozenset(),
-    "status": frozenset(),
-    "sysinfo": frozenset(),
-    "logs": frozenset({"last", "level", "follow"}),
-    "config": frozenset(),
-    "stack": frozenset(),
-    "selftest": frozenset(),
-    "load": frozenset({"model"}),
-    "unload": frozenset({"model"}),
-    "install": frozenset({"path", "upload", "allow_downgrade"}),
-    "history": frozenset(),
-    "upload": frozenset({"sha256", "size", "offset"}),
-}
-#: ops whose keys their handlers check (``Request.args``)
-ARGS_OPS = frozenset({"logs", "install", "upload"})
-SWAP_POLICIES = ("auto", "overlap", "replace")
-ALLOWED_KEYS = {op: COMMON_KEYS | keys for op, keys in OP_KEYS.items()}
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
-MODEL_OPS = frozenset(
-    {"describe", "infer", "generate", "embed", "swap", "rollback", "canary", "shadow"}
-    | {"promote", "discard", "load", "unload"}
-)
-#: control ops that name a version to load: a stored ``version`` or a new file at ``path``
-VERSION_OPS = frozenset({"swap", "canary", "shadow"})
 MAX_ID = 2**64 - 1
 MAX_TRACE_LEN = 128
 MAX_NAME_LEN = 256
-MAX_STOPS = 16
-MAX_STOP_LEN = 256
-MAX_EMBED_TEXTS = 64
-MAX_SEED = 2**32 - 1
-MAX_TOKENS = 2**31 - 1
-#: one day: longer is no deadline at all, and far longer overflows the clock arithmetic
-MAX_DEADLINE_MS = 86_400_000
 BOOL = DTYPES["bool"]
 
 
@@ -126,51 +72,69 @@ class Limits:
     max_dims: int = 8
 
 
-@dataclass(frozen=True, slots=True)
-class Generation:
-    """What a ``generate`` request asks for (defaults in ``GENERATE_DEFAULTS``)."""
-
-    prompt: str
-    max_tokens: int
-    stop: tuple[str, ...]
-    temperature: float
-    top_p: float
-    seed: int | None
+R = TypeVar("R", bound="Request")
 
 
-@dataclass(frozen=True, slots=True)
-class SwapArgs:
-    """What a ``swap`` asks for besides the model and its target ``version``."""
-
-    path: str | None = None
-    policy: str = "auto"
-    force: bool = False
-    #: ``canary``: the share of requests the candidate serves
-    fraction: float = 0.1
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, kw_only=True)
 class Request:
+    """A decoded request: the envelope that every op's own request type extends.
+
+    An op's type declares the header keys it takes as its fields and checks them in
+    ``__post_init__`` (calling its parent's first), so a request that exists is valid however
+    it was made, from the wire or in code, as h11's events are. Not slotted: zero-argument
+    ``super()`` does not work in slotted dataclasses before Python 3.14.
+    """
+
     id: int
     op: str
-    model: str | None = None
-    version: int | None = None
-    deadline_ms: float | None = None
     trace: str | None = None
-    inputs: dict[str, np.ndarray[Any, Any]] = field(default_factory=dict)
-    #: ``generate`` only
-    generation: Generation | None = None
-    #: ``embed`` only: the texts to embed, in order
-    texts: tuple[str, ...] = ()
-    #: ``cancel`` only: the id of the request to cancel (sent earlier on the same connection)
-    target: int | None = None
-    #: the op's own keys, checked by its handler (``ARGS_OPS``)
-    args: dict[str, Any] = field(default_factory=dict)
-    #: ``swap``, ``canary``, ``shadow``: ``path`` (a new model file), ``policy``, ``force``...
-    swap: SwapArgs | None = None
-    #: ``upload`` only: the chunk of the bundle, the frame after the header (raw bytes, not in
-    #: the header, whose size is bounded far below a chunk's)
-    data: Buffer | None = None
+
+    def __post_init__(self) -> None:
+        """Nothing to check: decoding checked the envelope's keys."""
+
+    @classmethod
+    def wire_keys(cls) -> frozenset[str]:
+        """The header keys this op takes besides ``COMMON_KEYS``: its fields, by default."""
+        return frozenset(f.name for f in dataclasses.fields(cls)) - ENVELOPE
+
+    @classmethod
+    def wire_values(cls, header: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields the header's keys give (by default, each key its field)."""
+        return given(header)
+
+    @classmethod
+    def from_wire(
+        cls: type[R],
+        envelope: dict[str, Any],
+        header: Mapping[str, Any],
+        frames: Sequence[Buffer],
+        limits: Limits,
+    ) -> R:
+        """The request from its header (a nil value means the key's default) and the frames
+        after it: none, unless the op's type says otherwise."""
+        request = cls(**envelope, **cls.wire_values(header))
+        if frames:
+            raise FrameMismatch(f"op {envelope['op']!r} takes no tensor frames, got {len(frames)}")
+        return request
+
+
+ENVELOPE = frozenset(f.name for f in dataclasses.fields(Request))
+
+
+def given(header: Mapping[str, Any]) -> dict[str, Any]:
+    """The op's own keys in a checked ``header`` (one whose keys the op allows), nil values
+    left out: those mean the default."""
+    return {
+        key: value for key, value in header.items() if key not in COMMON_KEYS and value is not None
+    }
+
+
+class RequestTypes(Protocol):
+    """What decoding needs of the ops a socket serves."""
+
+    def request_type(self, op: str) -> tuple[type[Request], frozenset[str]]:
+        """The op's request type and every header key it allows; ``UnknownOp`` if none."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,156 +178,53 @@ def unpack_header(frame: Buffer, limits: Limits) -> dict[str, Any]:
     return header
 
 
-def decode_request(frames: Sequence[Buffer], limits: Limits) -> Request:
-    """Validate and decode a request; raise ``RequestRejected`` with the error to reply."""
+def decode_request(frames: Sequence[Buffer], limits: Limits, types: RequestTypes) -> Request:
+    """Validate and decode a request to one of ``types``; raise ``RequestRejected`` with the
+    error to reply."""
     request_id: int | None = None
     try:
         if not frames or (len(frames) == 1 and len(frames[0]) == 0):
             raise BadRequest("empty message")
         header = unpack_header(frames[0], limits)
-        request_id = _valid_id(header.get("id"))  # first, so every later error reaches its caller
+        request_id = valid_id(header.get("id"))  # first, so every later error reaches its caller
         total = sum(len(f) for f in frames)
         if total > limits.max_message_bytes:
             raise TooLarge(f"message is {total} bytes, limit {limits.max_message_bytes}")
-        return _parse_request(header, frames[1:], limits)
+        return _parse_request(header, frames[1:], limits, types)
     except EdgedError as exc:
         # the error alone, not its traceback: that holds this call's frames, and with them the
         # message's buffers (up to max_message_bytes), for as long as anything holds the error
         raise RequestRejected(exc.with_traceback(None), request_id) from None
 
 
-def _parse_request(header: dict[str, Any], tensors: Sequence[Buffer], limits: Limits) -> Request:
+def _parse_request(
+    header: dict[str, Any], frames: Sequence[Buffer], limits: Limits, types: RequestTypes
+) -> Request:
     version = header.get("v")
-    if not _is_int(version) or version != PROTOCOL_VERSION:
+    if not is_int(version) or version != PROTOCOL_VERSION:
         raise UnsupportedVersion(
             f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}"
         )
-    request_id = _valid_id(header.get("id"))
+    request_id = valid_id(header.get("id"))
     if request_id is None:
         raise BadRequest("'id' must be an unsigned 64-bit integer")
     op = header.get("op")
     if not isinstance(op, str):
         raise BadRequest("'op' must be a string")
-    allowed = ALLOWED_KEYS.get(op)
-    if allowed is None:
-        raise UnknownOp(f"unknown op {op!r}; known: {', '.join(sorted(OP_KEYS))}")
+    request_type, allowed = types.request_type(op)
     extra = header.keys() - allowed
     if extra:
         raise BadRequest(f"unknown header key(s) for op {op!r}: {', '.join(map(repr, extra))}")
-    trace = _optional(header, "trace", str) or new_trace()
-    if trace is not None and len(trace) > MAX_TRACE_LEN:
+    trace = header.get("trace")
+    if trace is not None and not isinstance(trace, str):
+        raise BadRequest("'trace' must be a str")
+    if trace and len(trace) > MAX_TRACE_LEN:
         raise BadRequest(f"'trace' is longer than {MAX_TRACE_LEN} characters")
-    model = _optional(header, "model", str)
-    if op in MODEL_OPS and not model:
-        raise BadRequest(f"op {op!r} needs a 'model'")
-    pinned = header.get("version")
-    if pinned is not None and not (_is_int(pinned) and pinned >= 0):
-        raise BadRequest("'version' must be a non-negative integer")
-    deadline = header.get("deadline_ms")
-    if deadline is not None and not (_is_number(deadline) and 0 < deadline <= MAX_DEADLINE_MS):
-        raise BadRequest(f"'deadline_ms' must be a number above 0 and at most {MAX_DEADLINE_MS}")
-    specs = header.get("inputs", [])
-    if op not in ("infer", "upload") and tensors:
-        raise FrameMismatch(f"op {op!r} takes no tensor frames, got {len(tensors)}")
-    inputs = _decode_tensors(specs, tensors, limits) if op == "infer" else {}
-    target = None
-    if op == "cancel":
-        target = _valid_id(header.get("target"))
-        if target is None:
-            raise BadRequest("'target' must be the unsigned 64-bit id of the request to cancel")
-    return Request(
-        id=request_id,
-        op=op,
-        model=model,
-        version=pinned,
-        deadline_ms=float(deadline) if deadline is not None else None,
-        trace=trace,
-        inputs=inputs,
-        generation=_generation(header) if op == "generate" else None,
-        texts=_texts(header.get("input")) if op == "embed" else (),
-        target=target,
-        swap=_swap_args(header) if op in VERSION_OPS else None,
-        args={key: header[key] for key in OP_KEYS[op] if key in header} if op in ARGS_OPS else {},
-        data=_data_frame(tensors) if op == "upload" else None,
-    )
+    envelope = {"id": request_id, "op": op, "trace": trace or new_trace()}
+    return request_type.from_wire(envelope, header, frames, limits)
 
 
-def _data_frame(frames: Sequence[Buffer]) -> Buffer | None:
-    """``upload``'s chunk: one frame after the header, or none (a question of progress)."""
-    if len(frames) > 1:
-        raise FrameMismatch(f"op 'upload' takes one data frame at most, got {len(frames)}")
-    return frames[0] if frames else None
-
-
-def _swap_args(header: Mapping[str, Any]) -> SwapArgs:
-    path = _optional(header, "path", str)
-    if path is not None and (not valid_path(path) or header.get("version") is not None):
-        raise BadRequest(
-            "'path' must be a non-empty string without NUL, and not given with 'version'"
-        )
-    policy = header.get("policy")
-    policy = "auto" if policy is None else policy
-    if type(policy) is not str or policy not in SWAP_POLICIES:
-        raise BadRequest(f"'policy' must be one of {', '.join(SWAP_POLICIES)}")
-    force = header.get("force")
-    force = False if force is None else force
-    if type(force) is not bool:
-        raise BadRequest("'force' must be a boolean")
-    fraction = header.get("fraction")
-    fraction = 0.1 if fraction is None else fraction
-    if not (_is_number(fraction) and 0 < fraction <= 1):
-        raise BadRequest("'fraction' must be a number above 0 and at most 1")
-    return SwapArgs(path, policy, force, float(fraction))
-
-
-def _generation(header: Mapping[str, Any]) -> Generation:
-    prompt = header.get("prompt")
-    if not isinstance(prompt, str) or not prompt:
-        raise BadRequest("'prompt' must be a non-empty string")
-    values = {  # nil means the default, as for the other optional keys
-        key: default if header.get(key) is None else header[key]
-        for key, default in GENERATE_DEFAULTS.items()
-    }
-    max_tokens = values["max_tokens"]
-    if not _is_int(max_tokens) or not 1 <= max_tokens <= MAX_TOKENS:
-        raise BadRequest(f"'max_tokens' must be an integer from 1 to {MAX_TOKENS}")
-    stop = values["stop"]
-    if isinstance(stop, str):
-        stop = [stop]
-    if (
-        not isinstance(stop, (list, tuple))
-        or len(stop) > MAX_STOPS
-        or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LEN for s in stop)
-    ):
-        raise BadRequest(
-            f"'stop' must be a string or an array of at most {MAX_STOPS} non-empty strings of "
-            f"at most {MAX_STOP_LEN} characters"
-        )
-    temperature, top_p = values["temperature"], values["top_p"]
-    if not (_is_number(temperature) and 0 <= temperature <= 100):
-        raise BadRequest("'temperature' must be a number from 0 to 100 (0 is greedy)")
-    if not (_is_number(top_p) and 0 < top_p <= 1):
-        raise BadRequest("'top_p' must be a number above 0 and at most 1")
-    seed = values["seed"]
-    if seed is not None and not (_is_int(seed) and 0 <= seed <= MAX_SEED):
-        raise BadRequest(f"'seed' must be an integer from 0 to {MAX_SEED}")
-    return Generation(prompt, max_tokens, tuple(stop), float(temperature), float(top_p), seed)
-
-
-def _texts(value: Any) -> tuple[str, ...]:
-    texts = [value] if isinstance(value, str) else value
-    if (
-        not isinstance(texts, list)
-        or not 0 < len(texts) <= MAX_EMBED_TEXTS
-        or not all(isinstance(text, str) and text for text in texts)
-    ):
-        raise BadRequest(
-            f"'input' must be a non-empty string or an array of 1 to {MAX_EMBED_TEXTS} of them"
-        )
-    return tuple(texts)
-
-
-def _decode_tensors(
+def decode_tensors(
     specs: Any, frames: Sequence[Buffer], limits: Limits
 ) -> dict[str, np.ndarray[Any, Any]]:
     if not isinstance(specs, list):
@@ -430,27 +291,15 @@ _TRACE_PREFIX = os.urandom(4).hex()
 _TRACE_COUNTER = itertools.count(1)
 
 
-def _optional(header: Mapping[str, Any], key: str, kind: type) -> Any:
-    value = header.get(key)
-    if value is not None and not isinstance(value, kind):
-        raise BadRequest(f"{key!r} must be a {kind.__name__}")
-    return value
+def valid_id(value: Any) -> int | None:
+    return value if is_int(value) and 0 <= value <= MAX_ID else None
 
 
-def valid_path(value: Any) -> TypeGuard[str]:
-    """A file path a client may name: a non-empty string the OS can take (no NUL byte)."""
-    return type(value) is str and bool(value) and "\0" not in value
-
-
-def _valid_id(value: Any) -> int | None:
-    return value if _is_int(value) and 0 <= value <= MAX_ID else None
-
-
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return type(value) is int  # bool is a subclass of int, and never an integer here
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return (type(value) is int or type(value) is float) and math.isfinite(value)
 
 
@@ -538,12 +387,12 @@ def decode_reply(frames: Sequence[Buffer], limits: Limits | None = None) -> Repl
     if not frames:
         raise BadRequest("empty reply")
     header = unpack_header(frames[0], limits)
-    request_id = _valid_id(header.get("id"))
+    request_id = valid_id(header.get("id"))
     if not header.get("ok"):
         error = header.get("error")
         if not isinstance(error, dict):
             error = {}
         exc = error_from_code(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
         return Reply(id=request_id, fields=header, tensors={}, error=exc)
-    tensors = _decode_tensors(header.pop("outputs", []), frames[1:], limits)
+    tensors = decode_tensors(header.pop("outputs", []), frames[1:], limits)
     return Reply(id=request_id, fields=header, tensors=tensors)

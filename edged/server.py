@@ -25,7 +25,7 @@ import zmq
 from edged import protocol
 from edged.config import ServerConfig
 from edged.logsetup import log_error_reply
-from edged.protocol import Limits, Request, RequestRejected
+from edged.protocol import Limits, Request, RequestRejected, RequestTypes
 from edged.replies import ReplyTo
 from edged.zmqio import NOBLOCK, recv_frames, send_frames
 
@@ -38,7 +38,10 @@ LINGER_MS = 500
 
 
 class Service(Protocol):
-    """What an endpoint hands decoded requests to."""
+    """What an endpoint hands decoded requests to; ``ops`` are what it decodes them to."""
+
+    @property
+    def ops(self) -> RequestTypes: ...
 
     def handle(self, request: Request, reply: ReplyTo, peer: bytes) -> None: ...
 
@@ -64,6 +67,7 @@ class Endpoint:
         self._context = context
         self._config = config
         self._service = service
+        self._ops = service.ops
         self._loop = loop
         self._configure = configure
         self._limits = Limits(max_message_bytes=config.max_message_bytes)
@@ -152,7 +156,7 @@ class Endpoint:
             return self._send(envelope, frames)
 
         try:
-            request = protocol.decode_request([f.buffer for f in body], self._limits)
+            request = protocol.decode_request([f.buffer for f in body], self._limits, self._ops)
         except RequestRejected as rejected:
             error = rejected.error
             log_error_reply(error.code, error.message, request_id=rejected.request_id)

@@ -1,49 +1,41 @@
-"""The ops (ping, describe, infer, generate, embed, cancel): decoded requests in, replies out.
+"""The inference socket's service: what its ops (``edged/ops``) work with, and ``dispatch``,
+the one place where errors become replies.
 
 A model is used through the ``Runner`` protocol alone: which ops it serves, what ``describe``
-says of it, and how its requests queue are the runner's own.
-
-``handle`` is the one place where errors become replies: the ops raise, ``handle`` answers, and
-a request that waited for its model to load comes back through ``handle`` too.
+says of it, and how its requests queue are the runner's own. The ops raise, ``handle``
+answers; a request that waited for its model to load comes back through ``handle`` too.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import Counter
-from collections.abc import Callable
-from typing import Any
+from typing import TypeVar
 
-from edged import __version__
-from edged.errors import (
-    EdgedError,
-    InternalError,
-    ShuttingDown,
-    UnknownModel,
-    UnknownOp,
-    UnknownRequest,
-)
+from edged.errors import EdgedError, InternalError, ShuttingDown, UnknownModel, UnknownRequest
 from edged.logsetup import log_error_reply, log_fields
+from edged.models.calls import Infer, Inference
 from edged.models.candidate import Candidate
 from edged.models.registry import Registry, Runner
 from edged.models.runner import ModelRunner
+from edged.opunit import OpTable
 from edged.protocol import Request
 from edged.replies import ReplyTo
+from edged.requests import ModelRequest, VersionedRequest
 
 CANCELLABLE_OPS = frozenset({"generate", "embed"})
 #: error replies by (model, wire code)
 ErrorCounts = Counter[tuple[str, str]]
-#: an op's handler: the request, where its replies go, and the connection it came from
-Handler = Callable[[Request, ReplyTo, bytes], None]
+Ctx = TypeVar("Ctx")
 
 log = logging.getLogger(__name__)
 
 
 class InferenceService:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, ops: OpTable[InferenceService]) -> None:
         self.registry = registry
+        self.ops = ops
         self.accepting = True
         self._pending: set[Runner] = set()
         #: requests received, for the rate in systemd's status line
@@ -52,19 +44,10 @@ class InferenceService:
         self.errors: ErrorCounts = Counter()
         #: generate/embed requests waiting for their model's load, by (peer, id): cancelled?
         self._parked: dict[tuple[bytes, int], bool] = {}
-        self._ops: dict[str, Handler] = {
-            "ping": self._ping,
-            "describe": self._describe,
-            "infer": self._submit,
-            "generate": self._submit,
-            "embed": self._submit,
-            "cancel": self._cancel,
-        }
 
     def handle(self, request: Request, reply: ReplyTo, peer: bytes = b"") -> None:
         self.handled += 1
-        elsewhere = "is served on the control socket, not here"
-        dispatch(self._ops, request, reply, peer, elsewhere, errors=self.errors)
+        dispatch(self.ops, self, request, reply, peer, errors=self.errors)
 
     def pump(self) -> None:
         """Start runs for what was admitted since the last pump (batches form in between)."""
@@ -72,75 +55,30 @@ class InferenceService:
         for runner in pending:
             runner.pump()
 
-    def _ping(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
-        state = "serving" if self.accepting else "draining"
-        fields = {
-            "server": "edged",
-            "edged_version": __version__,
-            "pid": os.getpid(),
-            "state": state,
-            "models": [slot.name for slot in self.registry],
-            "loaded": [slot.name for slot in self.registry if slot.runner is not None],
-            "memory": self._memory(),
-        }
-        reply.ok(fields)
-
-    def _memory(self) -> dict[str, Any]:
-        stats = self.registry.budget.statistics()
-        per_model = {
-            name: {
-                "charged_bytes": stats.charged_bytes.get(name),
-                "estimated_bytes": stats.estimated_bytes.get(name),
-                "measured_bytes": stats.measured_bytes.get(name),
-                "returned_bytes": stats.returned_bytes.get(name),
-            }
-            for name in sorted({*stats.estimated_bytes, *stats.returned_bytes})
-        }
-        return {
-            "budget_bytes": stats.capacity_bytes,
-            "reserve_bytes": stats.reserve_bytes,
-            "used_bytes": stats.used_bytes,
-            "models": per_model,
-        }
-
-    def _describe(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
-        runner = self._loaded(request, reply, peer)
-        if runner is None:
-            return
-        fields = {"model": runner.name, "version": runner.version, **runner.describe()}
-        reply.ok(fields)
-
-    def _submit(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
+    def submit(self, request: Inference, reply: ReplyTo, peer: bytes) -> None:
         """``infer``, ``generate`` and ``embed``: queued on the model (or its canary); runs
         start on the next ``pump``."""
         self._check_accepting()
-        runner = self._loaded(request, reply, peer)
+        runner = self.loaded(request, reply, peer)
         if runner is None:
             return
         if request.op not in runner.ops:
             raise runner.unsupported(request.op)
         shadow = self._shadow(request, runner)
-        if shadow is None:
+        if shadow is None or not isinstance(request, Infer):
             runner.submit(request, reply, peer)
         else:
             self._submit_shadowed(runner, shadow, request, reply, peer)
         self._pending.add(runner)
 
-    def _cancel(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
-        target = request.target
-        assert target is not None  # the protocol guarantees it for cancel
+    def cancel(self, peer: bytes, target: int) -> bool:
+        """Cancel ``peer``'s request ``target``; ``False`` when it is neither waiting for its
+        model nor queued or running."""
         parked = (peer, target)
         if self._parked.get(parked) is False:  # waiting for its model: cancelled once admitted
             self._parked[parked] = True
-            found = True
-        else:
-            found = self._cancel_admitted(peer, target)
-        if not found:
-            raise UnknownRequest(
-                f"no generate or embed request with id {target} is queued or running for "
-                f"this connection"
-            )
-        reply.ok({"cancelled": target})
+            return True
+        return self._cancel_admitted(peer, target)
 
     def _cancel_admitted(self, peer: bytes, target: int) -> bool:
         return any(runner.cancel(peer, target) for runner in self.registry.runners())
@@ -149,7 +87,7 @@ class InferenceService:
         if not self.accepting:
             raise ShuttingDown("the daemon is shutting down; retry against its successor")
 
-    def _shadow(self, request: Request, runner: Runner) -> Candidate | None:
+    def _shadow(self, request: Inference, runner: Runner) -> Candidate | None:
         """The model's shadow candidate when ``request`` runs on its active version."""
         candidate = self.registry.slot(runner.name).candidate
         if candidate is None or candidate.mode != "shadow" or request.version is not None:
@@ -157,7 +95,7 @@ class InferenceService:
         return candidate if candidate.runner is not runner else None
 
     def _submit_shadowed(
-        self, runner: Runner, candidate: Candidate, request: Request, reply: ReplyTo, peer: bytes
+        self, runner: Runner, candidate: Candidate, request: Infer, reply: ReplyTo, peer: bytes
     ) -> None:
         """Queue an ``infer`` on the active version and its twin on the shadow candidate,
         whose outputs are compared and never sent."""
@@ -175,10 +113,10 @@ class InferenceService:
             return
         self._pending.add(shadow)
 
-    def _loaded(self, request: Request, reply: ReplyTo, peer: bytes) -> Runner | None:
+    def loaded(self, request: VersionedRequest, reply: ReplyTo, peer: bytes) -> Runner | None:
         """The model's runner (or its canary's), or ``None`` after parking the request until
         the model loads."""
-        slot = self.registry.slot(str(request.model))
+        slot = self.registry.slot(request.model)
         runner = slot.runner_for(request.version)
         if runner is not None:
             slot.last_used_ns = time.monotonic_ns()
@@ -218,25 +156,21 @@ class InferenceService:
 
 
 def dispatch(
-    ops: dict[str, Handler],
+    ops: OpTable[Ctx],
+    ctx: Ctx,
     request: Request,
     reply: ReplyTo,
     peer: bytes,
-    elsewhere: str,
     *,
     errors: ErrorCounts | None = None,
 ) -> None:
     """Run the op's handler; the one place where errors become replies (tracebacks stay in
-    the log), counted per model in ``errors``. ``elsewhere`` completes the message for an op
-    this socket does not serve."""
+    the log), counted per model in ``errors``."""
     try:
-        handler = ops.get(request.op)
-        if handler is None:
-            raise UnknownOp(f"op {request.op!r} {elsewhere}")
-        handler(request, reply, peer)
+        ops.handle(ctx, request, reply, peer)
     except EdgedError as exc:
         # an unknown name is not a model: no series (and no rate-limit key) of its own
-        model = "" if exc.code == UnknownModel.code else request.model or ""
+        model = "" if exc.code == UnknownModel.code else model_of(request)
         # a cancel that found nothing lost a race with its target's end: answered, not counted
         if errors is not None and exc.code != UnknownRequest.code:
             errors[model, exc.code] += 1
@@ -247,7 +181,7 @@ def dispatch(
             request.id,
             request.op,
             request.trace,
-            extra=log_fields(model=request.model, trace=request.trace, code="INTERNAL"),
+            extra=log_fields(model=model_of(request) or None, trace=request.trace, code="INTERNAL"),
         )
         error = InternalError("internal error; the daemon log has the details")
         reply.fail(error)
@@ -259,3 +193,8 @@ def reply_error(request: Request, reply: ReplyTo, error: EdgedError, model: str)
         error.code, error.message, model=model, trace=request.trace, request_id=request.id
     )
     reply.fail(error)
+
+
+def model_of(request: Request) -> str:
+    """The model ``request`` names, or ``""`` for an op on no model."""
+    return request.model if isinstance(request, ModelRequest) else ""

@@ -15,9 +15,22 @@ import msgpack
 import numpy as np
 
 from edged import protocol
+from edged.control.ops import CONTROL_OPS
 from edged.errors import EdgedError
+from edged.ops import DATA_OPS
+from edged.opunit import Op, OpTable
+
+#: every op of both sockets (``ping`` and ``cancel`` take the same keys on each)
+EVERY_OP: dict[str, Op[Any, Any]] = {**DATA_OPS, **CONTROL_OPS}
+#: what decoding knows when it may meet any op
+ALL_OPS = OpTable(EVERY_OP)
 
 X = np.arange(12, dtype=np.float32).reshape(3, 4)
+
+
+def decode_request(frames: list[Any], limits: protocol.Limits) -> protocol.Request:
+    """Decode a request of any op, as either socket would."""
+    return protocol.decode_request(frames, limits, ALL_OPS)
 
 
 def _as_bytes(messages: list[list[Any]]) -> list[list[bytes]]:

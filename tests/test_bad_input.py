@@ -13,9 +13,11 @@ import zmq
 
 from edged import protocol
 from edged.errors import ClientTimeout, TooLarge
+from edged.requests import ModelRequest
 from edged.testing import DaemonProcess
 from tests.bundles import signing_keys, start_ota_daemon
 from tests.conftest import Connect, DaemonFactory
+from tests.messages import EVERY_OP
 
 LIMIT = 64 * 1024
 X = np.zeros((1, 16), np.float32)
@@ -170,12 +172,12 @@ def test_no_value_of_any_field_of_any_op_gets_internal(
     sockets = {"infer": connect(daemon.endpoint), "control": connect(daemon.control_endpoint)}
     codes: Counter[str] = Counter()
     request_id = 100
-    for op, keys in protocol.OP_KEYS.items():
-        for key in sorted(keys) or (["trace"] if op == "ping" else []):
+    for op, unit in EVERY_OP.items():
+        for key in sorted(unit.request.wire_keys()) or (["trace"] if op == "ping" else []):
             for value in ABSURD_VALUES:
                 request_id += 1
                 header = {"v": 1, "id": request_id, "op": op, **BASE_FIELDS.get(op, {})}
-                if op in protocol.MODEL_OPS:
+                if issubclass(unit.request, ModelRequest):
                     header["model"] = "m"
                 header[key] = value
                 sock = sockets["infer" if op in INFERENCE_OPS else "control"]

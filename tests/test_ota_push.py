@@ -18,10 +18,12 @@ import pytest
 
 from edged import protocol
 from edged.client import Client
+from edged.control.ops.upload import Upload
 from edged.errors import BadBundle, BadRequest, FrameMismatch, TooLarge
 from edged.testing import DaemonProcess
 from tests.bundles import WIDTH, make, serving, signing_keys, start_ota_daemon
 from tests.conftest import EDGECTL, DaemonFactory, edgectl_json
+from tests.messages import decode_request
 
 CHUNK = 4096
 Ota = tuple[DaemonProcess, dict[str, Path]]
@@ -65,11 +67,12 @@ def kept(daemon: DaemonProcess) -> list[str]:
 def test_a_chunk_travels_as_one_raw_frame_after_the_header() -> None:
     fields = {"sha256": "a" * 64, "size": 3, "offset": 0}
     frames = protocol.encode_request(1, "upload", fields=fields, data=b"\0\xff\n")
-    request = protocol.decode_request(frames, protocol.Limits())
+    request = decode_request(frames, protocol.Limits())
+    assert isinstance(request, Upload)
     assert request.data is not None and bytes(request.data) == b"\0\xff\n"
-    assert request.args == fields
+    assert (request.sha256, request.size, request.offset) == ("a" * 64, 3, 0)
     with pytest.raises(protocol.RequestRejected, match="one data frame at most") as refused:
-        protocol.decode_request([*frames, b"more"], protocol.Limits())
+        decode_request([*frames, b"more"], protocol.Limits())
     assert isinstance(refused.value.error, FrameMismatch)
 
 

@@ -22,6 +22,8 @@ from edged.errors import (
     UnsupportedVersion,
 )
 from edged.protocol import Limits, RequestRejected
+from edged.requests import MAX_DEADLINE_MS
+from tests.messages import decode_request
 
 LIMITS = Limits(max_message_bytes=1 << 20)
 
@@ -44,7 +46,7 @@ def infer_header(**overrides: Any) -> dict[str, Any]:
 
 def rejected(frames: list[bytes], limits: Limits = LIMITS) -> RequestRejected:
     with pytest.raises(RequestRejected) as info:
-        protocol.decode_request(frames, limits)
+        decode_request(frames, limits)
     return info.value
 
 
@@ -54,7 +56,7 @@ def test_round_trip_keeps_values_dtype_and_shape() -> None:
     frames = protocol.encode_request(
         9, "infer", model="m", inputs={"x": x, "mask": mask}, deadline_ms=5, trace="t-1"
     )
-    request = protocol.decode_request([bytes(memoryview(f)) for f in frames], LIMITS)
+    request = decode_request([bytes(memoryview(f)) for f in frames], LIMITS)
     assert (request.id, request.op, request.model, request.trace) == (9, "infer", "m", "t-1")
     assert request.deadline_ms == 5.0
     np.testing.assert_array_equal(request.inputs["x"], x)
@@ -64,7 +66,7 @@ def test_round_trip_keeps_values_dtype_and_shape() -> None:
 
 def test_decoded_tensor_is_a_view_on_the_frame_not_a_copy() -> None:
     payload = bytearray(np.arange(6, dtype=np.float32).tobytes())
-    request = protocol.decode_request(frames_of(infer_header(), payload), LIMITS)
+    request = decode_request(frames_of(infer_header(), payload), LIMITS)
     payload[0:4] = np.float32(42).tobytes()
     assert request.inputs["x"][0, 0] == 42
 
@@ -76,7 +78,7 @@ def test_scalar_and_empty_tensors_are_accepted() -> None:
             {"name": "e", "dtype": "float32", "shape": [0, 4]},
         ]
     )
-    request = protocol.decode_request(frames_of(header, np.int64(16000).tobytes(), b""), LIMITS)
+    request = decode_request(frames_of(header, np.int64(16000).tobytes(), b""), LIMITS)
     assert request.inputs["sr"].shape == () and int(request.inputs["sr"]) == 16000
     assert request.inputs["e"].shape == (0, 4)
 
@@ -156,10 +158,10 @@ def test_bad_messages_get_specific_errors(
 
 def test_a_day_is_the_longest_deadline_and_bools_of_0_and_1_pass() -> None:
     header = infer_header(
-        deadline_ms=protocol.MAX_DEADLINE_MS,
+        deadline_ms=MAX_DEADLINE_MS,
         inputs=[{"name": "m", "dtype": "bool", "shape": [2]}],
     )
-    request = protocol.decode_request(frames_of(header, b"\1\0"), LIMITS)
+    request = decode_request(frames_of(header, b"\1\0"), LIMITS)
     assert request.deadline_ms == 86_400_000.0
     assert request.inputs["m"].tolist() == [True, False]
 
@@ -190,7 +192,7 @@ def test_unknown_error_code_from_a_newer_daemon_stays_readable() -> None:
 @given(st.lists(st.binary(max_size=64), min_size=0, max_size=4))
 def test_arbitrary_frames_only_raise_request_rejected(frames: list[bytes]) -> None:
     try:
-        protocol.decode_request(frames, LIMITS)
+        decode_request(frames, LIMITS)
     except RequestRejected as rejection:
         assert isinstance(rejection.error, EdgedError)
 
@@ -213,14 +215,14 @@ def test_arbitrary_headers_only_raise_request_rejected(
     header: dict[str, Any], tensors: list[bytes]
 ) -> None:
     try:
-        protocol.decode_request([msgpack.packb(header), *tensors], LIMITS)
+        decode_request([msgpack.packb(header), *tensors], LIMITS)
     except RequestRejected as rejection:
         assert isinstance(rejection.error, EdgedError)
 
 
 def test_zero_dimensional_tensor_keeps_its_shape() -> None:
     frames = protocol.encode_request(1, "infer", model="m", inputs={"sr": np.array(16000)})
-    request = protocol.decode_request([bytes(memoryview(f)) for f in frames], LIMITS)
+    request = decode_request([bytes(memoryview(f)) for f in frames], LIMITS)
     assert request.inputs["sr"].shape == ()
 
 
@@ -232,7 +234,7 @@ def test_a_rejected_request_keeps_no_reference_to_its_frames() -> None:
     header = msgpack.packb({"v": 1, "id": 1, "op": "infer", "model": "m", "inputs": []})
     frames: list[Any] = [header, memoryview(buffer)]
     try:
-        protocol.decode_request(frames, Limits())
+        decode_request(frames, Limits())
     except RequestRejected as rejected:
         error = rejected.error
     del frames, buffer

@@ -15,9 +15,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edged import protocol
+from edged.control.ops.canary import Canary
+from edged.control.ops.swap import VersionTarget
 from edged.errors import EdgedError
+from edged.models.calls import Generate
 from edged.protocol import Limits, RequestRejected
-from tests.messages import ABSURD_NUMBERS, mutate, valid_replies, valid_requests
+from edged.requests import MAX_DEADLINE_MS, InferenceRequest
+from tests.messages import (
+    ABSURD_NUMBERS,
+    ALL_OPS,
+    EVERY_OP,
+    mutate,
+    valid_replies,
+    valid_requests,
+)
 
 LIMITS = Limits(max_message_bytes=1 << 20)
 REQUESTS = valid_requests()
@@ -29,12 +40,12 @@ DECODE_CODES = {"BAD_REQUEST", "UNSUPPORTED_VERSION", "UNKNOWN_OP", "FRAME_MISMA
 def decode_request(frames: list[bytes]) -> protocol.Request | None:
     """The request, or None when it was refused with the documented error."""
     try:
-        request = protocol.decode_request(frames, LIMITS)
+        request = protocol.decode_request(frames, LIMITS, ALL_OPS)
     except RequestRejected as rejection:
         assert isinstance(rejection.error, EdgedError)
         assert rejection.error.code in DECODE_CODES, rejection.error
         return None
-    assert request.op in protocol.OP_KEYS
+    assert request.op in EVERY_OP
     assert_usable(request)
     return request
 
@@ -42,15 +53,16 @@ def decode_request(frames: list[bytes]) -> protocol.Request | None:
 def assert_usable(request: protocol.Request) -> None:
     """What the daemon computes from a decoded request's numbers and paths cannot fail: a
     deadline in nanoseconds, sampling settings, a canary's share, a file to open."""
-    if request.deadline_ms is not None:
-        assert 0 < request.deadline_ms <= protocol.MAX_DEADLINE_MS
+    if isinstance(request, InferenceRequest) and request.deadline_ms is not None:
+        assert 0 < request.deadline_ms <= MAX_DEADLINE_MS
         assert int(request.deadline_ms * 1e6) >= 0  # no overflow
-    if request.generation is not None:
-        assert math.isfinite(request.generation.temperature)
-        assert math.isfinite(request.generation.top_p)
-    if request.swap is not None:
-        assert 0 < request.swap.fraction <= 1
-        assert request.swap.path is None or "\0" not in request.swap.path
+    if isinstance(request, Generate):
+        assert math.isfinite(request.sampling.temperature)
+        assert math.isfinite(request.sampling.top_p)
+    if isinstance(request, Canary):
+        assert 0 < request.fraction <= 1
+    if isinstance(request, VersionTarget):
+        assert request.path is None or "\0" not in request.path
 
 
 @settings(max_examples=1500, deadline=200, suppress_health_check=[HealthCheck.too_slow])
@@ -118,7 +130,7 @@ def test_any_number_or_string_in_a_checked_field_is_refused_or_usable(
 
 
 def test_every_valid_message_decodes() -> None:
-    ops = [protocol.decode_request(frames, LIMITS).op for frames in REQUESTS]
+    ops = [decode_request(frames).op for frames in REQUESTS]
     assert ops == [
         "infer",
         "generate",

@@ -9,25 +9,31 @@ import pytest
 
 from edged import protocol
 from edged.errors import BadRequest
+from edged.models.calls import Generate, Sampling
 from edged.models.gguf import StopScanner
 from edged.protocol import Limits, RequestRejected
+from tests.messages import decode_request
 
 LIMITS = Limits()
 
 
 def decode(**header: Any) -> protocol.Request:
-    return protocol.decode_request([msgpack.packb({"v": 1, "id": 3, **header})], LIMITS)
+    return decode_request([msgpack.packb({"v": 1, "id": 3, **header})], LIMITS)
 
 
 def test_generate_takes_llama_cpp_defaults_and_a_single_stop_string() -> None:
     request = decode(op="generate", model="m", prompt="hi")
-    assert request.generation == protocol.Generation("hi", 128, (), 0.8, 0.95, None)
+    assert isinstance(request, Generate) and request.prompt == "hi"
+    assert request.sampling == Sampling(
+        max_tokens=128, stop=(), temperature=0.8, top_p=0.95, seed=None
+    )
     nils = dict.fromkeys(("max_tokens", "stop", "temperature", "top_p", "seed"))
-    assert decode(op="generate", model="m", prompt="hi", **nils).generation == request.generation
+    again = decode(op="generate", model="m", prompt="hi", **nils)
+    assert isinstance(again, Generate) and again.sampling == request.sampling
     request = decode(op="generate", model="m", prompt="hi", stop="\n", temperature=0, seed=5)
-    assert request.generation is not None
-    assert request.generation.stop == ("\n",) and request.generation.temperature == 0.0
-    assert request.generation.seed == 5
+    assert isinstance(request, Generate)
+    assert request.sampling.stop == ("\n",) and request.sampling.temperature == 0.0
+    assert request.sampling.seed == 5
 
 
 @pytest.mark.parametrize(

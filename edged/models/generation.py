@@ -35,10 +35,10 @@ from edged.errors import (
     SwapRejected,
 )
 from edged.logsetup import log_fields
+from edged.models.calls import Embed, Generate, Inference, Sampling
 from edged.models.latency import RequestLatency
 from edged.models.runner import FairShare, IdleWaiters, fail_logged, run_failed
 from edged.models.validation import Interface
-from edged.protocol import Generation, Request
 from edged.replies import ReplyTo
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 CANCELLED = "cancelled"
 #: what a warm-up or a self-test asks of a model: one token, or one embedding
 WARM_UP_PROMPT = "hello"
-WARM_UP = Generation(WARM_UP_PROMPT, 1, (), 0.0, 1.0, 0)
+WARM_UP = Sampling(max_tokens=1, temperature=0.0, top_p=1.0, seed=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +72,7 @@ class TextBackend(Protocol):
 
     def tokenize(self, text: str) -> list[int]: ...
 
-    def stream(self, tokens: list[int], generation: Generation) -> Iterator[Piece]: ...
+    def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Piece]: ...
 
     def embed(self, texts: tuple[str, ...]) -> np.ndarray[Any, Any]: ...
 
@@ -85,7 +85,7 @@ class TextBackend(Protocol):
 class TextJob:
     """One admitted ``generate`` or ``embed`` request."""
 
-    request: Request
+    request: Generate | Embed
     peer: bytes
     reply: ReplyTo
     arrived_ns: int
@@ -194,8 +194,10 @@ class GenerationRunner:
             f"model {self.name!r} is a GGUF language model: use generate or embed, not {op}"
         )
 
-    def submit(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
+    def submit(self, request: Inference, reply: ReplyTo, peer: bytes) -> None:
         """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
+        if not isinstance(request, (Generate, Embed)):
+            raise self.unsupported(request.op)
         self._counters.requests += 1
         tokens, count = self._admit(request)
         try:
@@ -301,19 +303,21 @@ class GenerationRunner:
         used from two threads at once."""
         done: asyncio.Future[None] = self._loop.create_future()
         if self.backend.embedding:
-            probe = Request(0, "embed", model=self.name, texts=(WARM_UP_PROMPT,))
+            probe: Inference = Embed(id=0, op="embed", model=self.name, texts=(WARM_UP_PROMPT,))
         else:
-            probe = Request(0, "generate", model=self.name, generation=WARM_UP)
+            probe = Generate(
+                id=0, op="generate", model=self.name, prompt=WARM_UP_PROMPT, sampling=WARM_UP
+            )
         self.submit(probe, _Outcome(done), b"selftest")
         await done
 
     # -- on the event loop ----------------------------------------------------------------
 
-    def _admit(self, request: Request) -> tuple[list[int], int]:
+    def _admit(self, request: Generate | Embed) -> tuple[list[int], int]:
         """Check the prompt against the context; the prompt's tokens and how many tokens the
         request reads."""
         backend, n_ctx = self.backend, self.backend.n_ctx
-        if request.op == "embed":
+        if isinstance(request, Embed):
             limit = min(n_ctx, backend.n_batch)  # llama.cpp embeds a text in one batch
             total = 0
             for index, text in enumerate(request.texts):
@@ -325,14 +329,12 @@ class GenerationRunner:
                     )
                 total += count
             return [], total
-        generation = request.generation
-        assert generation is not None  # the protocol guarantees it for generate
-        tokens = backend.tokenize(generation.prompt)
-        if len(tokens) + generation.max_tokens > n_ctx:
+        max_tokens = request.sampling.max_tokens
+        tokens = backend.tokenize(request.prompt)
+        if len(tokens) + max_tokens > n_ctx:
             raise ContextOverflow(
-                f"the prompt is {len(tokens)} tokens and max_tokens is {generation.max_tokens}: "
-                f"{len(tokens) + generation.max_tokens} exceed model {self.name!r}'s n_ctx "
-                f"{n_ctx}"
+                f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: "
+                f"{len(tokens) + max_tokens} exceed model {self.name!r}'s n_ctx {n_ctx}"
             )
         return tokens, len(tokens)
 
@@ -402,7 +404,7 @@ class GenerationRunner:
 
     def _reply_final(self, job: TextJob) -> None:
         request = job.request
-        if request.op == "embed" and (job.cancelled or job.embedding is None):
+        if isinstance(request, Embed) and (job.cancelled or job.embedding is None):
             self._fail(job, Cancelled(f"embed request {request.id} was cancelled"))  # no result
             return
         if job.replied:
@@ -437,20 +439,19 @@ class GenerationRunner:
     def _work(self) -> None:
         while (job := self._inbox.get()) is not None:
             try:
-                if job.request.op == "embed":
-                    job.embedding = self.backend.embed(job.request.texts)
+                request = job.request
+                if isinstance(request, Embed):
+                    job.embedding = self.backend.embed(request.texts)
                 else:
-                    self._generate(job)
+                    self._generate(job, request)
             except Exception as exc:  # any backend failure becomes this job's error reply
                 job.error = run_failed(self.name, exc)
             job.ended_ns = time.monotonic_ns()
             if not self._post(self._finished, job):
                 return
 
-    def _generate(self, job: TextJob) -> None:
-        generation = job.request.generation
-        assert generation is not None
-        stream = self.backend.stream(job.prompt_tokens, generation)
+    def _generate(self, job: TextJob, request: Generate) -> None:
+        stream = self.backend.stream(job.prompt_tokens, request.sampling)
         interval_ns = int(self.config.gguf.stream_interval_ms * 1e6)
         posted_ns = 0  # the first piece goes at once
         try:

@@ -20,8 +20,8 @@ import numpy as np
 
 from edged.config import GgufOptions
 from edged.errors import ModelLoadError
+from edged.models.calls import Sampling
 from edged.models.generation import Piece
-from edged.protocol import Generation
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +154,13 @@ class GgufBackend:
             "embedding": self.embedding,
         }
 
-    def stream(self, tokens: list[int], generation: Generation) -> Iterator[Piece]:
+    def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Piece]:
         llm = self._llm
-        seed = generation.seed if generation.seed is not None else random.getrandbits(32)
+        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
         llm.set_seed(seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopScanner(generation.stop)
-        sampled = llm.generate(tokens, top_p=generation.top_p, temp=generation.temperature)
+        stops = StopScanner(sampling.stop)
+        sampled = llm.generate(tokens, top_p=sampling.top_p, temp=sampling.temperature)
         for produced, token in enumerate(sampled, start=1):
             if self._is_eog(self._vocab, token):
                 yield Piece(stops.flush() + decoder.decode(b"", final=True), 0, "stop")
@@ -169,7 +169,7 @@ class GgufBackend:
             if stopped:
                 yield Piece(text, 1, "stop")
                 return
-            if produced >= generation.max_tokens:
+            if produced >= sampling.max_tokens:
                 tail = stops.flush() + decoder.decode(b"", final=True)
                 yield Piece(text + tail, 1, "length")
                 return

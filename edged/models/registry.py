@@ -33,11 +33,11 @@ from edged.errors import (
 )
 from edged.logsetup import log_fields
 from edged.models.budget import MIB, MemoryBudget, footprint, give_back_freed_memory
+from edged.models.calls import Inference
 from edged.models.generation import GenerationStatistics
 from edged.models.latency import RequestLatency
 from edged.models.runner import RunnerStatistics
 from edged.models.validation import Interface
-from edged.protocol import Request
 from edged.replies import ReplyTo
 from edged.tasks import TaskGroup
 
@@ -81,7 +81,7 @@ class Runner(Protocol):
         """The refusal for ``op``, one of the model ops it does not serve."""
         ...
 
-    def submit(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
+    def submit(self, request: Inference, reply: ReplyTo, peer: bytes) -> None:
         """Check and queue a request for one of ``ops``, or refuse it at once."""
         ...
 

@@ -29,9 +29,9 @@ from edged.errors import BusyError, DeadlineExceeded, EdgedError, OpNotSupported
 from edged.logsetup import log_error_reply
 from edged.models import batching
 from edged.models.backend import Arrays, Backend
+from edged.models.calls import Infer, Inference
 from edged.models.latency import RequestLatency
 from edged.models.validation import Interface, rehearse_tensors
-from edged.protocol import Request
 from edged.replies import ReplyTo
 
 Outputs = dict[str, np.ndarray[Any, Any]]
@@ -286,11 +286,13 @@ class ModelRunner:
     def unsupported(self, op: str) -> OpNotSupported:
         return OpNotSupported(f"model {self.name!r} is an ONNX model: use infer, not {op}")
 
-    def submit(self, request: Request, reply: ReplyTo, peer: bytes) -> None:
+    def submit(self, request: Inference, reply: ReplyTo, peer: bytes) -> None:
         """Check an ``infer`` request's inputs and admit it (``admit``)."""
+        if not isinstance(request, Infer):
+            raise self.unsupported(request.op)
         self.admit(self.job(request, reply, peer))
 
-    def job(self, request: Request, reply: ReplyTo, peer: bytes) -> Job:
+    def job(self, request: Infer, reply: ReplyTo, peer: bytes) -> Job:
         """The job for an ``infer`` request, once its inputs match the signature."""
         self.backend.signature.check(self.name, request.inputs)
         now = time.monotonic_ns()

@@ -1,0 +1,145 @@
+"""What the model runners serve: ``infer``, ``generate`` and ``embed`` requests, each checking
+itself (see ``protocol.Request``), and the sampling settings a generation runs with."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+
+from edged.errors import BadRequest
+from edged.protocol import Buffer, Limits, decode_tensors, given, is_int, is_number
+from edged.requests import InferenceRequest
+
+MAX_STOPS = 16
+MAX_STOP_LEN = 256
+MAX_EMBED_TEXTS = 64
+MAX_SEED = 2**32 - 1
+MAX_TOKENS = 2**31 - 1
+
+C = TypeVar("C", bound="InferenceRequest")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sampling:
+    """How a generation picks and ends its tokens (llama-cpp-python's defaults, except
+    ``max_tokens``); the header keys are these fields' names."""
+
+    max_tokens: int = 128
+    stop: tuple[str, ...] = ()
+    temperature: float = 0.8
+    top_p: float = 0.95
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS:
+            raise BadRequest(f"'max_tokens' must be an integer from 1 to {MAX_TOKENS}")
+        stop: Any = self.stop
+        if isinstance(stop, str):
+            stop = [stop]
+        if (
+            not isinstance(stop, (list, tuple))
+            or len(stop) > MAX_STOPS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LEN for s in stop)
+        ):
+            raise BadRequest(
+                f"'stop' must be a string or an array of at most {MAX_STOPS} non-empty strings "
+                f"of at most {MAX_STOP_LEN} characters"
+            )
+        if not (is_number(self.temperature) and 0 <= self.temperature <= 100):
+            raise BadRequest("'temperature' must be a number from 0 to 100 (0 is greedy)")
+        if not (is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise BadRequest("'top_p' must be a number above 0 and at most 1")
+        if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
+            raise BadRequest(f"'seed' must be an integer from 0 to {MAX_SEED}")
+        object.__setattr__(self, "stop", tuple(stop))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+
+
+SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(Sampling))
+DEFAULT_SAMPLING = Sampling()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Infer(InferenceRequest):
+    """``infer``: named input tensors, views on the message's frames."""
+
+    inputs: Mapping[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def from_wire(
+        cls: type[C],
+        envelope: dict[str, Any],
+        header: Mapping[str, Any],
+        frames: Sequence[Buffer],
+        limits: Limits,
+    ) -> C:
+        values = given(header)
+        specs = values.pop("inputs", [])
+        request = cls(**envelope, **values)  # the header's own checks first
+        # still being made: the tensors are its last field, decoded once the rest is valid
+        object.__setattr__(request, "inputs", decode_tensors(specs, frames, limits))
+        return request
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generate(InferenceRequest):
+    """``generate``: text to continue, and how."""
+
+    prompt: str = ""
+    sampling: Sampling = DEFAULT_SAMPLING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise BadRequest("'prompt' must be a non-empty string")
+
+    @classmethod
+    def wire_keys(cls) -> frozenset[str]:
+        return frozenset({"model", "version", "deadline_ms", "prompt"}) | SAMPLING_KEYS
+
+    @classmethod
+    def wire_values(cls, header: Mapping[str, Any]) -> dict[str, Any]:
+        values = given(header)
+        options = {key: values.pop(key) for key in SAMPLING_KEYS & values.keys()}
+        values["sampling"] = Sampling(**options) if options else DEFAULT_SAMPLING
+        return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class Embed(InferenceRequest):
+    """``embed``: one or more texts (the header's ``input``), one embedding each."""
+
+    texts: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        texts: Any = self.texts
+        texts = (texts,) if isinstance(texts, str) else texts
+        if (
+            not isinstance(texts, (list, tuple))
+            or not 0 < len(texts) <= MAX_EMBED_TEXTS
+            or not all(isinstance(text, str) and text for text in texts)
+        ):
+            raise BadRequest(
+                f"'input' must be a non-empty string or an array of 1 to {MAX_EMBED_TEXTS} of them"
+            )
+        object.__setattr__(self, "texts", tuple(texts))
+
+    @classmethod
+    def wire_keys(cls) -> frozenset[str]:
+        return frozenset({"model", "version", "deadline_ms", "input"})
+
+    @classmethod
+    def wire_values(cls, header: Mapping[str, Any]) -> dict[str, Any]:
+        values = given(header)
+        values["texts"] = values.pop("input", ())
+        return values
+
+
+#: what a model's runner is asked to do
+Inference = Infer | Generate | Embed
