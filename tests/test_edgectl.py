@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from edged.control.ops import CONTROL_OPS
 from edged.edgectl import main as edgectl_main
 from edged.faults import ENV
 from edged.testing import DaemonProcess
@@ -136,3 +137,34 @@ def test_a_public_key_as_client_key_is_a_usage_error(tmp_path: Path) -> None:
         f"edgectl: error: {tmp_path / 'client.key'} is a public key: the client's key is its "
         "secret one, NAME.key_secret (NAME.key is the public half that the daemon authorizes)"
     )
+
+
+def test_every_command_comes_from_the_control_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    """edgectl offers each control op that has help, with the op's own arguments, and no
+    command that is not an op (besides the local push and keys)."""
+    with pytest.raises(SystemExit):
+        edgectl_main(["--help"])
+    listed = capsys.readouterr().out.split("{", 1)[1].split("}", 1)[0].split(",")
+    commands = [name for name, op in CONTROL_OPS.items() if op.help]
+    assert listed == [*commands, "push", "keys"]
+    for name in commands:
+        with pytest.raises(SystemExit):
+            edgectl_main([name, "--help"])
+        usage = capsys.readouterr().out
+        for argument in CONTROL_OPS[name].args:
+            assert any(flag in usage for flag in argument.flags), (name, argument, usage)
+
+
+def test_describe_shows_a_loaded_models_interface(demo_daemon: DaemonProcess) -> None:
+    control = ["--control", demo_daemon.control_endpoint]
+    unloaded = run(*control, "describe", "demo")
+    assert unloaded.returncode == 1 and "(loaded: none); 'edgectl load demo'" in unloaded.stderr
+    assert run(*control, "load", "demo").returncode == 0
+    described = json.loads(run(*control, "--json", "describe", "demo").stdout)
+    assert described["model"] == "demo" and described["version"] >= 1
+    assert [spec["name"] for spec in described["signature"]["inputs"]] == ["x"]
+    text = run(*control, "describe", "demo").stdout
+    assert "  in  x: float32[" in text and "  out probs: float32[" in text
+    missing = run(*control, "describe", "demo", "99")
+    assert missing.returncode == 1
+    assert "has no version 99 loaded" in missing.stderr

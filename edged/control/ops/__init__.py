@@ -9,6 +9,7 @@ from edged.control.ops import (
     canary,
     cancel,
     config,
+    describe,
     discard,
     history,
     install,
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 CONTROL_OPS: dict[str, Op[ControlService, Any]] = {
     "status": status.OP,
     "models": models.OP,
+    "describe": describe.OP,
     "metrics": metrics.OP,
     "sysinfo": sysinfo.OP,
     "config": config.OP,

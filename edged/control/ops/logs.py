@@ -13,7 +13,6 @@ from edged.errors import BadRequest
 from edged.opunit import Op, arg
 from edged.protocol import Request
 from edged.replies import ReplyTo
-from edged.requests import check_bool
 
 if TYPE_CHECKING:
     from edged.control.logring import Record
@@ -34,7 +33,8 @@ class Logs(Request):
             raise BadRequest(f"'last' must be an integer from 0 to {MAX_LOG_RECORDS}")
         if self.level is not None and not isinstance(self.level, str):
             raise BadRequest("'level' must be a level name such as WARNING")
-        check_bool(self.follow, "follow")
+        # any truthy value follows (clients must send a bool; PROTOCOL.md §10.15)
+        object.__setattr__(self, "follow", bool(self.follow))
 
 
 def logs(control: ControlService, request: Logs, reply: ReplyTo, peer: bytes) -> None:
