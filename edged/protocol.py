@@ -212,8 +212,8 @@ def _parse_request(
     if not isinstance(op, str):
         raise BadRequest("'op' must be a string")
     request_type, allowed = types.request_type(op)
-    extra = header.keys() - allowed
-    if extra:
+    if not allowed.issuperset(header):
+        extra = header.keys() - allowed
         raise BadRequest(f"unknown header key(s) for op {op!r}: {', '.join(map(repr, extra))}")
     trace = header.get("trace")
     if trace is not None and not isinstance(trace, str):
@@ -246,7 +246,7 @@ def decode_tensors(
                 f"tensor {name!r}: {dtype.name}{list(shape)} needs {expected} bytes, "
                 f"frame {index + 1} has {len(frame)}"
             )
-        array = np.frombuffer(frame, dtype=dtype).reshape(shape)
+        array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, frame)  # a view: no copy
         if dtype is BOOL and array.size and array.view(np.uint8).max() > 1:
             raise BadRequest(f"tensor {name!r}: a bool element is neither 0 nor 1")
         arrays[name] = array
@@ -256,26 +256,26 @@ def decode_tensors(
 def _tensor_spec(
     spec: Any, index: int, limits: Limits
 ) -> tuple[str, np.dtype[Any], tuple[int, ...]]:
-    where = f"inputs[{index}]"
-    # Exact type checks (msgpack decodes to exact types): this runs for every tensor received.
+    # Exact type checks (msgpack decodes to exact types): this runs for every tensor received,
+    # so the message's prefix is made only when one fails.
     if type(spec) is not dict or spec.keys() != TENSOR_KEYS:
-        raise BadRequest(f"{where} must be a map with exactly the keys name, dtype, shape")
+        raise BadRequest(f"inputs[{index}] must be a map with exactly the keys name, dtype, shape")
     name, dtype_name, shape = spec["name"], spec["dtype"], spec["shape"]
     if type(name) is not str or not name or len(name) > MAX_NAME_LEN:
-        raise BadRequest(f"{where}.name must be a non-empty string")
+        raise BadRequest(f"inputs[{index}].name must be a non-empty string")
     dtype = DTYPES.get(dtype_name) if type(dtype_name) is str else None
     if dtype is None:
         raise BadRequest(
-            f"{where} ({name!r}): dtype {dtype_name!r} is not one of {', '.join(DTYPES)}"
+            f"inputs[{index}] ({name!r}): dtype {dtype_name!r} is not one of {', '.join(DTYPES)}"
         )
     if type(shape) is not list or len(shape) > limits.max_dims:
         raise BadRequest(
-            f"{where} ({name!r}): shape must be an array of at most {limits.max_dims} dims"
+            f"inputs[{index}] ({name!r}): shape must be an array of at most {limits.max_dims} dims"
         )
     for dim in shape:
         if type(dim) is not int or not 0 <= dim <= limits.max_message_bytes:
             raise BadRequest(
-                f"{where} ({name!r}): shape dims must be integers from 0 to "
+                f"inputs[{index}] ({name!r}): shape dims must be integers from 0 to "
                 f"{limits.max_message_bytes}"
             )
     return name, dtype, tuple(shape)

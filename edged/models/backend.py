@@ -7,7 +7,7 @@ requests against and a blocking ``run`` they call off the event loop.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +24,21 @@ class TensorSpec:
     name: str
     dtype: np.dtype[Any]
     shape: tuple[int | None, ...]
+    #: (axis, size) of every fixed dimension: what ``fits`` compares, per request
+    _fixed: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        fixed = tuple((axis, dim) for axis, dim in enumerate(self.shape) if dim is not None)
+        object.__setattr__(self, "_fixed", fixed)
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of ``shape`` has this spec's rank and fixed dimensions."""
+        if len(shape) != len(self.shape):
+            return False
+        for axis, dim in self._fixed:  # noqa: SIM110 (all() of a generator costs more)
+            if shape[axis] != dim:
+                return False
+        return True
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape)}
@@ -40,6 +55,10 @@ def format_shape(shape: tuple[int | None, ...]) -> str:
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    _names: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_names", frozenset(spec.name for spec in self.inputs))
 
     @property
     def batchable(self) -> bool:
@@ -47,11 +66,11 @@ class Signature:
         return all(spec.shape and spec.shape[0] is None for spec in self.inputs + self.outputs)
 
     def check(self, model: str, inputs: Arrays) -> None:
-        """Raise the specific mismatch error, naming the input and expected vs received."""
-        expected = {spec.name: spec for spec in self.inputs}
-        missing = [name for name in expected if name not in inputs]
-        extra = [name for name in inputs if name not in expected]
-        if missing or extra:
+        """Raise the specific mismatch error, naming the input and expected vs received. Runs
+        for every request: the names are compared as a set, each shape by ``fits``."""
+        if inputs.keys() != self._names:
+            missing = [spec.name for spec in self.inputs if spec.name not in inputs]
+            extra = [name for name in inputs if name not in self._names]
             parts = [f"missing input {name!r}" for name in missing]
             parts += [f"unexpected input {name!r}" for name in extra]
             takes = "; ".join(str(spec) for spec in self.inputs)
@@ -63,10 +82,7 @@ class Signature:
                     f"model {model!r} input {spec.name!r}: expected {spec.dtype.name}, "
                     f"got {array.dtype.name}"
                 )
-            if len(array.shape) != len(spec.shape) or any(
-                want is not None and want != got
-                for want, got in zip(spec.shape, array.shape, strict=True)
-            ):
+            if not spec.fits(array.shape):
                 raise ShapeMismatch(
                     f"model {model!r} input {spec.name!r}: expected shape "
                     f"{format_shape(spec.shape)}, got {format_shape(array.shape)}"

@@ -39,26 +39,56 @@ def batch_rows(inputs: Arrays) -> int:
     return next(iter(inputs.values())).shape[0] if inputs else 1
 
 
-def merge(requests: Sequence[Arrays]) -> Arrays:
+class AlignedBuffers:
+    """The aligned buffers small inputs are copied into, kept from run to run: finding a fresh
+    buffer's address costs more than the copy. One per input name, shape and dtype, the
+    ``MAX_KEPT`` most recently made; each at most ``ASK_ABOVE_BYTES``, so a runner keeps under
+    ``MAX_KEPT * ASK_ABOVE_BYTES``. Reuse is safe because a runner has one run at a time and a
+    backend reads its inputs only while it runs."""
+
+    MAX_KEPT = 16
+
+    def __init__(self) -> None:
+        self._kept: dict[tuple[str, tuple[int, ...], np.dtype[Any]], np.ndarray[Any, Any]] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray[Any, Any]:
+        """An aligned array of ``shape``: kept for reuse when small, else a fresh one."""
+        key = (name, shape, dtype)
+        buffer = self._kept.get(key)
+        if buffer is not None:
+            return buffer
+        buffer = aligned_empty(shape, dtype)
+        if buffer.nbytes <= ASK_ABOVE_BYTES:
+            if len(self._kept) >= self.MAX_KEPT:
+                del self._kept[next(iter(self._kept))]  # the oldest made
+            self._kept[key] = buffer
+        return buffer
+
+
+def merge(requests: Sequence[Arrays], buffers: AlignedBuffers | None = None) -> Arrays:
     """One run's inputs, each starting on an ``ALIGNMENT`` boundary: a request's own arrays
-    when they already do (no copy), else aligned copies or the batch's concatenation."""
+    when they already do (no copy), else aligned copies or the batch's concatenation, in
+    ``buffers`` when given."""
+    buffers = buffers or AlignedBuffers()
     if len(requests) == 1:
-        return {name: aligned(array) for name, array in requests[0].items()}
+        return {name: aligned(array, buffers, name) for name, array in requests[0].items()}
     merged = {}
     for name in requests[0]:
         parts = [r[name] for r in requests]
         shape = (sum(part.shape[0] for part in parts), *parts[0].shape[1:])
-        merged[name] = np.concatenate(parts, out=aligned_empty(shape, parts[0].dtype))
+        merged[name] = np.concatenate(parts, out=buffers.get(name, shape, parts[0].dtype))
     return merged
 
 
-def aligned(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+def aligned(
+    array: np.ndarray[Any, Any], buffers: AlignedBuffers | None = None, name: str = ""
+) -> np.ndarray[Any, Any]:
     """``array`` itself if it is large and starts on an ``ALIGNMENT`` boundary, else an
     aligned copy. Asking numpy for an address costs about 2 us, more than copying a small
     tensor (and libzmq's frames are never 64-aligned): only large ones are asked."""
     if array.nbytes >= ASK_ABOVE_BYTES and _address(array) % ALIGNMENT == 0:
         return array
-    copy = aligned_empty(array.shape, array.dtype)
+    copy = (buffers or AlignedBuffers()).get(name, array.shape, array.dtype)
     copy[...] = array
     return copy
 

@@ -230,6 +230,9 @@ class _Counters:
 @dataclass(slots=True)
 class _Run:
     jobs: list[Job]
+    #: when the backend began the run: on a model's thread, after the hand-off to it, which is
+    #: queueing, not running (a run time with it in would keep a tiny model off the loop for
+    #: good on a box whose thread wake-ups take longer than ``inline_max_us``)
     started_ns: int
     #: the inputs' bytes, what the run time is scaled by
     nbytes: int
@@ -266,6 +269,7 @@ class ModelRunner:
         self._recent_run_us: float | None = None
         self._recent_bytes = 1.0  # bytes of the runs behind _recent_run_us (moving average)
         self._fair = FairShare()
+        self._buffers = batching.AlignedBuffers()
         self._with_deadline = 0  # queued jobs that carry a deadline: skip the scan when none
         self._draining = False
         self._idle = IdleWaiters(loop)
@@ -496,7 +500,8 @@ class ModelRunner:
                 return
 
     def _execute(self, run: _Run) -> None:
-        merged = batching.merge([job.inputs for job in run.jobs])
+        merged = batching.merge([job.inputs for job in run.jobs], self._buffers)
+        run.started_ns = time.monotonic_ns()
         try:
             run.outputs = self.backend.run(merged)
         except Exception as exc:  # any backend failure becomes this batch's error reply
