@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from edged.config import OnnxOptions
+from edged.config import ModelConfig, OnnxOptions
 from edged.errors import DtypeMismatch, InputMismatch, ShapeMismatch
 from edged.models import batching
 from edged.models import onnx as onnx_backend
 from edged.models.backend import Signature, TensorSpec
+from edged.models.calls import Infer
 from edged.models.onnx import OnnxBackend, choose_providers, with_provider_options
+from edged.models.runner import ModelRunner
+from edged.replies import ReplyTo
 
 SIGNATURE = Signature(
     inputs=(TensorSpec("x", np.dtype("float32"), (None, 16)),),
@@ -154,3 +160,55 @@ def test_inputs_reach_the_model_64_byte_aligned_and_large_aligned_ones_are_not_c
     assert batching.aligned(large) is large
     merged = batching.merge([{"x": at_offset(64, 8).reshape(1, 16)}] * 3)
     assert merged["x"].shape == (3, 16) and merged["x"].ctypes.data % batching.ALIGNMENT == 0
+
+
+def test_small_inputs_reuse_kept_aligned_buffers_within_a_bound() -> None:
+    buffers = batching.AlignedBuffers()
+    first = batching.merge([{"x": np.arange(16, dtype=np.float32).reshape(1, 16)}], buffers)
+    again = batching.merge([{"x": np.ones((1, 16), np.float32)}], buffers)
+    assert again["x"] is first["x"] and again["x"].ctypes.data % batching.ALIGNMENT == 0
+    np.testing.assert_array_equal(again["x"], np.ones((1, 16)))  # the new request's values
+    for rows in range(2, 2 + 2 * batching.AlignedBuffers.MAX_KEPT):
+        batching.merge([{"x": np.ones((rows, 16), np.float32)}], buffers)
+    assert len(buffers._kept) == batching.AlignedBuffers.MAX_KEPT
+    large = np.ones((1, batching.ASK_ABOVE_BYTES), np.float32)  # misaligned or not: not kept
+    batching.merge([{"y": large[:, 1:]}], buffers)
+    assert all(name == "x" for name, _, _ in buffers._kept)
+
+
+def test_a_slow_hand_off_to_the_models_thread_is_not_run_time(models_dir: Path) -> None:
+    """The first run goes to the model's thread; while the loop holds the interpreter that
+    thread cannot start it. The wait is queueing, so the model, fast as it is, runs inline
+    next (counted as run time, it would keep the model on its thread for good)."""
+
+    async def main() -> None:
+        path = models_dir / "demo.onnx"
+        backend = OnnxBackend.load(path, OnnxOptions())
+        config = ModelConfig(path=str(path), inline_max_us=3000)
+        runner = ModelRunner("demo", 1, backend, config, asyncio.get_running_loop())
+        runner.start()
+        replies: list[Any] = []
+        x = np.ones((1, 16), np.float32)
+
+        def infer() -> None:
+            request = Infer(id=len(replies), op="infer", model="demo", inputs={"x": x})
+            runner.submit(request, ReplyTo(lambda f: replies.append(f) or True, 1, None), b"p")
+            runner.pump()
+
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(0.05)  # the thread waits for the loop's busy spell to end
+        try:
+            infer()
+            until = time.monotonic() + 0.02
+            while time.monotonic() < until:  # holds the interpreter: the hand-off waits
+                pass
+        finally:
+            sys.setswitchinterval(interval)
+        await runner.drained()
+        infer()
+        stats = runner.statistics()
+        runner.close()
+        assert (stats.threaded_runs, stats.inline_runs) == (1, 1), stats
+        assert stats.recent_run_us is not None and stats.recent_run_us < 3000
+
+    asyncio.run(main())
