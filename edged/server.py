@@ -48,8 +48,12 @@ class Service(Protocol):
     def pump(self) -> None: ...
 
 
+#: as a plain int: pyzmq's flag enum costs more per test than the system call it follows
+_POLLIN = int(zmq.POLLIN)
+
+
 def _readable(sock: zmq.Socket[Any]) -> bool:
-    return bool(cast(int, sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+    return bool(cast(int, sock.get(zmq.EVENTS)) & _POLLIN)
 
 
 class Endpoint:
