@@ -50,14 +50,16 @@ class Result:
 
 
 def _result(reply: protocol.Reply, started: float) -> Result:
-    timing = dict(reply.fields.get("timing", {}))
+    fields = reply.fields  # decoded for this call alone: its timing map is ours to extend
+    timing = fields.get("timing")
+    timing = timing if isinstance(timing, dict) else {}
     timing["rtt_us"] = int((time.perf_counter() - started) * 1e6)
     return Result(
         outputs=reply.tensors,
-        model=str(reply.fields.get("model")),
-        version=int(reply.fields.get("version", 0)),
+        model=str(fields.get("model")),
+        version=int(fields.get("version", 0)),
         timing=timing,
-        trace=reply.fields.get("trace"),
+        trace=fields.get("trace"),
     )
 
 
@@ -105,10 +107,6 @@ def _absorb(completion: Completion, pieces: list[str], reply: protocol.Reply) ->
 
 def _embedding(reply: protocol.Reply) -> np.ndarray[Any, Any]:
     return reply.tensors["embedding"]
-
-
-def _as_arrays(inputs: Inputs) -> dict[str, np.ndarray[Any, Any]]:
-    return {name: np.asarray(value) for name, value in inputs.items()}
 
 
 @dataclass(frozen=True)
@@ -193,7 +191,7 @@ class Client:
             request_id,
             "infer",
             model=model,
-            inputs=_as_arrays(inputs),
+            inputs=inputs,
             version=version,
             deadline_ms=deadline_ms,
             trace=trace,
@@ -495,7 +493,7 @@ class AsyncClient:
             request_id,
             "infer",
             model=model,
-            inputs=_as_arrays(inputs),
+            inputs=inputs,
             version=version,
             deadline_ms=deadline_ms,
             trace=trace,

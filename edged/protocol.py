@@ -75,6 +75,9 @@ class Limits:
 R = TypeVar("R", bound="Request")
 
 
+DEFAULT_LIMITS = Limits()
+
+
 @dataclass(frozen=True, kw_only=True)
 class Request:
     """A decoded request: the envelope that every op's own request type extends.
@@ -307,9 +310,10 @@ def is_number(value: Any) -> bool:
 
 
 def tensor_frames(
-    arrays: Mapping[str, np.ndarray[Any, Any]],
+    arrays: Mapping[str, Any],
 ) -> tuple[list[dict[str, Any]], list[np.ndarray[Any, Any]]]:
-    """Describe arrays for a header; return them C-contiguous little-endian (copied only if not)."""
+    """Describe arrays (or what ``np.asarray`` makes one of) for a header; return them
+    C-contiguous little-endian (copied only if not)."""
     specs: list[dict[str, Any]] = []
     frames: list[np.ndarray[Any, Any]] = []
     for name, array in arrays.items():
@@ -331,7 +335,7 @@ def encode_request(
     op: str,
     *,
     model: str | None = None,
-    inputs: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    inputs: Mapping[str, Any] | None = None,
     version: int | None = None,
     deadline_ms: float | None = None,
     trace: str | None = None,
@@ -341,9 +345,12 @@ def encode_request(
     """Frames of a request, as a client sends them; ``fields`` are the op's own keys, ``data``
     an ``upload``'s chunk."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
-    for key, value in (("model", model), ("version", version), ("deadline_ms", deadline_ms)):
-        if value is not None:
-            header[key] = value
+    if model is not None:
+        header["model"] = model
+    if version is not None:
+        header["version"] = version
+    if deadline_ms is not None:
+        header["deadline_ms"] = deadline_ms
     if trace is not None:
         header["trace"] = trace
     if fields:
@@ -381,9 +388,8 @@ def encode_error(request_id: int | None, error: EdgedError, trace: str | None = 
     return [msgpack.packb(header)]
 
 
-def decode_reply(frames: Sequence[Buffer], limits: Limits | None = None) -> Reply:
+def decode_reply(frames: Sequence[Buffer], limits: Limits = DEFAULT_LIMITS) -> Reply:
     """Decode a reply; an error reply carries the matching typed ``EdgedError`` in ``error``."""
-    limits = limits or Limits()
     if not frames:
         raise BadRequest("empty reply")
     header = unpack_header(frames[0], limits)
