@@ -514,25 +514,27 @@ class ModelRunner:
         self.pump()
 
     def _finish(self, run: _Run) -> None:
-        self._observe_run((run.ended_ns - run.started_ns) / 1000, max(run.nbytes, 1))
+        """Reply to the run's jobs, then account for it: on a box with few cores the reply's
+        way out (libzmq's I/O thread, the client) needs the CPU more than the bookkeeping."""
         rows = [batching.batch_rows(job.inputs) for job in run.jobs]
-        c = self._counters
-        c.runs += 1
-        c.rows += sum(rows)
-        self.latency.batch.observe(len(run.jobs))
         parts: list[Outputs] = []
         if run.outputs is not None:
             try:
                 parts = batching.split(run.outputs, rows)
             except ValueError as exc:
                 run.error = RunFailed(f"model {self.name!r}: cannot split batch: {exc}")
+        c = self._counters
         if run.error is not None:
             c.failures += len(run.jobs)
             for job in run.jobs:
                 self._fail(job, run.error)
-            return
-        for job, outputs in zip(run.jobs, parts, strict=True):
-            self._reply(job, outputs, run)
+        else:
+            for job, outputs in zip(run.jobs, parts, strict=True):
+                self._reply(job, outputs, run)
+        self._observe_run((run.ended_ns - run.started_ns) / 1000, max(run.nbytes, 1))
+        c.runs += 1
+        c.rows += sum(rows)
+        self.latency.batch.observe(len(run.jobs))
 
     def _observe_run(self, run_us: float, nbytes: int) -> None:
         """Move the recent run time and size towards this run's; one outlier moves neither
@@ -560,8 +562,8 @@ class ModelRunner:
         }
         if job.observe is not None:
             job.observe(outputs)
-        queue_s = (run.started_ns - job.arrived_ns) / 1e9
-        run_s = (run.ended_ns - run.started_ns) / 1e9
-        self.latency.observe(queue_s, run_s, (time.monotonic_ns() - job.arrived_ns) / 1e9)
+        total_s = (time.monotonic_ns() - job.arrived_ns) / 1e9
         job.replied = True
         job.reply.ok(fields, outputs)
+        queue_s = (run.started_ns - job.arrived_ns) / 1e9
+        self.latency.observe(queue_s, (run.ended_ns - run.started_ns) / 1e9, total_s)
