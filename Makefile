@@ -24,7 +24,7 @@ LLAMA_CMAKE_ARGS := $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -D
 FUZZ_MESSAGES ?= 100000
 SOAK_MINUTES ?= 10
 
-.PHONY: run test test-py310 bench fuzz soak lint clean install arm64-test
+.PHONY: run test test-py310 bench fuzz soak lint clean install arm64-test systemd-test
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { apt-get update && apt-get install -y python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -102,3 +102,7 @@ install:
 # Part of the test suite on an emulated aarch64 Debian root (qemu user mode; root needed).
 arm64-test:
 	bash arm64/emulated-test.sh
+
+# edged.service under systemd as PID 1 in a Debian container (systemd-nspawn; root needed).
+systemd-test:
+	bash systemd/boot-test.sh

@@ -33,17 +33,18 @@ class Watchdog:
         self.notifier = notifier
         self.stuck_ns = int(stuck_run_s * 1e9)
         self._last = (time.monotonic(), service.handled)
-        self._stuck: str | None = None
+        self._stuck: tuple[str, int] | None = None
 
     def tick(self) -> None:
         stuck = self._stuck_run()
-        if stuck != self._stuck:
+        runner = stuck[0] if stuck is not None else None
+        if runner != self._stuck:  # logged when the stuck run changes, not each tick
             if stuck is not None:
-                log.error("%s: no longer pinging the watchdog", stuck)
+                log.error("%s: no longer pinging the watchdog", stuck[1])
             else:
                 log.info("no model run is stuck any more: pinging the watchdog again")
-            self._stuck = stuck
-        self.notifier.status(stuck or self.status())
+            self._stuck = runner
+        self.notifier.status(stuck[1] if stuck is not None else self.status())
         if stuck is None:
             self.notifier.watchdog()
 
@@ -61,13 +62,15 @@ class Watchdog:
         used = memory.used // MIB
         return f"serving {serving or 'nothing loaded'}; {used} {capacity}; {rate:.1f} req/s"
 
-    def _stuck_run(self) -> str | None:
+    def _stuck_run(self) -> tuple[tuple[str, int], str] | None:
+        """The stuck run's model and version, and the status line that says so."""
         now = time.monotonic_ns()
         for runner in self.registry.runners():
             stalled = runner.stalled_ns(now)
             if stalled > self.stuck_ns:
-                return (
+                message = (
                     f"stuck: model {runner.name} version {runner.version} has run for "
                     f"{stalled / 1e9:.0f} s"
                 )
+                return (runner.name, runner.version), message
         return None

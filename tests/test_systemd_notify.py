@@ -159,6 +159,8 @@ def test_a_stuck_model_run_holds_back_the_pings_until_it_ends(
     assert after - before > 2.0
     statuses = [f["STATUS"] for when, f in systemd.messages if when > said_stuck and "STATUS" in f]
     assert statuses[-1].startswith("serving")  # the status line says so again
+    # said once for the whole stuck spell, not once a tick
+    assert daemon.log().count("no longer pinging the watchdog") == 1, daemon.log()
 
 
 def test_without_systemd_python_the_datagram_is_sent_by_hand(
