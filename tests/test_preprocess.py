@@ -1,0 +1,112 @@
+"""Frame preprocessing as ONNX steps, fused in front of a model: what onnxruntime computes
+equals the same steps in numpy (half-pixel sampling, as OpenCV's resize)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from edged.models.preprocess import FRAME, FrameSteps, fuse
+
+RNG = np.random.default_rng(7)
+
+
+def axis_sources(size_in: int, size_out: int) -> np.ndarray[Any, Any]:
+    """Where each output position samples the input: half-pixel centres, clamped."""
+    centres = (np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5
+    return np.clip(centres, 0, size_in - 1)
+
+
+def resize_nearest(image: np.ndarray[Any, Any], height: int, width: int) -> np.ndarray[Any, Any]:
+    rows = np.clip(np.floor(axis_sources(image.shape[0], height) + 0.5), 0, image.shape[0] - 1)
+    cols = np.clip(np.floor(axis_sources(image.shape[1], width) + 0.5), 0, image.shape[1] - 1)
+    return image[rows.astype(int)][:, cols.astype(int)]
+
+
+def resize_linear(image: np.ndarray[Any, Any], height: int, width: int) -> np.ndarray[Any, Any]:
+    def along(array: np.ndarray[Any, Any], axis: int, size: int) -> np.ndarray[Any, Any]:
+        source = axis_sources(array.shape[axis], size)
+        low = np.floor(source).astype(int)
+        high = np.minimum(low + 1, array.shape[axis] - 1)
+        weight = (source - low).reshape([-1 if a == axis else 1 for a in range(array.ndim)])
+        return (1 - weight) * np.take(array, low, axis) + weight * np.take(array, high, axis)
+
+    return along(along(image.astype(np.float64), 0, height), 1, width)
+
+
+def run(model: Any, frame: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return list(session.run(None, {FRAME: frame}))
+
+
+def test_nearest_resize_scale_and_layout_match_numpy_exactly() -> None:
+    frame = RNG.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    steps = FrameSteps(height=16, width=24, resize="nearest", scale=1 / 255)
+    (tensor,) = run(steps.build("image"), frame)
+    expected = resize_nearest(frame, 16, 24).astype(np.float32) * np.float32(1 / 255)
+    assert tensor.shape == (1, 3, 16, 24) and tensor.dtype == np.float32
+    np.testing.assert_allclose(tensor[0], expected.transpose(2, 0, 1), rtol=1e-6)
+
+
+def test_bilinear_resize_bgr_and_mean_std_match_numpy() -> None:
+    frame = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    mean, std = (123.7, 116.3, 103.5), (58.4, 57.1, 57.4)
+    steps = FrameSteps(height=30, width=20, bgr=True, mean=mean, std=std, layout="nhwc")
+    (tensor,) = run(steps.build("image"), frame)
+    expected = (resize_linear(frame[:, :, ::-1], 30, 20) - mean) / std
+    assert tensor.shape == (1, 30, 20, 3)
+    np.testing.assert_allclose(tensor[0], expected, atol=1e-4)
+
+
+def test_fused_with_a_model_the_frame_goes_in_and_the_models_outputs_come_out() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["image"], ["pooled"])],
+        "pool",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("pooled", TensorProto.FLOAT, [1, 3, 1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    fused = fuse(FrameSteps(height=8, width=8, scale=1 / 255), model)
+    assert [value.name for value in fused.graph.input] == [FRAME]
+    assert [value.name for value in fused.graph.output] == ["pooled"]
+    frame = RNG.integers(0, 256, (33, 21, 3), dtype=np.uint8)
+    (pooled,) = run(fused, frame)
+    expected = resize_linear(frame, 8, 8).mean(axis=(0, 1)) / 255
+    np.testing.assert_allclose(pooled.reshape(3), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"height": 0, "width": 4}, "positive"),
+        ({"height": 4, "width": 4, "resize": "cubic"}, "resize must be one of"),
+        ({"height": 4, "width": 4, "layout": "chw"}, "layout must be one of"),
+        ({"height": 4, "width": 4, "mean": (1.0,)}, "one value per channel"),
+        ({"height": 4, "width": 4, "std": (1.0, 0.0, 1.0)}, "must not be 0"),
+        ({"height": 4, "width": 4, "channels": 1, "bgr": True}, "bgr needs 3 channels"),
+    ],
+)
+def test_bad_steps_are_refused_naming_the_setting(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        FrameSteps(**settings)
+
+
+def test_fusing_into_a_model_with_several_inputs_needs_the_input_named() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["c"])],
+        "add",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 3, 4, 4]) for n in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 3, 4, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(ValueError, match="name the one the frame feeds"):
+        fuse(FrameSteps(height=4, width=4), model)
+    with pytest.raises(ValueError, match="has no input 'z'"):
+        fuse(FrameSteps(height=4, width=4), model, "z")
+    fused = fuse(FrameSteps(height=4, width=4), model, "a")
+    assert sorted(value.name for value in fused.graph.input) == ["b", FRAME]
