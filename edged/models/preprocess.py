@@ -118,7 +118,7 @@ class FrameSteps:
 def fuse(steps: FrameSteps, model: Any, model_input: str | None = None) -> Any:
     """``model`` with ``steps`` in front of its input (its only one unless named): one graph,
     whose input is the frame and whose outputs are the model's."""
-    from onnx import compose, version_converter
+    from onnx import compose
 
     inputs = [value.name for value in model.graph.input]
     initializers = {tensor.name for tensor in model.graph.initializer}
@@ -126,13 +126,23 @@ def fuse(steps: FrameSteps, model: Any, model_input: str | None = None) -> Any:
     target = model_input or _only(inputs)
     if target not in inputs:
         raise ValueError(f"the model has no input {target!r}; it takes {', '.join(inputs)}")
-    front = steps.build(target + "_pre")
-    opset = max(_default_opset(model), OPSET)
-    if _default_opset(model) < opset:
-        model = version_converter.convert_version(model, opset)
-    front.ir_version = max(front.ir_version, model.ir_version)
-    model.ir_version = front.ir_version
+    front, model = align_versions(steps.build(target + "_pre"), model)
     return compose.merge_models(front, model, io_map=[(target + "_pre", target)])
+
+
+def align_versions(first: Any, second: Any) -> tuple[Any, Any]:
+    """The two models at one opset and IR version, as ``onnx.compose`` needs: an older model
+    is converted up to ``OPSET`` (the steps are built there)."""
+    from onnx import version_converter
+
+    models = [first, second]
+    for index, model in enumerate(models):
+        if _default_opset(model) < OPSET:
+            models[index] = version_converter.convert_version(model, OPSET)
+    ir_version = max(model.ir_version for model in models)
+    for model in models:
+        model.ir_version = ir_version
+    return models[0], models[1]
 
 
 def _only(names: Sequence[str]) -> str:

@@ -1,5 +1,5 @@
-"""Frame preprocessing as ONNX steps, fused in front of a model: what onnxruntime computes
-equals the same steps in numpy (half-pixel sampling, as OpenCV's resize)."""
+"""Pre- and post-processing as ONNX steps fused with a model: what onnxruntime computes equals
+the same steps in numpy (half-pixel sampling, as OpenCV's resize; scores and classes)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
+from edged.models.postprocess import ScoreSteps, fuse_after
 from edged.models.preprocess import FRAME, FrameSteps, fuse
 
 RNG = np.random.default_rng(7)
@@ -110,3 +111,50 @@ def test_fusing_into_a_model_with_several_inputs_needs_the_input_named() -> None
         fuse(FrameSteps(height=4, width=4), model, "z")
     fused = fuse(FrameSteps(height=4, width=4), model, "a")
     assert sorted(value.name for value in fused.graph.input) == ["b", FRAME]
+
+
+def softmax(logits: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_scores_and_classes_after_a_classifier_match_numpy(activation: str) -> None:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["logits"])],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])],
+        initializer=[numpy_helper.from_array(RNG.standard_normal((6, 10), np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    fused = fuse_after(model, ScoreSteps(activation=activation, top_k=3))
+    assert [value.name for value in fused.graph.output] == ["scores", "classes"]
+    x = RNG.standard_normal((4, 6), np.float32)
+    session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    scores, classes = session.run(None, {"x": x})
+    logits = x.astype(np.float64) @ numpy_helper.to_array(graph.initializer[0])
+    probs = {"softmax": softmax, "sigmoid": lambda v: 1 / (1 + np.exp(-v)), "none": lambda v: v}
+    expected = probs[activation](logits)
+    best = np.argsort(-expected, axis=-1)[:, :3]
+    np.testing.assert_array_equal(classes, best)
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, best, -1), rtol=1e-5)
+
+
+def test_bad_score_steps_and_an_unnamed_output_of_several_are_refused() -> None:
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ScoreSteps(activation="relu")
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        ScoreSteps(top_k=0)
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], [name]) for name in ("a", "b")],
+        "two",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("a", "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    with pytest.raises(ValueError, match="name the output the scores come from"):
+        fuse_after(model, ScoreSteps())
+    fused = fuse_after(model, ScoreSteps(), "b")
+    assert [value.name for value in fused.graph.output] == ["a", "scores", "classes"]
