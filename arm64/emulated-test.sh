@@ -16,6 +16,9 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd -P)
+# host_mirror, copy_host_pip_config, local_paths
+# shellcheck source=arm64/debian-root.sh
+source "$REPO/arm64/debian-root.sh"
 BUILD=$REPO/build
 ROOT=$BUILD/arm64-root
 SUITE=bookworm
@@ -130,44 +133,6 @@ fi
 
 ### the arm64 root ###########################################################################
 
-# The Debian mirror the host's apt already uses for $SUITE (deb822 .sources or one-line .list
-# files): the only one this host may be able to reach, and no hostname is written down here.
-host_mirror() {
-    local sources=() file
-    for file in /etc/apt/sources.list.d/*.sources; do
-        [[ -r $file ]] && sources+=("$file")
-    done
-    if ((${#sources[@]})); then
-        awk -v suite="$SUITE" '
-            BEGIN { RS = ""; FS = "\n" }
-            {
-                types = ""; suites = ""; uris = ""; enabled = "yes"
-                for (i = 1; i <= NF; i++) {
-                    line = $i
-                    if (line ~ /^[ \t]*#/) continue
-                    key = tolower(line); sub(/:.*/, "", key)
-                    value = line; sub(/^[^:]*:[ \t]*/, "", value)
-                    if (key == "types") types = value
-                    else if (key == "suites") suites = value
-                    else if (key == "uris") uris = value
-                    else if (key == "enabled") enabled = tolower(value)
-                }
-                if (enabled == "no" || (" " types " ") !~ / deb /) next
-                if ((" " suites " ") ~ (" " suite " ")) { split(uris, u, /[ \t]+/); print u[1]; exit }
-            }' "${sources[@]}"
-    fi
-    local lists=()
-    [[ -r /etc/apt/sources.list ]] && lists+=(/etc/apt/sources.list)
-    for file in /etc/apt/sources.list.d/*.list; do
-        [[ -r $file ]] && lists+=("$file")
-    done
-    if ((${#lists[@]})); then
-        # deb [options] URI SUITE COMPONENT...
-        sed -E 's/\[[^]]*\]//' "${lists[@]}" |
-            awk -v suite="$SUITE" '$1 == "deb" && $3 == suite { print $2; exit }'
-    fi
-}
-
 if [[ ! -e $ROOT/.edged-root-complete ]]; then
     begin "debootstrap: Debian $SUITE arm64 (minbase) into $ROOT"
     mirror=${MIRROR:-$(host_mirror)}
@@ -244,30 +209,7 @@ cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # files go to the same places in the root (the user's under /root), every local file they or a
 # PIP_* variable name (constraints, certificates) is copied, every local directory (find-links,
 # file:// indexes) bind-mounted read-only. Copies from an earlier run go first.
-rm -rf "$ROOT/etc/pip.conf" "$ROOT/etc/xdg/pip" "$ROOT/root/.config/pip" "$ROOT/root/.pip"
-pip_configs=()
-copy_config() { # copy_config HOST_PATH ROOT_PATH
-    [[ -e $1 ]] || return 0
-    mkdir -p "$(dirname "$ROOT$2")"
-    cp -a "$1" "$ROOT$2"
-    if [[ -d $1 ]]; then
-        while IFS= read -r -d '' file; do pip_configs+=("$file"); done < <(find "$1" -type f -print0)
-    else
-        pip_configs+=("$1")
-    fi
-}
-copy_config /etc/pip.conf /etc/pip.conf
-copy_config /etc/xdg/pip /etc/xdg/pip
-copy_config "${HOME:-/root}/.config/pip" /root/.config/pip
-copy_config "${HOME:-/root}/.pip" /root/.pip
-if [[ -n ${PIP_CONFIG_FILE:-} ]]; then copy_config "$PIP_CONFIG_FILE" "$PIP_CONFIG_FILE"; fi
-
-local_paths() { # absolute paths and file:// URLs in the pip config files and PIP_* variables
-    {
-        ((${#pip_configs[@]})) && grep -hv '^[[:space:]]*[#;]' "${pip_configs[@]}"
-        env | sed -n 's/^PIP_[A-Z_]*=//p'
-    } | tr -s ' \t=,' '\n' | sed -n -e 's#^file://##' -e '\#^/#p' | sort -u
-}
+copy_host_pip_config
 while read -r path; do
     path=${path%/}
     case $path in "" | /etc | /usr | /opt | /home | /root | /var | /tmp | /proc | /sys | /dev) continue ;; esac
