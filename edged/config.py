@@ -1,7 +1,8 @@
 """Typed configuration: one frozen dataclass tree, loaded from TOML and validated in one step.
 
-Every default lives here and only here (docs/CONFIG.md lists them). An unknown key, a wrong type
-or a value out of range is a ``ConfigError`` naming the file and the dotted key.
+Every default lives here and only here (docs/CONFIG.md lists them), but for the settings of a
+model's pipeline steps, which live with the steps (``edged.steps``). An unknown key, a wrong
+type or a value out of range is a ``ConfigError`` naming the file and the dotted key.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import math
 import os
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edged.errors import ConfigError
+from edged.steps.frame import FrameSteps
+from edged.steps.pipeline import Pipeline, Postprocess
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -139,6 +143,14 @@ class ModelConfig:
     keep_alive_s: float = _at_least(300.0, 0.0)
     onnx: OnnxOptions = field(default_factory=OnnxOptions)
     gguf: GgufOptions = field(default_factory=GgufOptions)
+    #: an ONNX model's input made from a raw camera frame inside the model's session
+    preprocess: FrameSteps | None = None
+    #: a classifier's scores or a detector's boxes, made from its outputs inside the session
+    postprocess: Postprocess | None = None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        return Pipeline(self.preprocess, self.postprocess)
 
     def backend_for(self, path: str) -> str:
         """The backend that serves the file at ``path``: the configured one, else by suffix."""
@@ -285,6 +297,10 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 f"a 'path' has none"
             )
         _check_providers(model.onnx.providers, source, f"models.{name}.onnx.providers")
+        if model.pipeline and model.backend_for(model.path or ".onnx") == "gguf":
+            raise ConfigError(
+                f"{source}: 'models.{name}': preprocess and postprocess apply to ONNX models"
+            )
     models = {
         name: dataclasses.replace(model, path=str(base_dir / model.path) if model.path else "")
         for name, model in config.models.items()
@@ -385,11 +401,17 @@ def _build(cls: type[Any], data: Any, source: str, where: str) -> Any:
         key: _convert(hints[key], value, fields[key].metadata, source, _join(where, key))
         for key, value in data.items()
     }
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as exc:  # a dataclass that checks itself (the pipeline steps)
+        raise ConfigError(f"{source}: '{where}': {exc}") from None
 
 
 def _convert(hint: Any, value: Any, meta: Any, source: str, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # ``X | None``: a table that may be absent
+        (hint,) = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
         return _build(typing.cast(type, hint), value, source, where)
     if origin is dict:

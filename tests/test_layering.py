@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edged.opunit",
             "edged.demo",
             "edged.tinyllama",
+            "edged.steps",
         ),
     ),
     ("client", ("edged.reach", "edged.client", "edged.testing")),

@@ -47,8 +47,10 @@ class BackendKind:
 
 BACKENDS: dict[str, BackendKind] = {
     "onnx": BackendKind(
-        estimate=lambda config: OnnxBackend.estimate(Path(config.path)),
-        load=lambda config, cache: OnnxBackend.load(Path(config.path), config.onnx, cache),
+        estimate=lambda config: OnnxBackend.estimate(Path(config.path), config.pipeline),
+        load=lambda config, cache: OnnxBackend.load(
+            Path(config.path), config.onnx, cache, config.pipeline
+        ),
         runner=ModelRunner,
         prime=OnnxBackend.prime,
     ),
@@ -164,6 +166,8 @@ class ModelLoader:
 
 
 def _estimate(name: str, config: ModelConfig) -> int:
+    if config.pipeline and config.backend != "onnx":
+        raise ModelLoadError(f"model {name!r}: preprocess and postprocess apply to ONNX models")
     try:
         return BACKENDS[config.backend].estimate(config)
     except (OSError, ValueError) as exc:

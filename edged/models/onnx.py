@@ -17,6 +17,7 @@ import onnxruntime as ort
 from edged.config import ONNX_PROVIDER_ALIASES, OnnxOptions
 from edged.models.backend import Arrays, Signature, TensorSpec
 from edged.models.onnx_size import weight_bytes
+from edged.steps.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +116,15 @@ class OnnxBackend:
         self._output_names = [spec.name for spec in self._signature.outputs]
 
     @classmethod
-    def load(cls, path: Path, options: OnnxOptions, cache_dir: Path | None = None) -> OnnxBackend:
+    def load(
+        cls,
+        path: Path,
+        options: OnnxOptions,
+        cache_dir: Path | None = None,
+        pipeline: Pipeline | None = None,
+    ) -> OnnxBackend:
         """``cache_dir`` keeps what providers build for a model (TensorRT engines) across
-        loads."""
+        loads; a ``pipeline`` is fused with the model into the one session."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
@@ -127,7 +134,12 @@ class OnnxBackend:
         if "TensorrtExecutionProvider" in chosen and cache_dir is not None:
             (cache_dir / "tensorrt").mkdir(parents=True, exist_ok=True)
         providers = with_provider_options(chosen, options, cache_dir)
-        session = ort.InferenceSession(str(path), sess_options=so, providers=providers)
+        source: str | bytes = str(path)
+        if pipeline:
+            import onnx
+
+            source = pipeline.apply(onnx.load(path)).SerializeToString()
+        session = ort.InferenceSession(source, sess_options=so, providers=providers)
         log.info("loaded %s with providers %s", path, ", ".join(session.get_providers()))
         return cls(session)
 
@@ -141,12 +153,14 @@ class OnnxBackend:
         ort.InferenceSession(PRIME_MODEL, sess_options=so, providers=["CPUExecutionProvider"])
 
     @staticmethod
-    def estimate(path: Path) -> int:
+    def estimate(path: Path, pipeline: Pipeline | None = None) -> int:
         """Bytes a load takes at its peak: the session's copy of the weights and MLAS's
         prepacked copy (measured 2.0x for a 16 MiB MatMul, which keeps 1.0x once onnxruntime
         has freed the initializer it prepacked), plus the runtime's own allocations; measured
-        loads raise it per model, never lower it below this."""
-        return 2 * weight_bytes(path) + SESSION_OVERHEAD_BYTES
+        loads raise it per model, never lower it below this. Fusing a pipeline holds two more
+        copies while it runs: the loaded graph and its serialised form."""
+        copies = 4 if pipeline else 2
+        return copies * weight_bytes(path) + SESSION_OVERHEAD_BYTES
 
     @property
     def signature(self) -> Signature:

@@ -393,6 +393,7 @@ class ModelRunner:
                 "outputs": [spec.describe() for spec in signature.outputs],
             },
             "max_batch": self.config.max_batch if self.batching else 1,
+            **self.config.pipeline.describe(),
         }
 
     def interface(self) -> Interface:

@@ -10,8 +10,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edged.models.postprocess import ScoreSteps, fuse_after
-from edged.models.preprocess import FRAME, FrameSteps, fuse
+from edged.steps.frame import FRAME, FrameSteps
+from edged.steps.pipeline import Pipeline, Postprocess
+from edged.steps.scores import ScoreSteps
 
 RNG = np.random.default_rng(7)
 
@@ -63,6 +64,42 @@ def test_bilinear_resize_bgr_and_mean_std_match_numpy() -> None:
     np.testing.assert_allclose(tensor[0], expected, atol=1e-4)
 
 
+def letterboxed(frame: np.ndarray[Any, Any], height: int, width: int, fill: float) -> Any:
+    """The frame resized to fit, keeping its aspect ratio, centred on ``fill``; and the resized
+    height and width and the padding above and to the left."""
+    ratio = min(np.float32(height) / frame.shape[0], np.float32(width) / frame.shape[1])
+    fitted = round(frame.shape[0] * ratio), round(frame.shape[1] * ratio)
+    top, left = (height - fitted[0]) // 2, (width - fitted[1]) // 2
+    canvas = np.full((height, width, frame.shape[2]), fill, np.float64)
+    canvas[top : top + fitted[0], left : left + fitted[1]] = resize_linear(frame, *fitted)
+    return canvas, fitted, (top, left)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (60, 20), (32, 32)])
+def test_letterbox_keeps_the_aspect_ratio_and_pads_evenly(shape: tuple[int, int]) -> None:
+    frame = RNG.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    steps = FrameSteps(height=32, width=32, letterbox=True, pad_value=114, layout="nhwc")
+    tensor, gain, offset = run(steps.build("image", box_transform=True), frame)
+    expected, fitted, (top, left) = letterboxed(frame, 32, 32, 114)
+    np.testing.assert_allclose(tensor[0], expected, atol=1e-3)
+    # a point of the model's input maps back to where it came from in the frame
+    scale_y, scale_x = shape[0] / fitted[0], shape[1] / fitted[1]
+    np.testing.assert_allclose(gain, [scale_x, scale_y, scale_x, scale_y], rtol=1e-6)
+    np.testing.assert_allclose(
+        offset, [-left * scale_x, -top * scale_y, -left * scale_x, -top * scale_y], atol=1e-4
+    )
+
+
+def test_crop_takes_the_region_and_boxes_map_back_into_the_whole_frame() -> None:
+    frame = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    steps = FrameSteps(height=10, width=20, resize="nearest", crop=(8, 4, 20, 40))
+    tensor, gain, offset = run(steps.build("image", box_transform=True), frame)
+    expected = resize_nearest(frame[8:28, 4:44], 10, 20)
+    np.testing.assert_array_equal(tensor[0], expected.transpose(2, 0, 1))
+    box = np.array([2.0, 1.0, 12.0, 9.0], np.float32)  # x1, y1, x2, y2 in the model's pixels
+    np.testing.assert_allclose(box * gain + offset, [8.0, 10.0, 28.0, 26.0], rtol=1e-6)
+
+
 def test_fused_with_a_model_the_frame_goes_in_and_the_models_outputs_come_out() -> None:
     graph = helper.make_graph(
         [helper.make_node("GlobalAveragePool", ["image"], ["pooled"])],
@@ -72,7 +109,7 @@ def test_fused_with_a_model_the_frame_goes_in_and_the_models_outputs_come_out() 
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
-    fused = fuse(FrameSteps(height=8, width=8, scale=1 / 255), model)
+    fused = Pipeline(FrameSteps(height=8, width=8, scale=1 / 255)).apply(model)
     assert [value.name for value in fused.graph.input] == [FRAME]
     assert [value.name for value in fused.graph.output] == ["pooled"]
     frame = RNG.integers(0, 256, (33, 21, 3), dtype=np.uint8)
@@ -90,6 +127,9 @@ def test_fused_with_a_model_the_frame_goes_in_and_the_models_outputs_come_out() 
         ({"height": 4, "width": 4, "mean": (1.0,)}, "one value per channel"),
         ({"height": 4, "width": 4, "std": (1.0, 0.0, 1.0)}, "must not be 0"),
         ({"height": 4, "width": 4, "channels": 1, "bgr": True}, "bgr needs 3 channels"),
+        ({"height": 4, "width": 4, "crop": (0, 0, 4)}, "crop is"),
+        ({"height": 4, "width": 4, "crop": (0, -1, 4, 4)}, "crop is"),
+        ({"height": 4, "width": 4, "crop": (0, 0, 0, 4)}, "crop is"),
     ],
 )
 def test_bad_steps_are_refused_naming_the_setting(settings: dict[str, Any], message: str) -> None:
@@ -106,10 +146,10 @@ def test_fusing_into_a_model_with_several_inputs_needs_the_input_named() -> None
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     with pytest.raises(ValueError, match="name the one the frame feeds"):
-        fuse(FrameSteps(height=4, width=4), model)
+        Pipeline(FrameSteps(height=4, width=4)).apply(model)
     with pytest.raises(ValueError, match="has no input 'z'"):
-        fuse(FrameSteps(height=4, width=4), model, "z")
-    fused = fuse(FrameSteps(height=4, width=4), model, "a")
+        Pipeline(FrameSteps(height=4, width=4, input="z")).apply(model)
+    fused = Pipeline(FrameSteps(height=4, width=4, input="a")).apply(model)
     assert sorted(value.name for value in fused.graph.input) == ["b", FRAME]
 
 
@@ -129,7 +169,8 @@ def test_scores_and_classes_after_a_classifier_match_numpy(activation: str) -> N
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 7
-    fused = fuse_after(model, ScoreSteps(activation=activation, top_k=3))
+    scores = Postprocess(scores=ScoreSteps(activation=activation, top_k=3))
+    fused = Pipeline(postprocess=scores).apply(model)
     assert [value.name for value in fused.graph.output] == ["scores", "classes"]
     x = RNG.standard_normal((4, 6), np.float32)
     session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -154,7 +195,9 @@ def test_bad_score_steps_and_an_unnamed_output_of_several_are_refused() -> None:
         [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 4]) for name in ("a", "b")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    with pytest.raises(ValueError, match="name the output the scores come from"):
-        fuse_after(model, ScoreSteps())
-    fused = fuse_after(model, ScoreSteps(), "b")
+    with pytest.raises(ValueError, match="postprocess takes exactly one"):
+        Postprocess()
+    with pytest.raises(ValueError, match=r"reads 1 model output\(s\): name them"):
+        Pipeline(postprocess=Postprocess(scores=ScoreSteps())).apply(model)
+    fused = Pipeline(postprocess=Postprocess(scores=ScoreSteps(), outputs=("b",))).apply(model)
     assert [value.name for value in fused.graph.output] == ["a", "scores", "classes"]

@@ -1,0 +1,152 @@
+"""Camera-frame preprocessing built as an ONNX graph, to be fused in front of a model.
+
+A sensor process hands over a raw ``uint8[H, W, C]`` frame; these steps turn it into the
+model's ``float32[1, C, h, w]`` (or ``[1, h, w, C]``) input inside onnxruntime: a region of
+interest, channel order, resize (stretched or letterboxed), scaling or mean/std normalisation,
+layout. Built from standard ops (Slice, Cast, Resize, Pad, Sub, Div, Transpose, Unsqueeze), so
+a GPU provider runs them beside the model and nothing crosses Python between the steps.
+``edged.steps.pipeline`` joins them with a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edged.steps.graph import GraphBuilder
+
+FRAME = "frame"
+#: what maps a box in model-input pixels back to frame pixels: ``x1y1x2y2 * gain + offset``
+BOX_GAIN, BOX_OFFSET = "pre_box_gain", "pre_box_offset"
+RESIZE_MODES = ("linear", "nearest")
+LAYOUTS = ("nchw", "nhwc")
+
+
+@dataclass(frozen=True)
+class FrameSteps:
+    """What turns a frame into the model's input: cut to ``crop`` (top, left, height, width)
+    when set, resized to ``height`` x ``width`` (half-pixel sampling, as OpenCV's ``resize``;
+    with ``letterbox`` the aspect ratio is kept and the rest padded evenly with ``pad_value``,
+    as YOLO detectors expect), channels reversed when ``bgr`` (a BGR camera, an RGB model),
+    then ``(x * scale - mean) / std`` per channel, in ``layout``."""
+
+    height: int
+    width: int
+    channels: int = 3
+    resize: str = "linear"
+    bgr: bool = False
+    scale: float = 1.0
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    layout: str = "nchw"
+    letterbox: bool = False
+    pad_value: float = 114.0
+    crop: tuple[int, ...] = ()
+    #: the model input the frame feeds: "" means the model's only one
+    input: str = ""
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1 or self.channels < 1:
+            raise ValueError("height, width and channels must be positive")
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if values and len(values) != self.channels:
+                raise ValueError(f"{name} needs one value per channel ({self.channels})")
+        if any(value == 0 for value in self.std):
+            raise ValueError("std values must not be 0")
+        if self.bgr and self.channels != 3:
+            raise ValueError("bgr needs 3 channels")
+        if self.crop and (len(self.crop) != 4 or min(self.crop[:2]) < 0 or min(self.crop[2:]) < 1):
+            raise ValueError("crop is [top, left, height, width]: offsets >= 0, sizes >= 1")
+
+    def build(self, output: str, box_transform: bool = False) -> Any:
+        """The steps as an ONNX model: ``frame: uint8[?, ?, C]`` -> ``output: float32[...]``,
+        and with ``box_transform`` the ``BOX_GAIN`` and ``BOX_OFFSET`` (``float32[4]`` each)
+        that take a box from the model's pixels back to the frame's."""
+        from onnx import TensorProto, helper
+
+        g = GraphBuilder("pre")
+        frame = FRAME
+        if self.crop:
+            top, left, height, width = self.crop
+            frame = g.op(
+                "Slice",
+                frame,
+                g.constant([top, left]),
+                g.constant([top + height, left + width]),
+                g.constant([0, 1]),
+            )
+        pixels = g.op("Cast", frame, to=TensorProto.FLOAT)
+        if self.bgr:
+            pixels = g.op("Gather", pixels, g.constant([2, 1, 0]), axis=2)
+        frame_hw = g.op("Cast", g.op("Shape", frame, start=0, end=2), to=TensorProto.FLOAT)
+        target = g.constant([self.height, self.width])
+        sizes = target
+        if self.letterbox:
+            ratio = g.op(
+                "ReduceMin", g.op("Div", g.op("Cast", target, to=TensorProto.FLOAT), frame_hw)
+            )
+            sizes = g.op("Cast", g.op("Round", g.op("Mul", frame_hw, ratio)), to=TensorProto.INT64)
+        pixels = g.op(
+            "Resize",
+            pixels,
+            "",
+            "",
+            sizes,
+            axes=[0, 1],
+            mode=self.resize,
+            coordinate_transformation_mode="half_pixel",
+            nearest_mode="round_prefer_ceil",
+        )
+        padding = ""  # (top, left) of the picture inside the model's input: none unless boxed
+        if self.letterbox:
+            spare = g.op("Sub", target, sizes)
+            padding = g.op("Div", spare, g.constant([2, 2]))
+            zero = g.constant([0])
+            pads = g.op("Concat", padding, zero, g.op("Sub", spare, padding), zero, axis=0)
+            fill = g.constant(self.pad_value, np.float32)
+            pixels = g.op("Pad", pixels, pads, fill, mode="constant")
+        pixels = self._normalise(g, pixels)
+        if self.layout == "nchw":
+            pixels = g.op("Transpose", pixels, perm=[2, 0, 1])
+        g.op("Unsqueeze", pixels, g.constant([0]), output=output)
+        shape = [1, self.channels, self.height, self.width]
+        if self.layout == "nhwc":
+            shape = [1, self.height, self.width, self.channels]
+        outputs = [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)]
+        if box_transform:
+            self._box_transform(g, frame_hw, sizes, padding or g.constant([0, 0]))
+            outputs += [
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, [4])
+                for name in (BOX_GAIN, BOX_OFFSET)
+            ]
+        frame_input = helper.make_tensor_value_info(
+            FRAME, TensorProto.UINT8, ["H", "W", self.channels]
+        )
+        return g.model([frame_input], outputs)
+
+    def _normalise(self, g: GraphBuilder, pixels: str) -> str:
+        if self.scale != 1.0:
+            pixels = g.op("Mul", pixels, g.constant(self.scale, np.float32))
+        if self.mean:
+            pixels = g.op("Sub", pixels, g.constant(self.mean, np.float32))
+        if self.std:
+            pixels = g.op("Div", pixels, g.constant(self.std, np.float32))
+        return pixels
+
+    def _box_transform(self, g: GraphBuilder, frame_hw: str, sizes: str, padding: str) -> None:
+        """frame = (model - padding) * (frame size / resized size) + crop offset, per axis,
+        spread over x1, y1, x2, y2."""
+        from onnx import TensorProto
+
+        gain_hw = g.op("Div", frame_hw, g.op("Cast", sizes, to=TensorProto.FLOAT))
+        shift_hw = g.op("Mul", g.op("Cast", padding, to=TensorProto.FLOAT), gain_hw)
+        offset_hw = g.op("Sub", g.constant(self.crop[:2] or (0, 0), np.float32), shift_hw)
+        xyxy = g.constant([1, 0, 1, 0])
+        g.op("Gather", gain_hw, xyxy, output=BOX_GAIN)
+        g.op("Gather", offset_hw, xyxy, output=BOX_OFFSET)

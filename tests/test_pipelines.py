@@ -1,0 +1,97 @@
+"""Pipelines declared in config, served by a live daemon: a raw camera frame goes in, the
+model's answers come out of one fused session, exactly as the same pipeline run in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edged.errors import ModelLoadError, ShapeMismatch
+from edged.steps.frame import FrameSteps
+from edged.steps.pipeline import Pipeline, Postprocess
+from edged.steps.scores import ScoreSteps
+from tests.conftest import DaemonFactory
+
+RNG = np.random.default_rng(11)
+PREPROCESS = {"height": 224, "width": 224, "bgr": True, "scale": 1 / 255, "letterbox": True}
+POSTPROCESS = {"scores": {"activation": "softmax", "top_k": 3}}
+
+
+def in_process(model: Path, frame: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+    pipeline = Pipeline(
+        FrameSteps(**PREPROCESS), Postprocess(scores=ScoreSteps(activation="softmax", top_k=3))
+    )
+    fused = pipeline.apply(onnx.load(model)).SerializeToString()
+    session = ort.InferenceSession(fused, providers=["CPUExecutionProvider"])
+    return list(session.run(["scores", "classes"], {"frame": frame}))
+
+
+def test_a_frame_through_a_declared_pipeline_equals_the_same_pipeline_in_process(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    model = models_dir / "image.onnx"
+    declared = {"path": str(model), "preprocess": PREPROCESS, "postprocess": POSTPROCESS}
+    daemon = start_daemon({"models": {"camera": declared}})
+    with daemon.client() as client:
+        for shape in [(480, 640, 3), (1080, 1920, 3), (300, 200, 3)]:
+            frame = RNG.integers(0, 256, shape, dtype=np.uint8)
+            result = client.infer("camera", {"frame": frame})
+            scores, classes = in_process(model, frame)
+            np.testing.assert_array_equal(result["scores"], scores)
+            np.testing.assert_array_equal(result["classes"], classes)
+            assert result["classes"].shape == (1, 3) and result["classes"].dtype == np.int64
+        with pytest.raises(ShapeMismatch, match="frame"):
+            client.infer("camera", {"frame": RNG.integers(0, 256, (48, 64, 4), dtype=np.uint8)})
+        assert client.ping()  # still serving
+    with daemon.control() as control:
+        described = control.command("describe", model="camera")
+    inputs = described["signature"]["inputs"]
+    outputs = described["signature"]["outputs"]
+    assert [(spec["name"], spec["dtype"], spec["shape"]) for spec in inputs] == [
+        ("frame", "uint8", [None, None, 3])
+    ]
+    assert [spec["name"] for spec in outputs] == ["scores", "classes"]
+    assert described["preprocess"] == "frame -> letterbox 224x224 nchw"
+    assert described["postprocess"] == "scores"
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"preprocess": {"height": 224}}, "missing key 'models.camera.preprocess.width'"),
+        (
+            {"preprocess": {"height": 224, "width": 224, "layout": "hwc"}},
+            "'models.camera.preprocess': layout must be one of",
+        ),
+        ({"postprocess": {"outputs": ["logits"]}}, "exactly one of 'scores' or 'boxes'"),
+        ({"postprocess": {"scores": {"top_k": 0}}}, "'models.camera.postprocess.scores': top_k"),
+    ],
+)
+def test_a_bad_pipeline_declaration_stops_the_start_naming_the_key(
+    tmp_path: Path, models_dir: Path, model: dict[str, Any], message: str
+) -> None:
+    from edged.config import parse_config
+    from edged.errors import ConfigError
+
+    declared = {"models": {"camera": {"path": str(models_dir / "image.onnx"), **model}}}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(declared, source="edged.toml", base_dir=tmp_path)
+
+
+def test_a_pipeline_that_does_not_fit_its_model_fails_its_load_with_the_reason(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    declared = {
+        "path": str(models_dir / "image.onnx"),
+        "preprocess": {**PREPROCESS, "input": "pixels"},
+    }
+    daemon = start_daemon({"models": {"camera": declared}})
+    with daemon.client() as client:
+        with pytest.raises(ModelLoadError, match="no input 'pixels'; it takes image"):
+            client.infer("camera", {"frame": RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)})
+        assert client.ping()
