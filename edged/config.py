@@ -284,6 +284,20 @@ def load_config(path: Path | None) -> Config:
     return parse_config(data, source=str(path), base_dir=path.parent)
 
 
+def read_pipeline(path: Path) -> Pipeline:
+    """A model version's own pipeline, shipped in its bundle: a TOML file of ``[preprocess]``
+    and ``[postprocess]`` tables, as under ``[models.X]``."""
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    pipeline: Pipeline = _build(Pipeline, data, str(path), "")
+    return pipeline
+
+
 def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     config: Config = _build(Config, data, source, "")
     for name, model in config.models.items():

@@ -15,16 +15,18 @@ from edged.errors import ModelLoadError, ShapeMismatch
 from edged.steps.frame import FrameSteps
 from edged.steps.pipeline import Pipeline, Postprocess
 from edged.steps.scores import ScoreSteps
-from tests.conftest import DaemonFactory
+from tests.conftest import DaemonFactory, store_versions
 
 RNG = np.random.default_rng(11)
 PREPROCESS = {"height": 224, "width": 224, "bgr": True, "scale": 1 / 255, "letterbox": True}
 POSTPROCESS = {"scores": {"activation": "softmax", "top_k": 3}}
 
 
-def in_process(model: Path, frame: np.ndarray[Any, Any]) -> list[np.ndarray[Any, Any]]:
+def in_process(
+    model: Path, frame: np.ndarray[Any, Any], preprocess: dict[str, Any] = PREPROCESS
+) -> list[np.ndarray[Any, Any]]:
     pipeline = Pipeline(
-        FrameSteps(**PREPROCESS), Postprocess(scores=ScoreSteps(activation="softmax", top_k=3))
+        FrameSteps(**preprocess), Postprocess(scores=ScoreSteps(activation="softmax", top_k=3))
     )
     fused = pipeline.apply(onnx.load(model)).SerializeToString()
     session = ort.InferenceSession(fused, providers=["CPUExecutionProvider"])
@@ -95,3 +97,47 @@ def test_a_pipeline_that_does_not_fit_its_model_fails_its_load_with_the_reason(
         with pytest.raises(ModelLoadError, match="no input 'pixels'; it takes image"):
             client.infer("camera", {"frame": RNG.integers(0, 256, (8, 8, 3), dtype=np.uint8)})
         assert client.ping()
+
+
+def test_a_bundle_brings_its_versions_pipeline_and_a_bad_one_is_refused(
+    start_daemon: DaemonFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    import tomli_w
+
+    from edged.errors import BadBundle
+    from edged.ota import bundle
+    from tests.bundles import install, signing_keys
+
+    keys = signing_keys(tmp_path)
+    store_versions(tmp_path / "d", "camera", [models_dir / "image.onnx"])
+    stretched = {**PREPROCESS, "letterbox": False}
+    declared = {"preload": True, "preprocess": stretched, "postprocess": POSTPROCESS}
+    config = {
+        "ota": {"trusted_keys": str(keys["trusted"]), "health_window_s": 0},
+        "models": {"camera": declared},
+    }
+    daemon = start_daemon(config, workdir=tmp_path / "d")
+    pipeline = tmp_path / "camera.toml"
+    pipeline.write_text(tomli_w.dumps({"preprocess": PREPROCESS, "postprocess": POSTPROCESS}))
+    broken = tmp_path / "broken.toml"
+    broken.write_text(tomli_w.dumps({"preprocess": {**PREPROCESS, "layout": "chw"}}))
+    bundles = {}
+    for version, steps in ((2, broken), (3, pipeline)):
+        bundles[version] = tmp_path / f"camera-{version}.bundle"
+        bundle.build(bundles[version], "camera", version, models_dir / "image.onnx", pipeline=steps)
+        bundle.sign(bundles[version], keys["private"])
+    with pytest.raises(BadBundle, match=r"pipeline is not valid: .*layout must be one of"):
+        install(daemon, bundles[2])
+    frame = RNG.integers(0, 256, (480, 640, 3), dtype=np.uint8)
+    with daemon.client() as client:
+        before = client.infer("camera", {"frame": frame})
+    assert before.version == 1  # the declared pipeline, the version's own being refused
+    _, classes = in_process(models_dir / "image.onnx", frame, stretched)
+    np.testing.assert_array_equal(before["classes"], classes)
+    assert install(daemon, bundles[3])["outcome"] == "installed"
+    with daemon.client() as client:
+        result = client.infer("camera", {"frame": frame})
+    assert result.version == 3
+    scores, classes = in_process(models_dir / "image.onnx", frame)
+    np.testing.assert_array_equal(result["scores"], scores)
+    np.testing.assert_array_equal(result["classes"], classes)

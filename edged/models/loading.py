@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edged.config import ModelConfig
-from edged.errors import BudgetExceeded, ModelLoadError, StoreError
+from edged.config import ModelConfig, read_pipeline
+from edged.errors import BudgetExceeded, ConfigError, ModelLoadError, StoreError
 from edged.logsetup import log_fields
 from edged.models.budget import footprint
 from edged.models.generation import GenerationRunner
@@ -27,6 +27,7 @@ from edged.models.gguf import GgufBackend
 from edged.models.onnx import OnnxBackend
 from edged.models.registry import ModelSlot, Registry, Runner, VersionSpec
 from edged.models.runner import ModelRunner
+from edged.steps.pipeline import pipeline_path
 from edged.store import ModelStore
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,15 @@ class ModelLoader:
             raise ModelLoadError(f"model {name!r} has no usable version {version}: {exc}") from None
         path = str(self.store.model_path(manifest))  # the store knows each version's format
         resolved = dataclasses.replace(config, path=path, backend=manifest.format, version=version)
+        shipped = pipeline_path(path)
+        if shipped.is_file():  # the version's bundle brought its own: it replaces the declared
+            try:
+                pipeline = read_pipeline(shipped)
+            except ConfigError as exc:
+                raise ModelLoadError(f"model {name!r} version {version}: {exc}") from None
+            resolved = dataclasses.replace(
+                resolved, preprocess=pipeline.preprocess, postprocess=pipeline.postprocess
+            )
         return VersionSpec(version, resolved)
 
 

@@ -41,7 +41,7 @@ MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FILES = "files/"
 BACKENDS = ("onnx", "gguf")
-ROLES = ("model", "golden")
+ROLES = ("model", "golden", "pipeline")
 MAX_MANIFEST_BYTES = 1 << 20
 #: a signature is 64 bytes, its JSON about 130: anything larger is not one
 MAX_SIGNATURE_BYTES = 4096
@@ -86,6 +86,10 @@ class Manifest:
     @property
     def golden(self) -> BundleFile | None:
         return next((f for f in self.files if f.role == "golden"), None)
+
+    @property
+    def pipeline(self) -> BundleFile | None:
+        return next((f for f in self.files if f.role == "pipeline"), None)
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -134,8 +138,9 @@ class Manifest:
                 raise BadBundle(f"file {entry.path!r}: sha256 must be 64 hex digits")
         if [f.role for f in self.files].count("model") != 1:
             raise BadBundle("a bundle holds exactly one model file")
-        if [f.role for f in self.files].count("golden") > 1:
-            raise BadBundle("a bundle holds at most one golden vectors file")
+        for role, what in (("golden", "golden vectors file"), ("pipeline", "pipeline file")):
+            if [f.role for f in self.files].count(role) > 1:
+                raise BadBundle(f"a bundle holds at most one {what}")
 
     def check_device(self) -> None:
         """Refuse a bundle made for another machine type or a newer edged."""
@@ -156,11 +161,14 @@ def build(
     *,
     backend: str | None = None,
     golden: Path | None = None,
+    pipeline: Path | None = None,
     min_edged: str = "0.0.0",
     architectures: tuple[str, ...] = (),
 ) -> Manifest:
     """Write an unsigned bundle at ``out``; ``sign`` it before shipping."""
-    sources = [(model, "model")] + ([(golden, "golden")] if golden is not None else [])
+    sources = [(model, "model")] + [
+        (path, role) for path, role in ((golden, "golden"), (pipeline, "pipeline")) if path
+    ]
     files = tuple(
         BundleFile(source.name, source.stat().st_size, sha256_of(source), role)
         for source, role in sources

@@ -25,6 +25,9 @@ def add_commands(commands: Any) -> None:
     build.add_argument("--name", required=True, help="the model's name on the devices")
     build.add_argument("--version", type=int, required=True, help="higher than any shipped")
     build.add_argument("--golden", type=Path, help="golden vectors (.npz) checked at install")
+    build.add_argument(
+        "--pipeline", type=Path, help="the version's preprocess/postprocess (.toml, docs/CONFIG.md)"
+    )
     build.add_argument("--backend", choices=("onnx", "gguf"), help="default: by file suffix")
     build.add_argument("--min-edged", default="0.0.0", help="the oldest edged that may install")
     build.add_argument(
@@ -56,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             args.model,
             backend=args.backend,
             golden=args.golden,
+            pipeline=args.pipeline,
             min_edged=args.min_edged,
             architectures=tuple(args.arch),
         )

@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edged.config import OtaConfig
-from edged.errors import BadBundle, EdgedError, Unhealthy
+from edged.config import OtaConfig, read_pipeline
+from edged.errors import BadBundle, ConfigError, EdgedError, Unhealthy
 from edged.models.budget import MIB
 from edged.models.loading import ModelLoader, in_fresh_thread
 from edged.models.registry import ModelSlot, Registry, VersionSpec, as_edged_error
@@ -43,6 +43,7 @@ from edged.ota.health import Baseline, HealthGate
 from edged.ota.journal import Journal
 from edged.ota.keys import TrustedKeys
 from edged.ota.upload import Uploads
+from edged.steps.pipeline import pipeline_path
 from edged.store import ModelStore
 from edged.tasks import TaskGroup
 
@@ -260,10 +261,16 @@ class Installer:
             self.journal.step("verified", model=manifest.name, version=manifest.version)
             if plan is not Plan.PUBLISH:
                 return manifest, plan
-            golden = manifest.golden
-            model = manifest.model
+            golden, pipeline, model = manifest.golden, manifest.pipeline, manifest.model
             if golden is not None:  # where a swap looks for them: beside the model file
                 (staging / golden.path).rename((staging / model.path).with_suffix(".golden.npz"))
+            if pipeline is not None:  # checked now: a bad one is the bundle's fault
+                shipped = pipeline_path(str(staging / model.path))
+                (staging / pipeline.path).rename(shipped)
+                try:
+                    read_pipeline(shipped)
+                except ConfigError as exc:
+                    raise BadBundle(f"the bundle's pipeline is not valid: {exc}") from None
             self.journal.step("publishing", owns_version=True)
             self.store.publish(
                 staging,

@@ -9,12 +9,19 @@ vectors, swap validation, shadow and canary see the fused model as they would an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edged.steps.boxes import GAIN, OFFSET, BoxSteps
 from edged.steps.frame import BOX_GAIN, BOX_OFFSET, FrameSteps
 from edged.steps.graph import align_versions
 from edged.steps.scores import ScoreSteps
+
+
+def pipeline_path(model_path: str) -> Path:
+    """Where a store version's own pipeline lives: beside its model file, as
+    ``<stem>.pipeline.toml`` (``model.onnx`` -> ``model.pipeline.toml``)."""
+    return Path(model_path).with_suffix(".pipeline.toml")
 
 
 @dataclass(frozen=True)
