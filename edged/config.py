@@ -274,27 +274,24 @@ def find_config_file(explicit: str | None) -> Path | None:
 def load_config(path: Path | None) -> Config:
     if path is None:
         return Config()
+    return parse_config(_read_toml(path), source=str(path), base_dir=path.parent)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
-            data = tomllib.load(fh)
+            data: dict[str, Any] = tomllib.load(fh)
+            return data
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(data, source=str(path), base_dir=path.parent)
 
 
 def read_pipeline(path: Path) -> Pipeline:
     """A model version's own pipeline, shipped in its bundle: a TOML file of ``[preprocess]``
     and ``[postprocess]`` tables, as under ``[models.X]``."""
-    try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    pipeline: Pipeline = _build(Pipeline, data, str(path), "")
+    pipeline: Pipeline = _build(Pipeline, _read_toml(path), str(path), "")
     return pipeline
 
 
