@@ -201,3 +201,21 @@ def test_bad_score_steps_and_an_unnamed_output_of_several_are_refused() -> None:
         Pipeline(postprocess=Postprocess(scores=ScoreSteps())).apply(model)
     fused = Pipeline(postprocess=Postprocess(scores=ScoreSteps(), outputs=("b",))).apply(model)
     assert [value.name for value in fused.graph.output] == ["a", "scores", "classes"]
+
+
+def test_crops_of_boxes_are_the_regions_resized_as_an_area_average_and_normalised() -> None:
+    frame = RNG.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    steps = FrameSteps(height=8, width=6, bgr=True, scale=0.5, mean=(1.0, 2.0, 3.0))
+    model = steps.build_crops()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    boxes = np.array([[10, 5, 16, 13], [0, 0, 12, 16]], np.float32)  # x1, y1, x2, y2
+    (crops,) = session.run(None, {FRAME: frame, "boxes": boxes})
+    same_size = frame[5:13, 10:16].astype(np.float64)
+    halved = frame[0:16, 0:12].astype(np.float64).reshape(8, 2, 6, 2, 3).mean(axis=(1, 3))
+    for crop, region in zip(crops, (same_size, halved), strict=True):
+        expected = region[:, :, ::-1] * 0.5 - (1.0, 2.0, 3.0)
+        np.testing.assert_allclose(crop, expected.transpose(2, 0, 1), atol=1e-4)
+    (none,) = session.run(None, {FRAME: frame, "boxes": np.zeros((0, 4), np.float32)})
+    assert none.shape == (0, 3, 8, 6)
+    with pytest.raises(ValueError, match="take no crop or letterbox"):
+        FrameSteps(height=8, width=8, letterbox=True).build_crops()

@@ -20,6 +20,8 @@ from edged.steps.graph import GraphBuilder
 FRAME = "frame"
 #: what maps a box in model-input pixels back to frame pixels: ``x1y1x2y2 * gain + offset``
 BOX_GAIN, BOX_OFFSET = "pre_box_gain", "pre_box_offset"
+#: a chain's crops of a frame: the boxes they are cut at, and the crops
+BOXES, CROPS = "boxes", "crops"
 RESIZE_MODES = ("linear", "nearest")
 LAYOUTS = ("nchw", "nhwc")
 
@@ -129,6 +131,51 @@ class FrameSteps:
             FRAME, TensorProto.UINT8, ["H", "W", self.channels]
         )
         return g.model([frame_input], outputs)
+
+    def build_crops(self) -> Any:
+        """The steps for a chain: ``frame: uint8[?, ?, C]`` and ``boxes: float32[K, 4]``
+        (x1, y1, x2, y2 in the frame's pixels, a detector's output) -> ``crops: float32[K,
+        ...]``, each box's region resized to ``height`` x ``width`` and normalised, in
+        ``layout``: a batch of K for the next model. RoiAlign samples each output pixel's bin
+        (averaging about one sample per source pixel: an area resize when shrinking); a frame
+        crop or letterbox does not apply to crops."""
+        from onnx import TensorProto, helper
+
+        if self.crop or self.letterbox:
+            raise ValueError("crops of boxes take no crop or letterbox")
+        g = GraphBuilder("crops")
+        pixels = g.op("Cast", FRAME, to=TensorProto.FLOAT)
+        if self.bgr:
+            pixels = g.op("Gather", pixels, g.constant([2, 1, 0]), axis=2)
+        image = g.op("Unsqueeze", g.op("Transpose", pixels, perm=[2, 0, 1]), g.constant([0]))
+        count = g.op("Shape", BOXES, start=0, end=1)
+        first_image = g.op(
+            "ConstantOfShape", count, value=helper.make_tensor("", TensorProto.INT64, [1], [0])
+        )
+        pixels = g.op(
+            "RoiAlign",
+            image,
+            BOXES,
+            first_image,
+            output_height=self.height,
+            output_width=self.width,
+            sampling_ratio=0,
+            mode="avg",
+            coordinate_transformation_mode="half_pixel",
+        )
+        pixels = self._normalise(g, g.op("Transpose", pixels, perm=[0, 2, 3, 1]))
+        shape: list[str | int] = ["K", self.height, self.width, self.channels]
+        if self.layout == "nchw":
+            pixels = g.op("Transpose", pixels, perm=[0, 3, 1, 2])
+            shape = ["K", self.channels, self.height, self.width]
+        g.op("Identity", pixels, output=CROPS)
+        return g.model(
+            [
+                helper.make_tensor_value_info(FRAME, TensorProto.UINT8, ["H", "W", self.channels]),
+                helper.make_tensor_value_info(BOXES, TensorProto.FLOAT, ["K", 4]),
+            ],
+            [helper.make_tensor_value_info(CROPS, TensorProto.FLOAT, shape)],
+        )
 
     def _normalise(self, g: GraphBuilder, pixels: str) -> str:
         if self.scale != 1.0:
