@@ -160,6 +160,27 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class ChainStep:
+    #: the declared model this step runs
+    model: str
+    #: after the first step: this model's one input is the crops of the request's ``frame`` at
+    #: the previous step's ``boxes`` (a batch of one row per box), made as these settings say;
+    #: ``crops.input`` names that input
+    crops: FrameSteps | None = None
+    #: after the first step: this model's inputs from the previous step's outputs, as
+    #: input name -> output name
+    inputs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    """Models run one after the other for one request, where their graphs cannot be fused (a
+    detector whose crops feed a classifier): the daemon runs the steps and replies once."""
+
+    steps: tuple[ChainStep, ...] = ()
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     #: extra inference endpoints besides ipc://<runtime>/infer.sock, e.g. "tcp://127.0.0.1:5555"
     tcp: tuple[str, ...] = ()
@@ -254,6 +275,8 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: model name -> declaration; empty means "serve the built-in demo model"
     models: dict[str, ModelConfig] = field(default_factory=dict)
+    #: chain name -> its steps; a client infers on a chain as on a model
+    chains: dict[str, ChainConfig] = field(default_factory=dict)
     #: where this config came from (a path or "<defaults>"), for messages
     source: str = field(default=DEFAULTS_SOURCE, metadata={"internal": True})
 
@@ -312,6 +335,8 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             raise ConfigError(
                 f"{source}: 'models.{name}': preprocess and postprocess apply to ONNX models"
             )
+    for name, chain in config.chains.items():
+        _check_chain(name, chain, config.models, source)
     models = {
         name: dataclasses.replace(model, path=str(base_dir / model.path) if model.path else "")
         for name, model in config.models.items()
@@ -341,6 +366,33 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     return dataclasses.replace(
         config, daemon=daemon, control=control, ota=ota, models=models, source=source
     )
+
+
+def _check_chain(
+    name: str, chain: ChainConfig, models: dict[str, ModelConfig], source: str
+) -> None:
+    """Two or more declared models; every step after the first says where its input comes
+    from, the first takes the request's."""
+    where = f"{source}: 'chains.{name}'"
+    if not MODEL_NAME.fullmatch(name) or name in models:
+        raise ConfigError(f"{where}: a chain's name is a valid name that no model has")
+    if len(chain.steps) < 2:
+        raise ConfigError(f"{where}: a chain has at least two steps")
+    for index, step in enumerate(chain.steps):
+        at = f"{where}.steps[{index}]"
+        if step.model not in models:
+            raise ConfigError(f"{at}: no model {step.model!r} is declared")
+        feeds = (step.crops is not None) + bool(step.inputs)
+        if index == 0 and feeds:
+            raise ConfigError(f"{at}: the first step takes the request's inputs")
+        if index > 0 and feeds != 1:
+            raise ConfigError(f"{at}: a later step takes exactly one of 'crops' or 'inputs'")
+        crops = step.crops
+        if crops is not None and (crops.crop or crops.letterbox or not crops.input):
+            raise ConfigError(
+                f"{at}.crops: crops take no crop or letterbox, and 'input' names the model "
+                f"input they feed"
+            )
 
 
 def _check_remote_control(control: ControlConfig, source: str) -> None:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import zmq
 
 from edged import faults
+from edged.chains import Chain
 from edged.config import Config, ModelConfig
 from edged.control.auth import HandshakeLog, curve_server, load_server_keys, start_authenticator
 from edged.control.logring import LogRing
@@ -119,6 +120,10 @@ class Daemon:
         reloader = Reloader(config, self.registry, self.loader, swapper, self.tasks)
         data_ops, control_ops = socket_tables()
         self.service = InferenceService(self.registry, data_ops)
+        self.service.chains = {
+            name: Chain(name, chain, self.service, self.tasks)
+            for name, chain in config.chains.items()
+        }
         self.metrics = Metrics(self.registry, self.service.errors)
         self.logs = LogRing()
         self.journal = Journal(self.paths.state / "ota")

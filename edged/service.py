@@ -13,7 +13,15 @@ import time
 from collections import Counter
 from typing import TypeVar
 
-from edged.errors import EdgedError, InternalError, ShuttingDown, UnknownModel, UnknownRequest
+from edged.chains import Chain
+from edged.errors import (
+    EdgedError,
+    InternalError,
+    OpNotSupported,
+    ShuttingDown,
+    UnknownModel,
+    UnknownRequest,
+)
 from edged.logsetup import log_error_reply, log_fields
 from edged.models.calls import Infer, Inference
 from edged.models.candidate import Candidate
@@ -44,6 +52,8 @@ class InferenceService:
         self.errors: ErrorCounts = Counter()
         #: generate/embed requests waiting for their model's load, by (peer, id): cancelled?
         self._parked: dict[tuple[bytes, int], bool] = {}
+        #: chains by name: a request names one as it would a model
+        self.chains: dict[str, Chain] = {}
 
     def handle(self, request: Request, reply: ReplyTo, peer: bytes = b"") -> None:
         self.handled += 1
@@ -59,6 +69,12 @@ class InferenceService:
         """``infer``, ``generate`` and ``embed``: queued on the model (or its canary); runs
         start on the next ``pump``."""
         self._check_accepting()
+        chain = self.chains.get(request.model)
+        if chain is not None:
+            if not isinstance(request, Infer):
+                raise OpNotSupported(f"{request.model!r} is a chain of models: use infer")
+            chain.submit(request, reply, peer)
+            return
         runner = self.loaded(request, reply, peer)
         if runner is None:
             return

@@ -39,7 +39,15 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("edged.models",)),
     (
         "serving",
-        ("edged.service", "edged.ops", "edged.server", "edged.ota", "edged.heap", "edged.watchdog"),
+        (
+            "edged.service",
+            "edged.chains",
+            "edged.ops",
+            "edged.server",
+            "edged.ota",
+            "edged.heap",
+            "edged.watchdog",
+        ),
     ),
     ("operations", ("edged.control",)),
     ("lifecycle", ("edged.daemon",)),

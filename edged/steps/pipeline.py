@@ -84,7 +84,10 @@ class Pipeline:
                 f"postprocess reads {len(wanted)} model output(s): name them in 'outputs'; "
                 f"the model gives {', '.join(produced)}"
             )
-        io_map = list(zip(sources, wanted, strict=True))
+        renamed = _rename_clashes(model, back)
+        io_map = [
+            (renamed.get(name, name), step) for name, step in zip(sources, wanted, strict=True)
+        ]
         if self.preprocess is not None and isinstance(steps, BoxSteps):
             io_map += list(zip(transform, (GAIN, OFFSET), strict=True))
         model, back = align_versions(model, back)
@@ -100,6 +103,24 @@ class Pipeline:
         if self.postprocess is not None:
             fields["postprocess"] = "boxes" if self.postprocess.boxes else "scores"
         return fields
+
+
+def _rename_clashes(model: Any, steps: Any) -> dict[str, str]:
+    """Rename the model's tensors that the steps' graph also names (a detector whose raw
+    outputs are called ``boxes`` and ``scores``, as the steps' results are): the steps' names
+    are what a client gets. Returns old -> new for what was renamed."""
+    graph = model.graph
+    taken = {name for node in steps.graph.node for name in (*node.input, *node.output)}
+    taken |= {value.name for value in (*steps.graph.input, *steps.graph.output)}
+    inputs = {value.name for value in graph.input}
+    edges = {name for node in graph.node for name in (*node.input, *node.output)}
+    renamed = {name: f"model_{name}" for name in (edges - inputs) & taken}
+    for node in graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+        node.output[:] = [renamed.get(name, name) for name in node.output]
+    for value in (*graph.output, *graph.value_info):
+        value.name = renamed.get(value.name, value.name)
+    return renamed
 
 
 def _model_input(model: Any, name: str) -> str:
