@@ -125,3 +125,17 @@ def test_a_bad_chain_stops_the_start_naming_it(
     models = {"a": {"path": "a.onnx"}, "b": {"path": "b.onnx"}}
     with pytest.raises(ConfigError, match=message):
         parse_config({"models": models, "chains": chains}, source="edged.toml", base_dir=tmp_path)
+
+
+def test_a_changed_chain_is_named_as_needing_a_restart_and_the_old_one_serves(
+    chain_daemon: DaemonProcess,
+) -> None:
+    import tomli_w
+
+    config = {**chain_daemon.config, "chains": {"sorter": chain_daemon.config["chains"]["sorter"]}}
+    chain_daemon.config_path.write_text(tomli_w.dumps(config))
+    with chain_daemon.control() as control:
+        assert "chains" in control.command("reload")["restart_needed"]
+    broken = pytest.raises(InputMismatch, match="chain 'broken'")
+    with chain_daemon.client() as client, broken:  # served still, until a restart
+        client.infer("broken", {"frame": squares_frame((0, 0))})

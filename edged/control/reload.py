@@ -5,8 +5,9 @@ declaration is added (loaded at once if preloaded or pinned); a removed one fini
 requests and unloads; a changed file, store version or newer stored version is swapped in like
 ``edgectl swap`` does (validated, no request failed). Changed options alone reload a store
 version in place; a model declared by ``path`` gets its file as a new version. A model whose
-change fails keeps its old declaration. Settings other than models and the memory budget need
-a restart: they are named in the report until they match the running daemon again.
+change fails keeps its old declaration. Settings other than models and the memory budget
+(chains too) need a restart: they are named in the report until they match the running daemon
+again.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class Reloader:
             # what took effect: a model that failed keeps its old declaration (or none)
             old = self.config
             self.config = dataclasses.replace(
-                new, daemon=old.daemon, server=old.server, models=applied
+                new, daemon=old.daemon, server=old.server, models=applied, chains=old.chains
             )
             log.info("reloaded %s: %s", new.source, report)
             return report
@@ -153,7 +154,8 @@ def _read(source: str) -> Config:
 
 def _restart_needed(old: Config, new: Config) -> list[str]:
     """Top-level settings that differ and only take effect at start."""
-    return [
+    chains = ["chains"] if old.chains != new.chains else []
+    return chains + [
         f"{table}.{item.name}"
         for table in ("daemon", "server")
         for item in dataclasses.fields(getattr(old, table))
