@@ -14,7 +14,7 @@ from typing import Any
 
 import psutil
 
-from bench import lifecycle, llm, overload, swap
+from bench import frames, lifecycle, llm, overload, swap
 from bench.echo import echo_caller
 from bench.harness import (
     ROOT,
@@ -124,6 +124,21 @@ class Context:
         ]
         workdir = self.workdir / "swap"
         return swap.measure(workdir, IMAGE, self.declaration(IMAGE), versions, self.settings)
+
+    @functools.cached_property
+    def frames_endpoint(self) -> str:
+        """A daemon serving the frame detector twice: "camera" with its pipeline, taking the
+        frame, and "detector" bare, taking the float32 tensor a client prepared."""
+        path = self.built("detector.onnx", frames.build_detector)
+        camera = {"preprocess": frames.PREPROCESS, "postprocess": frames.POSTPROCESS}
+        config = {
+            "models": {
+                "camera": {"path": str(path), "preload": True, **camera},
+                "detector": {"path": str(path), "preload": True},
+            }
+        }
+        daemon = DaemonProcess(self.workdir / "frames", config)
+        return self._stack.enter_context(daemon).endpoint
 
     @functools.cached_property
     def echo(self) -> Target:
@@ -326,9 +341,29 @@ def overload_busy(ctx: Context, workload: Workload) -> list[Row]:
     return [Row(name, "p99_busy_reply", "us", p99, "echo p99, same frames", baseline)]
 
 
+def rtt_frame(ctx: Context) -> list[Row]:
+    """A 1920x1080 frame through the detector's pipeline in the daemon, against the same fused
+    session in this process; and against the usual way (numpy preprocessing in the client,
+    float32 over the socket, numpy NMS): there, ratio > 1 means edged is faster."""
+    path, endpoint = ctx.built("detector.onnx", frames.build_detector), ctx.frames_endpoint
+    with ExitStack() as stack:
+        calls = {
+            "edged": stack.enter_context(frames.by_socket(endpoint, "camera")),
+            "fused": stack.enter_context(frames.in_process(path)),
+            "client_prep": stack.enter_context(frames.client_prep(endpoint, "detector")),
+        }
+        p50 = p50s_us(calls, ctx.settings)
+    edged = p50["edged"]
+    return [
+        Row("rtt_frame", "p50_rtt", "us", edged, "fused session in-process", p50["fused"]),
+        Row("rtt_frame_vs_client_prep", "p50_rtt", "us", p50["client_prep"], "edged", edged),
+    ]
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "rtt_tiny": functools.partial(rtt, workload=TINY),
     "rtt_image": functools.partial(rtt, workload=IMAGE),
+    "rtt_frame": rtt_frame,
     f"throughput_{CLIENTS}": throughput,
     "http_json": http_json,
     "peer_mosec": peer_mosec,
