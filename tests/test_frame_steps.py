@@ -219,3 +219,14 @@ def test_crops_of_boxes_are_the_regions_resized_as_an_area_average_and_normalise
     assert none.shape == (0, 3, 8, 6)
     with pytest.raises(ValueError, match="take no crop or letterbox"):
         FrameSteps(height=8, width=8, letterbox=True).build_crops()
+
+
+def test_a_frame_that_ends_before_the_crop_is_padded_to_the_crops_size() -> None:
+    frame = RNG.integers(0, 256, (12, 10, 3), dtype=np.uint8)
+    steps = FrameSteps(height=8, width=8, resize="nearest", crop=(4, 6, 8, 8), pad_value=7)
+    (tensor,) = run(steps.build("image"), frame)
+    expected = np.full((8, 8, 3), 7, np.uint8)
+    expected[:8, :4] = frame[4:12, 6:10]
+    np.testing.assert_array_equal(tensor[0], expected.transpose(2, 0, 1))
+    (empty,) = run(steps.build("image"), np.zeros((1, 1, 3), np.uint8))  # a warm-up's frame
+    np.testing.assert_array_equal(empty, np.full((1, 3, 8, 8), 7, np.float32))

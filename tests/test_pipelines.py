@@ -141,3 +141,20 @@ def test_a_bundle_brings_its_versions_pipeline_and_a_bad_one_is_refused(
     scores, classes = in_process(models_dir / "image.onnx", frame)
     np.testing.assert_array_equal(result["scores"], scores)
     np.testing.assert_array_equal(result["classes"], classes)
+
+
+@pytest.mark.parametrize(
+    "preprocess",
+    [PREPROCESS, {**PREPROCESS, "letterbox": False, "crop": [100, 200, 300, 300]}],
+)
+def test_a_pipelines_warm_up_run_passes_as_a_swap_needs_it(
+    models_dir: Path, preprocess: dict[str, Any]
+) -> None:
+    from edged.config import OnnxOptions
+    from edged.models.onnx import OnnxBackend
+    from edged.models.validation import rehearse_tensors
+
+    model = str(models_dir / "image.onnx")
+    pipeline = Pipeline(FrameSteps(**preprocess), Postprocess(scores=ScoreSteps()))
+    backend = OnnxBackend.load(Path(model), OnnxOptions(), None, pipeline)
+    rehearse_tensors("camera", backend, model)  # raises SwapRejected if the run fails

@@ -75,14 +75,7 @@ class FrameSteps:
         g = GraphBuilder("pre")
         frame = FRAME
         if self.crop:
-            top, left, height, width = self.crop
-            frame = g.op(
-                "Slice",
-                frame,
-                g.constant([top, left]),
-                g.constant([top + height, left + width]),
-                g.constant([0, 1]),
-            )
+            frame = self._crop(g, frame)
         pixels = g.op("Cast", frame, to=TensorProto.FLOAT)
         if self.bgr:
             pixels = g.op("Gather", pixels, g.constant([2, 1, 0]), axis=2)
@@ -176,6 +169,22 @@ class FrameSteps:
             ],
             [helper.make_tensor_value_info(CROPS, TensorProto.FLOAT, shape)],
         )
+
+    def _crop(self, g: GraphBuilder, frame: str) -> str:
+        """The crop's region; where the frame ends before it, the rest is ``pad_value`` (so a
+        small frame, a warm-up run's, still gives a region of the crop's size)."""
+        top, left, height, width = self.crop
+        region = g.op(
+            "Slice",
+            frame,
+            g.constant([top, left]),
+            g.constant([top + height, left + width]),
+            g.constant([0, 1]),
+        )
+        missing = g.op("Sub", g.constant([height, width]), g.op("Shape", region, start=0, end=2))
+        pads = g.op("Concat", g.constant([0, 0, 0]), missing, g.constant([0]), axis=0)
+        fill = g.constant(np.clip(round(self.pad_value), 0, 255), np.uint8)
+        return g.op("Pad", region, pads, fill, mode="constant")
 
     def _normalise(self, g: GraphBuilder, pixels: str) -> str:
         if self.scale != 1.0:
