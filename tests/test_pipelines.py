@@ -158,3 +158,44 @@ def test_a_pipelines_warm_up_run_passes_as_a_swap_needs_it(
     pipeline = Pipeline(FrameSteps(**preprocess), Postprocess(scores=ScoreSteps()))
     backend = OnnxBackend.load(Path(model), OnnxOptions(), None, pipeline)
     rehearse_tensors("camera", backend, model)  # raises SwapRejected if the run fails
+
+
+def test_golden_vectors_shadows_and_swaps_work_on_the_fused_model(
+    start_daemon: DaemonFactory, models_dir: Path, tmp_path: Path
+) -> None:
+    import time
+
+    from edged.demo import build_image_model
+    from edged.errors import SwapRejected
+
+    first = models_dir / "image.onnx"
+    other = build_image_model(tmp_path / "other.onnx", seed=1)
+    frame = RNG.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    scores, classes = in_process(other, frame)
+    right, wrong = tmp_path / "right.npz", tmp_path / "wrong.npz"
+    np.savez(right, **{"input.frame": frame, "output.scores": scores})
+    np.savez(wrong, **{"input.frame": frame, "output.scores": scores + 0.5})
+    spoiled = tmp_path / "spoiled.onnx"
+    spoiled.write_bytes(other.read_bytes())
+    golden = {"other.onnx": right, "spoiled.onnx": wrong}
+    store_versions(tmp_path / "d", "camera", [first, other, spoiled], **golden)
+    declared = {"preload": True, "version": 1, "preprocess": PREPROCESS, "postprocess": POSTPROCESS}
+    daemon = start_daemon({"models": {"camera": declared}}, workdir=tmp_path / "d")
+    with daemon.control() as control, daemon.client() as client:
+        control.command("shadow", model="camera", version=2)
+        for _ in range(10):
+            assert client.infer("camera", {"frame": frame}).version == 1
+        deadline = time.monotonic() + 20
+        while (shadow := control.command("models")["models"]["camera"]["candidate"]["shadow"])[
+            "compared"
+        ] < 10:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert shadow["failures"] == 0 and shadow["max_abs_diff"] > 0
+        control.command("discard", model="camera")
+        with pytest.raises(SwapRejected, match="golden"):
+            control.command("swap", model="camera", version=3)
+        control.command("swap", model="camera", version=2)
+        result = client.infer("camera", {"frame": frame})
+    assert result.version == 2
+    np.testing.assert_array_equal(result["classes"], classes)
