@@ -3,8 +3,8 @@ possible (a detector whose crops feed a classifier, an embedding model after a d
 
 A client infers on a chain as on a model. Each step is an ordinary ``infer`` on its model,
 handed to the inference service with the request's id, peer and what is left of its deadline,
-so it queues, batches, loads and is charged to the budget as any other request of that model,
-and a ``cancel`` of the request reaches the step running. Between steps the daemon cuts the
+so it queues, batches, loads and is charged to the budget as any other request of that model.
+Between steps the daemon cuts the
 request's frame at the previous step's boxes (an ONNX RoiAlign session, off the event loop) or
 passes outputs on by name; the reply comes once, with every step's outputs as
 ``<model>.<output>``.
@@ -131,8 +131,8 @@ class Chain:
         peer: bytes,
         started: float,
     ) -> Arrays:
-        """One step as an ``infer`` of the request's own id and peer (so ``cancel`` finds
-        it), with what is left of the request's deadline."""
+        """One step as an ``infer`` of the request's own id and peer, with what is left of the
+        request's deadline."""
         deadline_ms = request.deadline_ms
         if deadline_ms is not None:
             deadline_ms -= (time.monotonic() - started) * 1000
