@@ -1,7 +1,8 @@
-"""Small quantized int8 ONNX models built from code: the first-start demo, and test/bench models.
+"""Small ONNX models built from code: the first-start demo, and test, bench and example models.
 
-Built with the onnx helper API and onnxruntime's static quantizer (QDQ, int8 weights, uint8
-activations, calibrated on deterministic random data), so no model is ever downloaded.
+Built with the onnx helper API, and the classifiers quantized with onnxruntime's static
+quantizer (QDQ, int8 weights, uint8 activations, calibrated on deterministic random data), so
+no model is ever downloaded.
 ``onnx`` and the quantizer are imported only when a model is actually built.
 """
 
@@ -73,6 +74,54 @@ def build_image_model(path: Path, seed: int = 0) -> Path:
     )
     calibration = rng.standard_normal((4, *IMAGE_SHAPE)).astype(np.float32)
     return _quantize_to(path, graph, "image", calibration)
+
+
+#: the bright-square detector's input size and its candidate boxes' grid
+SQUARES_SIZE, SQUARES_CELL = 64, 16
+
+
+def build_squares_detector(path: Path) -> Path:
+    """image float32[1, 3, 64, 64] -> boxes [1, 16, 4] (x1, y1, x2, y2), scores [1, 16, 1]: a
+    detector of bright squares on a grid of 16x16 cells, each cell's score its mean
+    brightness (a MatMul with an averaging matrix), so a test or an example knows what it
+    must find. Not quantized: its scores are what a test compares."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    cells = SQUARES_SIZE // SQUARES_CELL
+    boxes, average = [], np.zeros((3, SQUARES_SIZE, SQUARES_SIZE, cells * cells), np.float32)
+    for row in range(cells):
+        for col in range(cells):
+            y, x = row * SQUARES_CELL, col * SQUARES_CELL
+            boxes.append([x, y, x + SQUARES_CELL, y + SQUARES_CELL])
+            average[:, y : y + SQUARES_CELL, x : x + SQUARES_CELL, row * cells + col] = 1.0
+    average /= 3 * SQUARES_CELL * SQUARES_CELL
+    initializers = [
+        _tensor("average", average.reshape(-1, cells * cells)),
+        _tensor("candidates", np.array([boxes], np.float32)),
+        _tensor("score_shape", np.array([1, -1, 1], np.int64)),
+    ]
+    nodes = [
+        helper.make_node("Flatten", ["image"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "average"], ["brightness"]),
+        helper.make_node("Reshape", ["brightness", "score_shape"], ["scores"]),
+        helper.make_node("Identity", ["candidates"], ["boxes"]),
+    ]
+    count = cells * cells
+    graph = helper.make_graph(
+        nodes,
+        "squares",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 64, 64])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, count, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1, count, 1]),
+        ],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
 
 
 def _tensor(name: str, array: np.ndarray[Any, Any]) -> Any:

@@ -13,13 +13,13 @@ import onnxruntime as ort
 import pytest
 
 from edged.config import parse_config
+from edged.demo import build_squares_detector
 from edged.errors import ConfigError, InputMismatch
 from edged.steps.boxes import BoxSteps
 from edged.steps.frame import FrameSteps
 from edged.steps.pipeline import Pipeline, Postprocess
 from edged.testing import DaemonProcess
 from tests.conftest import DaemonFactory
-from tests.models import build_squares_detector
 
 DETECT = {
     "preprocess": {"height": 64, "width": 64, "scale": 1 / 255},
