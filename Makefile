@@ -90,8 +90,8 @@ soak: $(BENCH_STAMP)
 
 # mypy reads bench/, which imports the peers
 lint: $(BENCH_STAMP)
-	$(BIN)/ruff check edged tests bench
-	$(BIN)/ruff format --check edged tests bench
+	$(BIN)/ruff check edged tests bench examples
+	$(BIN)/ruff format --check edged tests bench examples
 	$(BIN)/mypy
 
 clean:

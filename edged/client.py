@@ -8,6 +8,12 @@ a request lost with the old daemon is never answered late.
 Output arrays are read-only views on the received frames (no copy); ``.copy()`` one to modify it.
 ``generate`` streams text as the model produces it: iterate the returned stream for the pieces,
 then read its ``completion``; closing a stream early cancels the generation in the daemon.
+
+Large tensors (camera frames) need not travel through the socket: ``client.region(size)`` makes
+a shared-memory region the daemon maps too (``edged.shm``), ``region.array(shape, dtype)`` a
+view on it to fill, and ``infer`` sends any input that is such a view as a reference to it;
+``outputs_to`` has outputs written into such views. ``edged.shm.FrameRing`` hands out frame
+slots of one region in turn.
 """
 
 from __future__ import annotations
@@ -26,9 +32,14 @@ import zmq
 import zmq.asyncio
 
 from edged import protocol
-from edged.errors import ClientTimeout, ConfigError, EdgedError
+from edged.errors import (
+    ClientTimeout,
+    ConfigError,
+    EdgedError,
+)
 from edged.paths import default_infer_endpoint
 from edged.reach import check_endpoint, why_unreachable
+from edged.shm import Region, Regions, new_routing_id
 from edged.zmqio import NOBLOCK, recv_frames, send_frames
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -49,13 +60,13 @@ class Result:
         return self.outputs[name]
 
 
-def _result(reply: protocol.Reply, started: float) -> Result:
+def _result(reply: protocol.Reply, started: float, regions: Regions) -> Result:
     fields = reply.fields  # decoded for this call alone: its timing map is ours to extend
     timing = fields.get("timing")
     timing = timing if isinstance(timing, dict) else {}
     timing["rtt_us"] = int((time.perf_counter() - started) * 1e6)
     return Result(
-        outputs=reply.tensors,
+        outputs=regions.outputs(reply) if reply.refs else reply.tensors,
         model=str(fields.get("model")),
         version=int(fields.get("version", 0)),
         timing=timing,
@@ -107,6 +118,25 @@ def _absorb(completion: Completion, pieces: list[str], reply: protocol.Reply) ->
 
 def _embedding(reply: protocol.Reply) -> np.ndarray[Any, Any]:
     return reply.tensors["embedding"]
+
+
+def _infer_request(
+    request_id: int,
+    model: str,
+    inputs: Inputs,
+    regions: Regions,
+    outputs_to: Mapping[str, np.ndarray[Any, Any]] | None,
+    **common: Any,
+) -> list[Any]:
+    """Frames of an infer request: inputs that are views on ``regions`` go as references."""
+    locate = None
+    if regions:
+        regions.connected()  # a daemon that restarted gets the regions again, first
+        locate = regions.locate
+    fields = {"outputs": regions.targets(outputs_to)} if outputs_to else None
+    return protocol.encode_request(
+        request_id, "infer", model=model, inputs=inputs, fields=fields, locate=locate, **common
+    )
 
 
 @dataclass(frozen=True)
@@ -174,6 +204,9 @@ class Client:
         self._rcvtimeo_ms = -1
         self._send_timeout: float | None = None
         self._ids = itertools.count(1)
+        #: this client's ZMQ_ROUTING_ID, the same on every socket it opens: its regions' owner
+        self.routing_id = new_routing_id()
+        self._regions = Regions(self.endpoint, self.routing_id, timeout)
 
     def infer(
         self,
@@ -184,19 +217,29 @@ class Client:
         deadline_ms: float | None = None,
         trace: str | None = None,
         timeout: float | None = None,
+        outputs_to: Mapping[str, np.ndarray[Any, Any]] | None = None,
     ) -> Result:
+        """Run ``model``; inputs that are views on this client's regions go as references, and
+        the outputs named in ``outputs_to`` are written into the region views given there (the
+        result's arrays for them are views there too)."""
         started = time.perf_counter()
         request_id = next(self._ids)
-        frames = protocol.encode_request(
+        frames = _infer_request(
             request_id,
-            "infer",
-            model=model,
-            inputs=inputs,
+            model,
+            inputs,
+            self._regions,
+            outputs_to,
             version=version,
             deadline_ms=deadline_ms,
             trace=trace,
         )
-        return _result(self._call(request_id, frames, timeout), started)
+        return _result(self._call(request_id, frames, timeout), started, self._regions)
+
+    def region(self, size: int, name: str = "") -> Region:
+        """A shared-memory region of ``size`` bytes, registered with the daemon for this client
+        (a blocking round trip on regions.sock; the daemon needs the IPC endpoint)."""
+        return self._regions.create(size, name)
 
     def generate(
         self,
@@ -298,6 +341,8 @@ class Client:
         return self._call(request_id, protocol.encode_request(request_id, "ping"), timeout).fields
 
     def close(self) -> None:
+        """Close the socket and every region."""
+        self._regions.close()
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
@@ -313,6 +358,7 @@ class Client:
             check_endpoint(self.endpoint)
             sock = self._context.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, self.routing_id)
             if self.curve is not None:
                 self.curve.apply(sock)
             sock.connect(self.endpoint)
@@ -476,6 +522,9 @@ class AsyncClient:
         self._waiting: dict[int, asyncio.Future[protocol.Reply]] = {}
         self._streams: dict[int, asyncio.Queue[protocol.Reply]] = {}
         self._reader: asyncio.Task[None] | None = None
+        #: this client's ZMQ_ROUTING_ID: its regions' owner
+        self.routing_id = new_routing_id()
+        self._regions = Regions(self.endpoint, self.routing_id, timeout)
 
     async def infer(
         self,
@@ -486,19 +535,27 @@ class AsyncClient:
         deadline_ms: float | None = None,
         trace: str | None = None,
         timeout: float | None = None,
+        outputs_to: Mapping[str, np.ndarray[Any, Any]] | None = None,
     ) -> Result:
+        """As ``Client.infer``: region views go as references, ``outputs_to`` into regions."""
         started = time.perf_counter()
         request_id = next(self._ids)
-        frames = protocol.encode_request(
+        frames = _infer_request(
             request_id,
-            "infer",
-            model=model,
-            inputs=inputs,
+            model,
+            inputs,
+            self._regions,
+            outputs_to,
             version=version,
             deadline_ms=deadline_ms,
             trace=trace,
         )
-        return _result(await self._call(request_id, frames, timeout), started)
+        return _result(await self._call(request_id, frames, timeout), started, self._regions)
+
+    def region(self, size: int, name: str = "") -> Region:
+        """As ``Client.region``: registering is a setup step, a blocking round trip of
+        microseconds on a local socket (bounded by the client's timeout)."""
+        return self._regions.create(size, name)
 
     async def generate(
         self,
@@ -572,6 +629,8 @@ class AsyncClient:
         return (await self._call(request_id, frames, timeout)).fields
 
     async def close(self) -> None:
+        """Close the socket and every region."""
+        self._regions.close()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -610,6 +669,7 @@ class AsyncClient:
             check_endpoint(self.endpoint)
             self._socket = self._context.socket(zmq.DEALER)
             self._socket.setsockopt(zmq.LINGER, 0)
+            self._socket.setsockopt(zmq.ROUTING_ID, self.routing_id)
             self._socket.connect(self.endpoint)
             self._reader = asyncio.create_task(self._read(self._socket))
         sending = cast("asyncio.Future[Any]", self._socket.send_multipart(frames, copy=False))

@@ -189,6 +189,10 @@ class ServerConfig:
     #: ZeroMQ high-water marks (messages) on the inference socket
     send_hwm: int = _at_least(1000, 1)
     recv_hwm: int = _at_least(1000, 1)
+    #: shared-memory regions one connection of regions.sock may hold mapped at once
+    max_regions: int = _at_least(64, 1)
+    #: all mapped shared-memory regions together, every connection's
+    max_region_mb: int = _at_least(4096, 1)
 
 
 @dataclass(frozen=True)

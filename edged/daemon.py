@@ -40,6 +40,7 @@ from edged.models.registry import ModelSlot, Registry, VersionSpec
 from edged.models.swap import Swapper
 from edged.ota.journal import Journal
 from edged.paths import Paths, default_infer_endpoint, resolve_paths
+from edged.regions import RegionListener, RegionTable
 from edged.sdnotify import Notifier
 from edged.server import Endpoint, Service
 from edged.service import InferenceService
@@ -119,7 +120,9 @@ class Daemon:
         swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
         reloader = Reloader(config, self.registry, self.loader, swapper, self.tasks)
         data_ops, control_ops = socket_tables()
-        self.service = InferenceService(self.registry, data_ops)
+        server = config.server
+        self.regions = RegionTable(server.max_regions, server.max_region_mb * MIB)
+        self.service = InferenceService(self.registry, data_ops, self.regions)
         self.service.chains = {
             name: Chain(name, chain, self.service, self.tasks)
             for name, chain in config.chains.items()
@@ -243,6 +246,9 @@ class Daemon:
             stack.callback(socket_file.unlink, missing_ok=True)
             endpoint.start()
             stack.callback(endpoint.stop)
+        regions = RegionListener(paths.runtime / "regions.sock", self.regions, loop)
+        regions.start()  # created like infer.sock: in the same directory, under the same umask
+        stack.callback(regions.stop)
         remote = self._remote_control(stack, context, loop)
         if self.config.metrics.http:
             stack.callback(self.metrics.serve_http(self.config.metrics.http))

@@ -141,6 +141,26 @@ class RunFailed(EdgedError):
     code = "RUN_FAILED"
 
 
+class BadRegion(EdgedError):
+    """A shared-memory region is unusable: its fd is not a memfd sealed against shrinking, it
+    is empty, or a tensor does not fit in it where a request places it."""
+
+    code = "BAD_REGION"
+
+
+class UnknownRegion(EdgedError):
+    """A request names a region that is not registered, or that another connection registered."""
+
+    code = "UNKNOWN_REGION"
+
+
+class RegionLimit(EdgedError):
+    """A region would take its connection past ``server.max_regions``, or the daemon's mapped
+    regions past ``server.max_region_mb``."""
+
+    code = "REGION_LIMIT"
+
+
 class ShuttingDown(EdgedError):
     code = "SHUTTING_DOWN"
 
@@ -218,6 +238,9 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         BadSignature,
         DeadlineExceeded,
         RunFailed,
+        BadRegion,
+        UnknownRegion,
+        RegionLimit,
         ShuttingDown,
         InternalError,
         ModelLoadError,

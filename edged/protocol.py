@@ -3,7 +3,9 @@
 A message is ``[header, tensor_0, ..., tensor_n]``: the header a msgpack map, each tensor frame
 the raw C-contiguous little-endian bytes of one array described in the header. This module
 imports no socket or event loop so it can be tested and fuzzed on bytes alone; everything is
-validated here before any model is touched. Tensors are views on the received buffers (no copy).
+validated here before any model is touched. Tensors are views on the received buffers (no copy);
+a tensor that lies in a client's shared-memory region stays a ``TensorRef`` here, resolved by the
+serving layer, which holds the regions (``edged.regions``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import dataclasses
 import itertools
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -56,9 +58,15 @@ WIRE_NAMES: dict[np.dtype[Any], str] = {dtype: name for name, dtype in DTYPES.it
 #: the header keys of every request; an op's own keys are its request type's fields
 COMMON_KEYS = frozenset({"v", "id", "op", "trace"})
 TENSOR_KEYS = frozenset({"name", "dtype", "shape"})
+#: a tensor in a shared-memory region: described as one in a frame, plus where it lies
+REF_KEYS = TENSOR_KEYS | {"region", "offset"}
+#: where an ``infer`` request wants an output written (its header's ``outputs``)
+TARGET_KEYS = frozenset({"region", "offset"})
 MAX_ID = 2**64 - 1
 MAX_TRACE_LEN = 128
 MAX_NAME_LEN = 256
+#: a region's token is 32 hex digits; a longer string is no token at all
+MAX_TOKEN_LEN = 64
 BOOL = DTYPES["bool"]
 
 
@@ -76,6 +84,43 @@ R = TypeVar("R", bound="Request")
 
 
 DEFAULT_LIMITS = Limits()
+
+
+@dataclass(frozen=True, slots=True)
+class RegionRef:
+    """A place in a shared-memory region a client registered: the region's token and a byte
+    offset into it (docs/PROTOCOL.md §11)."""
+
+    region: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRef:
+    """A tensor that lies in a region rather than in a frame: an ``infer`` input, or an output
+    the daemon wrote into its client's region."""
+
+    name: str
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    at: RegionRef
+    #: its place among the message's tensors, where frames and references interleave
+    index: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __str__(self) -> str:
+        return (
+            f"{self.name!r} ({self.dtype.name}{list(self.shape)}, {self.nbytes} bytes at offset "
+            f"{self.at.offset} of region {self.at.region})"
+        )
+
+
+NO_REFS: tuple[TensorRef, ...] = ()
+#: where an output being encoded lies in a region (then it gets no frame), or None
+Locate = Callable[[str, np.ndarray[Any, Any]], RegionRef | None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,6 +193,8 @@ class Reply:
     fields: dict[str, Any]
     tensors: dict[str, np.ndarray[Any, Any]]
     error: EdgedError | None = None
+    #: outputs the daemon wrote into the client's regions instead of frames
+    refs: tuple[TensorRef, ...] = NO_REFS
 
     def raise_for_error(self) -> None:
         if self.error is not None:
@@ -227,6 +274,16 @@ def _parse_request(
     return request_type.from_wire(envelope, header, frames, limits)
 
 
+def decode_described(
+    specs: Any, frames: Sequence[Buffer], limits: Limits
+) -> tuple[dict[str, np.ndarray[Any, Any]], tuple[TensorRef, ...]]:
+    """The tensors ``specs`` describes: views on the frames, and references to those that lie
+    in regions (no frame each). One frame per description is the usual case, checked first."""
+    if type(specs) is list and len(specs) == len(frames):
+        return decode_tensors(specs, frames, limits), NO_REFS
+    return _decode_with_refs(specs, frames, limits)
+
+
 def decode_tensors(
     specs: Any, frames: Sequence[Buffer], limits: Limits
 ) -> dict[str, np.ndarray[Any, Any]]:
@@ -239,21 +296,146 @@ def decode_tensors(
             f"header declares {len(specs)} tensor(s) but {len(frames)} frame(s) follow"
         )
     arrays: dict[str, np.ndarray[Any, Any]] = {}
+    # this loop runs for every tensor received, so it is inline: ``_in_frame`` does the same
+    # for the rarer messages with tensors in regions
     for index, (spec, frame) in enumerate(zip(specs, frames, strict=True)):
         name, dtype, shape = _tensor_spec(spec, index, limits)
         if name in arrays:
             raise BadRequest(f"tensor {name!r} is declared twice")
-        expected = math.prod(shape) * dtype.itemsize
-        if len(frame) != expected:
-            raise FrameMismatch(
-                f"tensor {name!r}: {dtype.name}{list(shape)} needs {expected} bytes, "
-                f"frame {index + 1} has {len(frame)}"
-            )
+        if len(frame) != math.prod(shape) * dtype.itemsize:
+            raise _wrong_length(name, dtype, shape, frame, index + 1)
         array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, frame)  # a view: no copy
-        if dtype is BOOL and array.size and array.view(np.uint8).max() > 1:
-            raise BadRequest(f"tensor {name!r}: a bool element is neither 0 nor 1")
+        if dtype is BOOL:
+            check_bools(name, array)
         arrays[name] = array
     return arrays
+
+
+def _in_frame(
+    name: str, dtype: np.dtype[Any], shape: tuple[int, ...], frame: Buffer, number: int
+) -> np.ndarray[Any, Any]:
+    """The tensor in frame ``number``: a view on it, no copy."""
+    if len(frame) != math.prod(shape) * dtype.itemsize:
+        raise _wrong_length(name, dtype, shape, frame, number)
+    array: np.ndarray[Any, Any] = np.ndarray(shape, dtype, frame)
+    if dtype is BOOL:
+        check_bools(name, array)
+    return array
+
+
+def _wrong_length(
+    name: str, dtype: np.dtype[Any], shape: tuple[int, ...], frame: Buffer, number: int
+) -> FrameMismatch:
+    return FrameMismatch(
+        f"tensor {name!r}: {dtype.name}{list(shape)} needs {math.prod(shape) * dtype.itemsize} "
+        f"bytes, frame {number} has {len(frame)}"
+    )
+
+
+def check_bools(name: str, array: np.ndarray[Any, Any]) -> None:
+    """PROTOCOL §3: a ``bool`` tensor holds only the bytes 0 and 1."""
+    if array.size and array.view(np.uint8).max() > 1:
+        raise BadRequest(f"tensor {name!r}: a bool element is neither 0 nor 1")
+
+
+def _decode_with_refs(
+    specs: Any, frames: Sequence[Buffer], limits: Limits
+) -> tuple[dict[str, np.ndarray[Any, Any]], tuple[TensorRef, ...]]:
+    """``decode_described`` when some tensors may lie in regions: each description in a frame
+    takes the next frame, each reference none."""
+    if not isinstance(specs, list):
+        raise BadRequest("'inputs' must be an array of tensor descriptions")
+    if len(specs) > limits.max_tensors:
+        raise TooLarge(f"{len(specs)} tensors, limit {limits.max_tensors}")
+    in_regions = sum(1 for spec in specs if _is_ref(spec))
+    if len(specs) - in_regions != len(frames):
+        without = f" ({in_regions} in regions, with no frame)" if in_regions else ""
+        raise FrameMismatch(
+            f"header declares {len(specs)} tensor(s){without} but {len(frames)} frame(s) follow"
+        )
+    arrays: dict[str, np.ndarray[Any, Any]] = {}
+    refs: list[TensorRef] = []
+    names: set[str] = set()
+    number = 0
+    for index, spec in enumerate(specs):
+        if _is_ref(spec):
+            ref = _tensor_ref(spec, index, limits)
+            name = ref.name
+            refs.append(ref)
+        else:
+            name, dtype, shape = _tensor_spec(spec, index, limits)
+            number += 1
+            arrays[name] = _in_frame(name, dtype, shape, frames[number - 1], number)
+        if name in names:
+            raise BadRequest(f"tensor {name!r} is declared twice")
+        names.add(name)
+    return arrays, tuple(refs)
+
+
+def _is_ref(spec: Any) -> bool:
+    return type(spec) is dict and spec.keys() == REF_KEYS
+
+
+def _tensor_ref(spec: dict[str, Any], index: int, limits: Limits) -> TensorRef:
+    """A tensor description with ``region`` and ``offset``: where the tensor lies, checked as
+    far as the message alone tells (its region's size is the service's to check)."""
+    described = {key: spec[key] for key in TENSOR_KEYS}
+    name, dtype, shape = _tensor_spec(described, index, limits)
+    at = region_ref(spec["region"], spec["offset"], f"inputs[{index}] ({name!r})")
+    ref = TensorRef(name, dtype, shape, at, index)
+    if at.offset % dtype.itemsize:
+        raise BadRequest(
+            f"tensor {ref}: the offset is not a multiple of {dtype.name}'s {dtype.itemsize} bytes"
+        )
+    return ref
+
+
+def region_ref(region: Any, offset: Any, what: str) -> RegionRef:
+    """A place in a region, as a message gives it: a token from ``register`` and an offset."""
+    if type(region) is not str or not 0 < len(region) <= MAX_TOKEN_LEN:
+        raise BadRequest(f"{what}: 'region' must be a region's token, the string register gave")
+    if type(offset) is not int or offset < 0:
+        raise BadRequest(f"{what}: 'offset' must be a non-negative integer, got {offset!r}")
+    return RegionRef(region, offset)
+
+
+def decode_targets(value: Any, limits: Limits) -> dict[str, RegionRef]:
+    """An ``infer`` header's ``outputs``: output name -> where in a region to write it."""
+    if type(value) is not dict or len(value) > limits.max_tensors:
+        raise BadRequest(
+            f"'outputs' must be a map of at most {limits.max_tensors} output names to "
+            "{region, offset}"
+        )
+    targets: dict[str, RegionRef] = {}
+    for name, target in value.items():
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME_LEN:
+            raise BadRequest("'outputs' keys must be output names (non-empty strings)")
+        if type(target) is not dict or target.keys() != TARGET_KEYS:
+            raise BadRequest(
+                f"outputs[{name!r}] must be a map with exactly the keys region, offset"
+            )
+        targets[name] = region_ref(target["region"], target["offset"], f"outputs[{name!r}]")
+    return targets
+
+
+def interleave(
+    arrays: Mapping[str, np.ndarray[Any, Any]],
+    refs: Sequence[TensorRef],
+    view: Callable[[TensorRef], np.ndarray[Any, Any]],
+) -> dict[str, np.ndarray[Any, Any]]:
+    """A message's tensors in its header's order: those from frames, with each reference's
+    tensor (made by ``view``) back at its place. The order matters to batching (§7.4)."""
+    from_frames = iter(arrays.items())
+    at = {ref.index: ref for ref in refs}
+    tensors: dict[str, np.ndarray[Any, Any]] = {}
+    for index in range(len(arrays) + len(refs)):
+        ref = at.get(index)
+        if ref is None:
+            name, array = next(from_frames)
+        else:
+            name, array = ref.name, view(ref)
+        tensors[name] = array
+    return tensors
 
 
 def _tensor_spec(
@@ -262,7 +444,14 @@ def _tensor_spec(
     # Exact type checks (msgpack decodes to exact types): this runs for every tensor received,
     # so the message's prefix is made only when one fails.
     if type(spec) is not dict or spec.keys() != TENSOR_KEYS:
-        raise BadRequest(f"inputs[{index}] must be a map with exactly the keys name, dtype, shape")
+        if _is_ref(spec):  # with one frame per description: one too many for a reference
+            raise FrameMismatch(
+                f"inputs[{index}] lies in a region, so takes no frame, but every tensor has one"
+            )
+        raise BadRequest(
+            f"inputs[{index}] must be a map with exactly the keys name, dtype, shape "
+            "(and region, offset for a tensor in a shared-memory region)"
+        )
     name, dtype_name, shape = spec["name"], spec["dtype"], spec["shape"]
     if type(name) is not str or not name or len(name) > MAX_NAME_LEN:
         raise BadRequest(f"inputs[{index}].name must be a non-empty string")
@@ -310,10 +499,11 @@ def is_number(value: Any) -> bool:
 
 
 def tensor_frames(
-    arrays: Mapping[str, Any],
+    arrays: Mapping[str, Any], locate: Locate | None = None
 ) -> tuple[list[dict[str, Any]], list[np.ndarray[Any, Any]]]:
     """Describe arrays (or what ``np.asarray`` makes one of) for a header; return them
-    C-contiguous little-endian (copied only if not)."""
+    C-contiguous little-endian (copied only if not), but for those ``locate`` finds in a
+    region: described with their place there, and no frame."""
     specs: list[dict[str, Any]] = []
     frames: list[np.ndarray[Any, Any]] = []
     for name, array in arrays.items():
@@ -325,8 +515,13 @@ def tensor_frames(
                 raise BadRequest(f"tensor {name!r}: dtype {arr.dtype} cannot be sent")
             arr = np.asarray(arr, dtype=wire, order="C")  # ascontiguousarray makes 0-d 1-d
             dtype_name = wire.name
-        specs.append({"name": name, "dtype": dtype_name, "shape": list(arr.shape)})
-        frames.append(arr)
+        spec = {"name": name, "dtype": dtype_name, "shape": list(arr.shape)}
+        specs.append(spec)
+        where = None if locate is None else locate(name, arr)
+        if where is None:
+            frames.append(arr)
+        else:
+            spec["region"], spec["offset"] = where.region, where.offset
     return specs, frames
 
 
@@ -341,9 +536,10 @@ def encode_request(
     trace: str | None = None,
     fields: Mapping[str, Any] | None = None,
     data: Buffer | None = None,
+    locate: Locate | None = None,
 ) -> list[Any]:
     """Frames of a request, as a client sends them; ``fields`` are the op's own keys, ``data``
-    an ``upload``'s chunk."""
+    an ``upload``'s chunk, ``locate`` finds the inputs that lie in the client's regions."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
     if model is not None:
         header["model"] = model
@@ -357,7 +553,7 @@ def encode_request(
         header.update(fields)
     frames: list[Any] = []
     if inputs is not None:
-        header["inputs"], frames = tensor_frames(inputs)
+        header["inputs"], frames = tensor_frames(inputs, locate)
     if data is not None:
         frames.append(data)
     return [msgpack.packb(header), *frames]
@@ -367,12 +563,14 @@ def encode_reply(
     request_id: int | None,
     fields: Mapping[str, Any],
     outputs: Mapping[str, np.ndarray[Any, Any]] | None = None,
+    locate: Locate | None = None,
 ) -> list[Any]:
-    """Frames of a success reply: ``fields`` are the op's result keys."""
+    """Frames of a success reply: ``fields`` are the op's result keys; ``locate`` finds the
+    outputs already written into the client's regions."""
     header: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, **fields}
     frames: list[Any] = []
     if outputs is not None:
-        header["outputs"], frames = tensor_frames(outputs)
+        header["outputs"], frames = tensor_frames(outputs, locate)
     return [msgpack.packb(header), *frames]
 
 
@@ -400,5 +598,5 @@ def decode_reply(frames: Sequence[Buffer], limits: Limits = DEFAULT_LIMITS) -> R
             error = {}
         exc = error_from_code(str(error.get("code", "INTERNAL")), str(error.get("message", "")))
         return Reply(id=request_id, fields=header, tensors={}, error=exc)
-    tensors = decode_tensors(header.pop("outputs", []), frames[1:], limits)
-    return Reply(id=request_id, fields=header, tensors=tensors)
+    tensors, refs = decode_described(header.pop("outputs", []), frames[1:], limits)
+    return Reply(id=request_id, fields=header, tensors=tensors, refs=refs)

@@ -23,12 +23,14 @@ FrameSink = Callable[[list[Any]], bool]
 
 
 class ReplyTo:
-    __slots__ = ("_send", "request_id", "trace")
+    __slots__ = ("_locate", "_send", "request_id", "trace")
 
     def __init__(self, send: FrameSink, request_id: int | None, trace: str | None) -> None:
         self._send = send
         self.request_id = request_id
         self.trace = trace
+        #: which outputs were written into the client's regions (and so get no frame)
+        self._locate: protocol.Locate | None = None
 
     def ok(
         self,
@@ -40,7 +42,7 @@ class ReplyTo:
         if self.trace is not None:
             fields["trace"] = self.trace
         try:
-            frames = protocol.encode_reply(self.request_id, fields, outputs)
+            frames = protocol.encode_reply(self.request_id, fields, outputs, self._locate)
         except EdgedError as exc:  # an output of a dtype the wire has no name for
             log_error_reply(exc.code, exc.message, trace=self.trace, request_id=self.request_id)
             return self.fail(exc)

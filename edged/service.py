@@ -23,12 +23,13 @@ from edged.errors import (
     UnknownRequest,
 )
 from edged.logsetup import log_error_reply, log_fields
-from edged.models.calls import Infer, Inference
+from edged.models.calls import Infer, Inference, RegionInfer
 from edged.models.candidate import Candidate
 from edged.models.registry import Registry, Runner
 from edged.models.runner import ModelRunner
 from edged.opunit import OpTable
 from edged.protocol import Request
+from edged.regions import RegionTable
 from edged.replies import ReplyTo
 from edged.requests import ModelRequest, VersionedRequest
 
@@ -41,9 +42,16 @@ log = logging.getLogger(__name__)
 
 
 class InferenceService:
-    def __init__(self, registry: Registry, ops: OpTable[InferenceService]) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        ops: OpTable[InferenceService],
+        regions: RegionTable | None = None,
+    ) -> None:
         self.registry = registry
         self.ops = ops
+        #: the shared-memory regions clients registered on regions.sock (none without one)
+        self.regions = regions or RegionTable(max_regions=0, max_bytes=0)
         self.accepting = True
         self._pending: set[Runner] = set()
         #: requests received, for the rate in systemd's status line
@@ -67,8 +75,11 @@ class InferenceService:
 
     def submit(self, request: Inference, reply: ReplyTo, peer: bytes) -> None:
         """``infer``, ``generate`` and ``embed``: queued on the model (or its canary); runs
-        start on the next ``pump``."""
+        start on the next ``pump``. An ``infer`` with tensors in ``peer``'s regions gets views
+        on them first, and a reply that writes outputs into them."""
         self._check_accepting()
+        if isinstance(request, RegionInfer):
+            request, reply = self.regions.resolve(request, reply, peer)
         chain = self.chains.get(request.model)
         if chain is not None:
             if not isinstance(request, Infer):

@@ -521,10 +521,12 @@ check_socket_access() {
     local denied
     try "user sensor (group edged) could not infer" \
         ct runuser -u sensor -- "${PYCHECKS[@]}" infer demo --shape 1x16 || return 1
+    try "user sensor (group edged) could not infer by shared memory (regions.sock)" \
+        ct runuser -u sensor -- "${PYCHECKS[@]}" infer demo --shape 1x16 --region || return 1
     denied=$(ct runuser -u stranger -- "${PYCHECKS[@]}" infer demo --shape 1x16 --expect ACCESS_DENIED) ||
         { why="user stranger (not in group edged): ${denied:-no answer}"; return 1; }
     echo "$denied"
-    note="sensor inferred; stranger got ${denied%%:*}: ${denied#*: }"
+    note="sensor inferred, by frames and by shared memory; stranger got ${denied%%:*}: ${denied#*: }"
 }
 
 # reload_refused SINCE PATTERN WHAT: `systemctl reload` must fail, and the reason edgectl gave

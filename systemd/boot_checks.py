@@ -124,13 +124,23 @@ def build(kind: str, path: Path, seed: int) -> int:
 
 
 def infer(
-    model: str, shape: tuple[int, ...], trace: str | None, expect: str, timeout: float
+    model: str,
+    shape: tuple[int, ...],
+    trace: str | None,
+    expect: str,
+    timeout: float,
+    *,
+    region: bool = False,
 ) -> int:
-    """One request; 0 when its outcome is ``expect`` ("" meaning a result)."""
-    inputs = {"x": np.ones(shape, np.float32)}
+    """One request; 0 when its outcome is ``expect`` ("" meaning a result). With ``region``
+    its input goes by shared memory (a memfd handed over regions.sock)."""
     try:
         with Client(INFER_SOCKET, timeout=timeout) as client:
-            result = client.infer(model, inputs, trace=trace)
+            x = np.ones(shape, np.float32)
+            if region:
+                x = client.region(x.nbytes, "boot-check").array(shape, np.float32)
+                x[...] = 1
+            result = client.infer(model, {"x": x}, trace=trace)
     except EdgedError as exc:
         print(f"{type(exc).__name__} {exc.code}: {exc}")
         return 0 if exc.code == expect else 1
@@ -182,6 +192,7 @@ def main() -> int:
     request.add_argument("--trace")
     request.add_argument("--expect", default="", help="the error code expected")
     request.add_argument("--timeout", type=float, default=10.0)
+    request.add_argument("--region", action="store_true", help="the input by shared memory")
     active = commands.add_parser("serving", help="a model's active version and state")
     active.add_argument("model")
     admitted = commands.add_parser("requests", help="requests a model's versions admitted")
@@ -190,7 +201,9 @@ def main() -> int:
     if args.command == "model":
         return build(args.kind, args.path, args.seed)
     if args.command == "infer":
-        return infer(args.model, args.shape, args.trace, args.expect, args.timeout)
+        return infer(
+            args.model, args.shape, args.trace, args.expect, args.timeout, region=args.region
+        )
     if args.command == "requests":
         return requests(args.model)
     return serving(args.model)

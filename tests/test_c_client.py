@@ -1,10 +1,12 @@
-"""The C sensor client (examples/c-client, libzmq and msgpack-c only, written from
+"""The C sensor clients (examples/c-client, libzmq and msgpack-c only, written from
 docs/PROTOCOL.md) against a live daemon: the same inputs give the same outputs as the Python
-client, bit for bit, and error replies arrive as their codes."""
+client, bit for bit, whether sent in frames or in a shared-memory region, and error replies
+arrive as their codes."""
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +35,15 @@ class Answer:
 
 @pytest.fixture(scope="session")
 def c_client() -> Path:
-    """Build the example with its own Makefile, as a C developer would."""
+    """Build the examples with their own Makefile, as a C developer would."""
     subprocess.run(["make", "-s", "-C", str(SOURCE)], check=True, capture_output=True)
     return SOURCE / "edged_infer"
+
+
+@pytest.fixture(scope="session")
+def shm_client(c_client: Path) -> Path:
+    """The shared-memory example, built by the same make."""
+    return c_client.with_name("shm_client")
 
 
 def tensor_arg(tmp_path: Path, name: str, array: np.ndarray) -> str:
@@ -45,9 +53,16 @@ def tensor_arg(tmp_path: Path, name: str, array: np.ndarray) -> str:
     return f"{name}={array.dtype.name}:{'x'.join(map(str, array.shape))}:{file}"
 
 
-def run_c(client: Path, endpoint: str, model: str, *args: str, timeout_ms: int = 5000) -> Answer:
+def run_c(
+    client: Path,
+    endpoint: str,
+    model: str,
+    *args: str,
+    timeout_ms: int = 5000,
+    options: Sequence[str] = (),
+) -> Answer:
     done = subprocess.run(
-        [str(client), "-e", endpoint, "-t", str(timeout_ms), model, *args],
+        [str(client), "-e", endpoint, "-t", str(timeout_ms), *options, model, *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -127,3 +142,35 @@ def test_c_client_refuses_a_file_that_does_not_fit_the_shape(
     answer = run_c(c_client, "ipc:///nonexistent", "demo", arg)
     assert answer.code == 2
     assert "the shape needs 64" in answer.stderr
+
+
+def test_shm_client_sends_its_inputs_in_a_region(
+    shm_client: Path, demo_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    """Inputs by reference; one output in a frame, then the same written into the region."""
+    x = np.random.default_rng(11).standard_normal((3, 16)).astype(np.float32)
+    with demo_daemon.client() as client:
+        expected = client.infer("demo", {"x": x})["probs"]
+    arg = tensor_arg(tmp_path, "x", x)
+    for options, in_region in [((), False), (("-o", f"probs:{expected.nbytes}"), True)]:
+        answer = run_c(shm_client, demo_daemon.endpoint, "demo", arg, options=options)
+        assert answer.code == 0, answer.stderr
+        assert answer.header.startswith("model demo version 1 trace ")
+        assert [o.name for o in answer.outputs] == ["probs"]
+        np.testing.assert_array_equal(answer.outputs[0].array, expected)
+        assert ("output probs came in the region" in answer.stderr) is in_region
+
+
+def test_shm_client_reports_error_replies_and_a_region_too_small(
+    shm_client: Path, demo_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    arg = tensor_arg(tmp_path, "x", np.zeros((1, 16), np.float32))
+    answer = run_c(shm_client, demo_daemon.endpoint, "demo", arg, options=["-o", "probs:8"])
+    assert answer.code == 3
+    assert answer.stderr.startswith("BAD_REGION: output 'probs'")
+    answer = run_c(shm_client, demo_daemon.endpoint, "nope", arg)
+    assert (answer.code, answer.stderr.split(":")[0]) == (3, "UNKNOWN_MODEL")
+    answer = run_c(shm_client, "tcp://127.0.0.1:1", "demo", arg)
+    assert answer.code == 2 and "regions need an ipc:// endpoint" in answer.stderr
+    with demo_daemon.client() as client:
+        assert client.ping()["state"] == "serving"

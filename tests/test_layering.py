@@ -35,13 +35,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edged.steps",
         ),
     ),
-    ("client", ("edged.reach", "edged.client", "edged.testing")),
+    ("client", ("edged.reach", "edged.shm", "edged.client", "edged.testing")),
     ("models", ("edged.models",)),
     (
         "serving",
         (
             "edged.service",
             "edged.chains",
+            "edged.regions",
             "edged.ops",
             "edged.server",
             "edged.ota",

@@ -21,6 +21,7 @@ from edged.errors import (
     UnknownOp,
     UnsupportedVersion,
 )
+from edged.models.calls import Infer
 from edged.protocol import Limits, RequestRejected
 from edged.requests import MAX_DEADLINE_MS
 from tests.messages import decode_request
@@ -240,3 +241,99 @@ def test_a_rejected_request_keeps_no_reference_to_its_frames() -> None:
     del frames, buffer
     assert error.code == "FRAME_MISMATCH"
     assert freed() is None
+
+
+# -- tensors in shared-memory regions ---------------------------------------------------------
+
+TOKEN = "0123456789abcdef" * 2
+
+
+def ref_spec(name: str = "x", offset: int = 64, **overrides: Any) -> dict[str, Any]:
+    spec = {"name": name, "dtype": "float32", "shape": [2, 3], "region": TOKEN, "offset": offset}
+    spec.update(overrides)
+    return spec
+
+
+def test_a_tensor_in_a_region_has_no_frame_and_keeps_its_place() -> None:
+    x, y, z = (np.full((2, 3), k, np.float32) for k in range(3))
+    places = {"y": protocol.RegionRef(TOKEN, 128)}
+    frames = protocol.encode_request(
+        5, "infer", model="m", inputs={"x": x, "y": y, "z": z}, locate=lambda n, _: places.get(n)
+    )
+    assert len(frames) == 3  # the header, x and z
+    request = decode_request([bytes(memoryview(f)) for f in frames], LIMITS)
+    assert list(request.inputs) == ["x", "z"]
+    (ref,) = request.refs
+    assert (ref.name, ref.shape, ref.at, ref.index, ref.nbytes) == ("y", (2, 3), places["y"], 1, 24)
+    assert ref.dtype == np.float32
+    merged = protocol.interleave(request.inputs, request.refs, lambda _: y)
+    assert list(merged) == ["x", "y", "z"]  # the header's order, as batching needs
+
+
+def test_outputs_to_write_into_regions_are_decoded() -> None:
+    target = {"region": TOKEN, "offset": 8}
+    request = decode_request(frames_of(infer_header(outputs={"y": target}), bytes(24)), LIMITS)
+    assert request.outputs == {"y": protocol.RegionRef(TOKEN, 8)}
+    assert type(decode_request(frames_of(infer_header(), bytes(24)), LIMITS)) is Infer
+
+
+@pytest.mark.parametrize(
+    ("header", "frames", "error", "words"),
+    [
+        (infer_header(inputs=[ref_spec(offset=-4)]), [], BadRequest, "'offset' must be a non"),
+        (infer_header(inputs=[ref_spec(offset=6)]), [], BadRequest, "not a multiple of float32"),
+        (infer_header(inputs=[ref_spec(offset=1.0)]), [], BadRequest, "'offset'"),
+        (infer_header(inputs=[ref_spec(region=7)]), [], BadRequest, "'region' must be"),
+        (infer_header(inputs=[ref_spec(region="")]), [], BadRequest, "'region' must be"),
+        (infer_header(inputs=[ref_spec(region="f" * 65)]), [], BadRequest, "'region' must be"),
+        (infer_header(inputs=[ref_spec(dtype="f4")]), [], BadRequest, "dtype 'f4'"),
+        (infer_header(inputs=[ref_spec()]), [bytes(24)], FrameMismatch, "takes no frame"),
+        (
+            infer_header(inputs=[ref_spec(), {"name": "w", "dtype": "int8", "shape": [1]}]),
+            [],
+            FrameMismatch,
+            "2 tensor(s) (1 in regions, with no frame) but 0 frame(s)",
+        ),
+        (
+            infer_header(
+                inputs=[ref_spec(), ref_spec(), {"name": "w", "dtype": "int8", "shape": []}]
+            ),
+            [b"\0"],
+            BadRequest,
+            "'x' is declared twice",
+        ),
+        (infer_header(outputs=[]), [bytes(24)], BadRequest, "'outputs' must be a map"),
+        (infer_header(outputs={"y": {"region": TOKEN}}), [bytes(24)], BadRequest, "exactly"),
+        (
+            infer_header(outputs={"y": {"region": TOKEN, "offset": -1}}),
+            [bytes(24)],
+            BadRequest,
+            "outputs['y']: 'offset'",
+        ),
+        (
+            infer_header(outputs={"": {"region": TOKEN, "offset": 0}}),
+            [bytes(24)],
+            BadRequest,
+            "keys",
+        ),
+    ],
+)
+def test_bad_references_get_specific_errors(
+    header: dict[str, Any], frames: list[bytes], error: type[EdgedError], words: str
+) -> None:
+    failure = rejected(frames_of(header, *frames))
+    assert isinstance(failure.error, error), failure.error
+    assert words in failure.error.message
+
+
+def test_a_reply_with_outputs_in_regions_decodes_them_as_references() -> None:
+    y = np.ones((2, 3), np.float32)
+    frames = protocol.encode_reply(
+        1,
+        {"model": "m"},
+        {"y": y, "z": y},
+        lambda n, _: protocol.RegionRef(TOKEN, 0) if n == "z" else None,
+    )
+    reply = protocol.decode_reply([bytes(memoryview(f)) for f in frames])
+    assert list(reply.tensors) == ["y"]
+    assert [(ref.name, ref.index, ref.at.offset) for ref in reply.refs] == [("z", 1, 0)]

@@ -129,8 +129,8 @@ def test_unit_has_what_the_daemon_depends_on() -> None:
     assert _service("StateDirectory") == "edged"
     assert _service("ConfigurationDirectory") == "edged"
     assert _service("User") == "edged"
-    # the inference socket is opened to the group edged once the daemon is ready
-    assert _service("ExecStartPost") == "/bin/chmod 0660 %t/edged/infer.sock"
+    # the inference and region sockets are opened to the group edged once the daemon is ready
+    assert _service("ExecStartPost") == "/bin/chmod 0660 %t/edged/infer.sock %t/edged/regions.sock"
     for key in ("ProtectSystem", "NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert _service(key) in ("strict", "yes"), key
 

@@ -6,12 +6,23 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
 from edged.errors import BadRequest
-from edged.protocol import Buffer, Limits, decode_tensors, given, is_int, is_number
+from edged.protocol import (
+    Buffer,
+    Limits,
+    RegionRef,
+    TensorRef,
+    decode_described,
+    decode_targets,
+    decode_tensors,
+    given,
+    is_int,
+    is_number,
+)
 from edged.requests import InferenceRequest
 
 MAX_STOPS = 16
@@ -66,9 +77,14 @@ DEFAULT_SAMPLING = Sampling()
 
 @dataclass(frozen=True, kw_only=True)
 class Infer(InferenceRequest):
-    """``infer``: named input tensors, views on the message's frames."""
+    """``infer``: named input tensors, views on the message's frames. A request with tensors
+    in the client's shared-memory regions decodes to a ``RegionInfer`` instead."""
 
     inputs: Mapping[str, np.ndarray[Any, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def wire_keys(cls) -> frozenset[str]:
+        return super().wire_keys() | {"outputs"}  # outputs to write into regions
 
     @classmethod
     def from_wire(
@@ -80,10 +96,54 @@ class Infer(InferenceRequest):
     ) -> C:
         values = given(header)
         specs = values.pop("inputs", [])
+        targets = values.pop("outputs", None)
+        if targets is not None or type(specs) is not list or len(specs) != len(frames):
+            decoded = RegionInfer.decode(
+                envelope, values, specs=specs, targets=targets, frames=frames, limits=limits
+            )
+            return cast(C, decoded)
         request = cls(**envelope, **values)  # the header's own checks first
         # still being made: the tensors are its last field, decoded once the rest is valid
         object.__setattr__(request, "inputs", decode_tensors(specs, frames, limits))
         return request
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionInfer(Infer):
+    """An ``infer`` with tensors in the client's shared-memory regions: inputs there as
+    ``refs``, not yet views, and ``outputs`` to write there. The service resolves it to a plain
+    ``Infer`` before it is queued (``edged.regions``): a runner never sees one."""
+
+    #: inputs in regions (each one's ``index`` is its place among the inputs)
+    refs: tuple[TensorRef, ...] = ()
+    #: output name -> where in a region to write it rather than send it in a frame
+    outputs: Mapping[str, RegionRef] = field(default_factory=dict)
+
+    @classmethod
+    def decode(
+        cls,
+        envelope: dict[str, Any],
+        values: dict[str, Any],
+        *,
+        specs: Any,
+        targets: Any,
+        frames: Sequence[Buffer],
+        limits: Limits,
+    ) -> RegionInfer:
+        """From the header's values, once ``Infer.from_wire`` found tensors that lie in regions
+        (or a frame count that is wrong: decoding says which)."""
+        request = cls(**envelope, **values)
+        inputs, refs = decode_described(specs, frames, limits)
+        object.__setattr__(request, "inputs", inputs)
+        object.__setattr__(request, "refs", refs)
+        if targets is not None:
+            object.__setattr__(request, "outputs", decode_targets(targets, limits))
+        return request
+
+    def resolved(self, inputs: Mapping[str, np.ndarray[Any, Any]]) -> Infer:
+        """The plain request, its inputs all views now."""
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(Infer)}
+        return Infer(**{**plain, "inputs": inputs})
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -499,6 +499,7 @@ class ModelRunner:
                 self._loop.call_soon_threadsafe(self._finish_threaded, run)
             except RuntimeError:  # the loop closed under us during shutdown
                 return
+            del run  # not held while waiting: its inputs may be views on a client's region
 
     def _execute(self, run: _Run) -> None:
         merged = batching.merge([job.inputs for job in run.jobs], self._buffers)
