@@ -19,6 +19,7 @@ import numpy as np
 from bench.harness import Call
 from bench.workloads import CALL_TIMEOUT_S
 from edged.client import Client
+from edged.shm import FrameRing
 
 FRAME_SHAPE = (1080, 1920, 3)
 #: the detector's input side, classes and stride (its candidates: (SIDE / STRIDE) ** 2)
@@ -121,6 +122,19 @@ def by_socket(endpoint: str, model: str) -> Iterator[Call]:
     image = frame()
     with Client(endpoint, timeout=CALL_TIMEOUT_S) as client:
         yield lambda: client.infer(model, {"frame": image})
+
+
+@contextmanager
+def by_region(endpoint: str, model: str) -> Iterator[Call]:
+    """The frame to the daemon's pipeline from a shared-memory ring: the request carries only
+    the slot's reference (a camera writes each frame into its slot; here it is there once)."""
+    with (
+        Client(endpoint, timeout=CALL_TIMEOUT_S) as client,
+        FrameRing(client, FRAME_SHAPE, np.uint8, slots=1) as ring,
+    ):
+        slot = ring.next()
+        slot[...] = frame()
+        yield lambda: client.infer(model, {"frame": slot})
 
 
 @contextmanager

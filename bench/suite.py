@@ -39,6 +39,7 @@ from bench.workloads import (
     edged_caller,
     open_calls,
     ort_caller,
+    region_caller,
 )
 from edged.client import Client
 from edged.demo import build_image_model
@@ -348,22 +349,33 @@ def rtt_frame(ctx: Context) -> list[Row]:
     path, endpoint = ctx.built("detector.onnx", frames.build_detector), ctx.frames_endpoint
     with ExitStack() as stack:
         calls = {
-            "edged": stack.enter_context(frames.by_socket(endpoint, "camera")),
+            "shm": stack.enter_context(frames.by_region(endpoint, "camera")),
+            "socket": stack.enter_context(frames.by_socket(endpoint, "camera")),
             "fused": stack.enter_context(frames.in_process(path)),
             "client_prep": stack.enter_context(frames.client_prep(endpoint, "detector")),
         }
         p50 = p50s_us(calls, ctx.settings)
-    edged = p50["edged"]
+    shm, fused = p50["shm"], p50["fused"]
     return [
-        Row("rtt_frame", "p50_rtt", "us", edged, "fused session in-process", p50["fused"]),
-        Row("rtt_frame_vs_client_prep", "p50_rtt", "us", p50["client_prep"], "edged", edged),
+        Row("rtt_frame_shm", "p50_rtt", "us", shm, "fused session in-process", fused),
+        Row("rtt_frame_socket", "p50_rtt", "us", p50["socket"], "fused session in-process", fused),
+        Row("rtt_frame_vs_client_prep", "p50_rtt", "us", p50["client_prep"], "edged by shm", shm),
     ]
+
+
+def rtt_image_shm(ctx: Context) -> list[Row]:
+    """The image model's input from a shared-memory region against the same in the request's
+    frames (rtt_image's way): ratio < 1 means shared memory wins."""
+    _, endpoint = ctx.edged
+    p50 = ctx.p50s(IMAGE, {"shm": (region_caller, endpoint), "frames": ctx.edged})
+    return [Row("rtt_image_shm", "p50_rtt", "us", p50["shm"], "frames", p50["frames"])]
 
 
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "rtt_tiny": functools.partial(rtt, workload=TINY),
     "rtt_image": functools.partial(rtt, workload=IMAGE),
     "rtt_frame": rtt_frame,
+    "rtt_image_shm": rtt_image_shm,
     f"throughput_{CLIENTS}": throughput,
     "http_json": http_json,
     "peer_mosec": peer_mosec,

@@ -343,9 +343,17 @@ class Client:
     def close(self) -> None:
         """Close the socket and every region."""
         self._regions.close()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Drop the socket and what is queued on it (for a daemon that may be gone); the next
+        call connects afresh, under a new routing id: the daemon may still hold the old
+        connection, whose id a new one could not take. The regions follow the new id."""
         if self._socket is not None:
             self._socket.close(linger=0)
             self._socket = None
+        self.routing_id = new_routing_id()
+        self._regions.rebind(self.routing_id)
 
     def __enter__(self) -> Client:
         return self
@@ -391,7 +399,7 @@ class Client:
         try:
             send_frames(sock, frames)
         except zmq.Again:
-            self.close()  # drop the queue for a daemon that may be gone
+            self._reset()  # drop the queue for a daemon that may be gone
             raise _timeout_error(self.endpoint, timeout, self.curve is not None) from None
 
     def _receive(
@@ -417,7 +425,7 @@ class Client:
                 parts = recv_frames(sock)
             except zmq.Again:
                 if deadline - time.monotonic() <= 0:
-                    self.close()  # drop whatever is queued for a daemon that may be gone
+                    self._reset()  # drop whatever is queued for a daemon that may be gone
                     raise _timeout_error(self.endpoint, timeout, self.curve is not None) from None
                 if probe_every is not None:
                     self._check_alive()
@@ -433,7 +441,7 @@ class Client:
         try:
             probe.ping()
         except ClientTimeout as exc:
-            self.close()
+            self._reset()
             raise type(exc)(
                 f"the daemon stopped answering while this client waited: {exc}"
             ) from None

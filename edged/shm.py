@@ -241,6 +241,14 @@ class Regions:
         self._channel = channel
         return channel
 
+    def rebind(self, routing_id: bytes) -> None:
+        """The client connects under a new routing id: its regions are registered again for
+        it (by the next use), and released in the daemon for the old one at once."""
+        self.routing_id = routing_id
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+
     def _register(self, channel: RegionChannel, region: Region) -> None:
         message = {"op": "register", "routing_id": self.routing_id, "name": region.name}
         region.token = str(channel.call(message, [region.fd])["region"])

@@ -29,6 +29,7 @@ from edged.client import AsyncClient, Client
 from edged.errors import (
     BadRegion,
     BadRequest,
+    ClientTimeout,
     ConfigError,
     EdgedError,
     UnknownRegion,
@@ -569,6 +570,27 @@ def test_regions_are_registered_again_with_a_daemon_that_restarted(
         np.testing.assert_array_equal(client.infer("image", {"image": view})["logits"], expected)
         assert region.token != first
         assert memfd_mappings(image_daemon.pid) == 1
+
+
+def test_a_client_that_timed_out_keeps_its_regions_under_its_new_connection(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    """A timeout drops the socket (the daemon may still hold the old connection) and the next
+    call connects under a new routing id: the regions are registered again for it."""
+    daemon = start_daemon(slow_config(models_dir))
+    x = np.random.default_rng(3).standard_normal((1, SLOW_WIDTH)).astype(np.float32)
+    busy = np.ones((512, SLOW_WIDTH), np.float32)
+    with daemon.client(timeout=60) as client:
+        expected = client.infer("slow", {"x": x})["y"]
+        region = client.region(x.nbytes, "sensor")
+        view = region.array(x.shape, np.float32)
+        view[...] = x
+        first, owner = region.token, client.routing_id
+        with pytest.raises(ClientTimeout):
+            client.infer("slow", {"x": busy}, timeout=0.001)
+        np.testing.assert_array_equal(client.infer("slow", {"x": view})["y"], expected)
+        assert region.token != first and client.routing_id != owner
+    settles(lambda: memfd_mappings(daemon.pid), 0)
 
 
 # -- the table, in process ---------------------------------------------------------------------

@@ -7,6 +7,7 @@
  * regions.sock (beside infer.sock) in SCM_RIGHTS; the request then says where each input lies
  * instead of carrying its bytes. With -o, the daemon writes that output into the region too,
  * after the inputs. A camera process would make the region once and fill it frame after frame.
+ * What it shares with edged_infer (dtypes, NAME=DTYPE:SHAPE:FILE, the reply) is in edged_wire.c.
  *
  *   shm_client [-e ENDPOINT] [-t TIMEOUT_MS] [-o OUTPUT:BYTES] MODEL NAME=DTYPE:SHAPE:FILE ...
  *
@@ -31,31 +32,11 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#define MAX_INPUTS 64
-#define MAX_DIMS 8
+#include "edged_wire.h"
+
 #define ALIGN 64 /* where each tensor starts in the region: what the daemon's models read best */
 
-enum { EXIT_NO_REPLY = 1, EXIT_USAGE = 2, EXIT_ERROR_REPLY = 3 };
-
-struct dtype {
-    const char *name;
-    size_t size;
-};
-
-static const struct dtype DTYPES[] = {
-    {"bool", 1},  {"int8", 1},   {"uint8", 1},  {"int16", 2},   {"uint16", 2},  {"int32", 4},
-    {"uint32", 4}, {"int64", 8}, {"uint64", 8}, {"float16", 2}, {"float32", 4}, {"float64", 8},
-};
-
-struct tensor {
-    char name[257];
-    const struct dtype *dtype;
-    uint64_t shape[MAX_DIMS];
-    int ndim;
-    unsigned char *data;
-    size_t size;
-    size_t offset; /* in the region */
-};
+const char *const PROGRAM = "shm_client";
 
 /* A region: the memfd's mapping, and the token the daemon gave it. */
 struct region {
@@ -68,104 +49,6 @@ struct region {
 static void usage(void) {
     fprintf(stderr, "usage: shm_client [-e ENDPOINT] [-t TIMEOUT_MS] [-o OUTPUT:BYTES]\n"
                     "                  MODEL NAME=DTYPE:SHAPE:FILE ...\n");
-}
-
-static const struct dtype *find_dtype(const char *name, size_t len) {
-    for (size_t i = 0; i < sizeof DTYPES / sizeof DTYPES[0]; i++)
-        if (strlen(DTYPES[i].name) == len && memcmp(DTYPES[i].name, name, len) == 0)
-            return &DTYPES[i];
-    return NULL;
-}
-
-static unsigned char *read_file(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 16, len = 0, n;
-    unsigned char *buf = malloc(cap);
-    while (buf && (n = fread(buf + len, 1, cap - len, f)) > 0) {
-        len += n;
-        if (len == cap) {
-            unsigned char *bigger = realloc(buf, cap *= 2);
-            if (!bigger) free(buf);
-            buf = bigger;
-        }
-    }
-    fclose(f);
-    *size = len;
-    return buf;
-}
-
-/* NAME=DTYPE:SHAPE:FILE, as edged_infer takes it; 0 on success, else a message on stderr. */
-static int parse_input(char *spec, struct tensor *t) {
-    char *eq = strchr(spec, '=');
-    char *c1 = eq ? strchr(eq + 1, ':') : NULL;
-    char *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
-    if (!eq || !c1 || !c2 || eq == spec || (size_t)(eq - spec) >= sizeof t->name) {
-        fprintf(stderr, "shm_client: input '%s' is not NAME=DTYPE:SHAPE:FILE\n", spec);
-        return -1;
-    }
-    memcpy(t->name, spec, (size_t)(eq - spec));
-    t->name[eq - spec] = '\0';
-    t->dtype = find_dtype(eq + 1, (size_t)(c1 - eq - 1));
-    if (!t->dtype) {
-        fprintf(stderr, "shm_client: %s: unknown dtype\n", t->name);
-        return -1;
-    }
-    uint64_t elements = 1;
-    for (char *p = c1 + 1; p < c2;) {
-        char *end;
-        errno = 0;
-        unsigned long long d = strtoull(p, &end, 10);
-        if (end == p || errno || t->ndim == MAX_DIMS || (end < c2 && *end != 'x')) {
-            fprintf(stderr, "shm_client: %s: bad shape\n", t->name);
-            return -1;
-        }
-        t->shape[t->ndim++] = d;
-        elements *= d;
-        p = end < c2 ? end + 1 : end;
-    }
-    t->data = read_file(c2 + 1, &t->size);
-    if (!t->data || t->size != elements * t->dtype->size) {
-        fprintf(stderr, "shm_client: %s: %s does not hold the shape's %" PRIu64 " bytes\n",
-                t->name, c2 + 1, elements * t->dtype->size);
-        return -1;
-    }
-    return 0;
-}
-
-static void pack_str(msgpack_packer *pk, const char *s) {
-    msgpack_pack_str(pk, strlen(s));
-    msgpack_pack_str_body(pk, s, strlen(s));
-}
-
-static const msgpack_object *get(const msgpack_object *o, const char *key) {
-    if (!o || o->type != MSGPACK_OBJECT_MAP) return NULL;
-    for (uint32_t i = 0; i < o->via.map.size; i++) {
-        const msgpack_object *k = &o->via.map.ptr[i].key;
-        if (k->type == MSGPACK_OBJECT_STR && k->via.str.size == strlen(key) &&
-            memcmp(k->via.str.ptr, key, k->via.str.size) == 0)
-            return &o->via.map.ptr[i].val;
-    }
-    return NULL;
-}
-
-static int is_str(const msgpack_object *o) { return o && o->type == MSGPACK_OBJECT_STR; }
-
-static int is_true(const msgpack_object *o) {
-    return o && o->type == MSGPACK_OBJECT_BOOLEAN && o->via.boolean;
-}
-
-static void print_str(FILE *out, const msgpack_object *o) {
-    if (is_str(o)) fwrite(o->via.str.ptr, 1, o->via.str.size, out);
-    else fputs("?", out);
-}
-
-/* "CODE: message" of an error reply (or of an error answer on regions.sock) to stderr. */
-static void print_error(const msgpack_object *error) {
-    print_str(stderr, get(error, "code"));
-    fputs(": ", stderr);
-    print_str(stderr, get(error, "message"));
-    fputs("\n", stderr);
 }
 
 /*
@@ -259,36 +142,21 @@ static int make_region(const char *endpoint, const unsigned char *routing_id, si
     return status;
 }
 
-/* The infer header: every input by reference, and `output` (if any) placed at `out_offset`. */
+/* The infer header: input i by reference at `offsets[i]`, `output` (if any) at `out_offset`. */
 static void pack_header(msgpack_sbuffer *sb, uint64_t id, const char *model,
-                        const struct tensor *inputs, int n_inputs, const struct region *r,
-                        const char *output, size_t out_offset) {
+                        const struct tensor *inputs, const size_t *offsets, int n_inputs,
+                        const struct region *r, const char *output, size_t out_offset) {
     msgpack_packer pk;
     msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
-    msgpack_pack_map(&pk, 5 + (output != NULL));
-    pack_str(&pk, "v");
-    msgpack_pack_uint8(&pk, 1);
-    pack_str(&pk, "id");
-    msgpack_pack_uint64(&pk, id);
-    pack_str(&pk, "op");
-    pack_str(&pk, "infer");
-    pack_str(&pk, "model");
-    pack_str(&pk, model);
+    pack_request(&pk, 5 + (output != NULL), id, model);
     pack_str(&pk, "inputs");
     msgpack_pack_array(&pk, (size_t)n_inputs);
     for (int i = 0; i < n_inputs; i++) {
-        msgpack_pack_map(&pk, 5);
-        pack_str(&pk, "name");
-        pack_str(&pk, inputs[i].name);
-        pack_str(&pk, "dtype");
-        pack_str(&pk, inputs[i].dtype->name);
-        pack_str(&pk, "shape");
-        msgpack_pack_array(&pk, (size_t)inputs[i].ndim);
-        for (int d = 0; d < inputs[i].ndim; d++) msgpack_pack_uint64(&pk, inputs[i].shape[d]);
+        pack_tensor(&pk, &inputs[i], 2);
         pack_str(&pk, "region");
         pack_str(&pk, r->token);
         pack_str(&pk, "offset");
-        msgpack_pack_uint64(&pk, inputs[i].offset);
+        msgpack_pack_uint64(&pk, offsets[i]);
     }
     if (output) {
         pack_str(&pk, "outputs");
@@ -302,122 +170,20 @@ static void pack_header(msgpack_sbuffer *sb, uint64_t id, const char *model,
     }
 }
 
-static void print_element(const unsigned char *p, const struct dtype *dt) {
-    uint64_t u = 0;
-    for (size_t b = 0; b < dt->size; b++) u |= (uint64_t)p[b] << (8 * b);
-    if (strcmp(dt->name, "float32") == 0) {
-        uint32_t bits = (uint32_t)u;
-        float f;
-        memcpy(&f, &bits, sizeof f);
-        printf("%.9g", f);
-    } else if (strcmp(dt->name, "float64") == 0) {
-        double d;
-        memcpy(&d, &u, sizeof d);
-        printf("%.17g", d);
-    } else if (dt->name[0] == 'i') {
-        int shift = (int)(64 - 8 * dt->size);
-        printf("%" PRId64, (int64_t)(u << shift) >> shift);
-    } else {
-        printf("%" PRIu64, u); /* float16 printed as its bits: this example does not decode it */
-    }
-}
-
-/* One output, from its frame or from the region; 0 if its bytes are all there. */
-static int print_output(const msgpack_object *desc, const unsigned char *data, size_t size) {
-    const msgpack_object *name = get(desc, "name"), *dtype = get(desc, "dtype");
-    const msgpack_object *shape = get(desc, "shape");
-    const struct dtype *dt = is_str(dtype) ? find_dtype(dtype->via.str.ptr, dtype->via.str.size)
-                                           : NULL;
-    if (!is_str(name) || !dt || !shape || shape->type != MSGPACK_OBJECT_ARRAY) return -1;
-    uint64_t elements = 1;
-    printf("output ");
-    print_str(stdout, name);
-    printf(" %s ", dt->name);
-    for (uint32_t d = 0; d < shape->via.array.size; d++) {
-        if (shape->via.array.ptr[d].type != MSGPACK_OBJECT_POSITIVE_INTEGER) return -1;
-        printf(d ? "x%" PRIu64 : "%" PRIu64, shape->via.array.ptr[d].via.u64);
-        elements *= shape->via.array.ptr[d].via.u64;
-    }
-    printf("\n");
-    if (elements * dt->size > size) return -1;
-    for (uint64_t i = 0; i < elements; i++) {
-        if (i) putchar(' ');
-        print_element(data + i * dt->size, dt);
-    }
-    printf("\n");
-    return 0;
-}
-
-static void drain(void *sock, int more) {
-    while (more) {
-        zmq_msg_t t;
-        zmq_msg_init(&t);
-        if (zmq_msg_recv(&t, sock, 0) < 0) return;
-        more = zmq_msg_more(&t);
-        zmq_msg_close(&t);
-    }
-}
-
-/* The reply to `id`: outputs in frames are read from them, those in the region from there. */
-static int receive_reply(void *sock, uint64_t id, const struct region *r) {
-    for (;;) {
-        zmq_msg_t hdr;
-        zmq_msg_init(&hdr);
-        if (zmq_msg_recv(&hdr, sock, 0) < 0) {
-            fprintf(stderr, "shm_client: no reply: %s\n", zmq_strerror(zmq_errno()));
-            return EXIT_NO_REPLY;
-        }
-        int more = zmq_msg_more(&hdr), status = -1;
-        msgpack_unpacked up;
-        msgpack_unpacked_init(&up);
-        const msgpack_object *h = NULL;
-        if (msgpack_unpack_next(&up, zmq_msg_data(&hdr), zmq_msg_size(&hdr), NULL) ==
-            MSGPACK_UNPACK_SUCCESS)
-            h = &up.data;
-        const msgpack_object *rid = get(h, "id");
-        if (!rid || rid->type != MSGPACK_OBJECT_POSITIVE_INTEGER || rid->via.u64 != id) {
-            drain(sock, more); /* a stale reply: not ours */
-        } else if (!is_true(get(h, "ok"))) {
-            print_error(get(h, "error"));
-            drain(sock, more);
-            status = EXIT_ERROR_REPLY;
-        } else {
-            const msgpack_object *version = get(h, "version"), *outputs = get(h, "outputs");
-            printf("model ");
-            print_str(stdout, get(h, "model"));
-            printf(" version %" PRIu64 " trace ", version ? version->via.u64 : 0);
-            print_str(stdout, get(h, "trace"));
-            printf("\n");
-            status = 0;
-            uint32_t n = outputs && outputs->type == MSGPACK_OBJECT_ARRAY ? outputs->via.array.size
-                                                                          : 0;
-            for (uint32_t i = 0; i < n && status == 0; i++) {
-                const msgpack_object *desc = &outputs->via.array.ptr[i];
-                const msgpack_object *offset = get(desc, "offset");
-                if (get(desc, "region")) { /* written into our region: no frame */
-                    uint64_t at = offset ? offset->via.u64 : r->size;
-                    fputs("shm_client: output ", stderr);
-                    print_str(stderr, get(desc, "name"));
-                    fprintf(stderr, " came in the region at offset %" PRIu64 "\n", at);
-                    if (at > r->size || print_output(desc, r->base + at, r->size - at) != 0)
-                        status = EXIT_NO_REPLY;
-                    continue;
-                }
-                zmq_msg_t frame;
-                zmq_msg_init(&frame);
-                if (!more || zmq_msg_recv(&frame, sock, 0) < 0 ||
-                    print_output(desc, zmq_msg_data(&frame), zmq_msg_size(&frame)) != 0)
-                    status = EXIT_NO_REPLY;
-                more = zmq_msg_more(&frame);
-                zmq_msg_close(&frame);
-            }
-            if (status) fprintf(stderr, "shm_client: an output does not match its bytes\n");
-            drain(sock, more);
-        }
-        msgpack_unpacked_destroy(&up);
-        zmq_msg_close(&hdr);
-        if (status >= 0) return status;
-    }
+/* An output the daemon wrote into our region (`arg`) comes in no frame: its bytes are there. */
+static int in_region(const msgpack_object *desc, void *arg, const unsigned char **data,
+                     size_t *size) {
+    const struct region *r = arg;
+    const msgpack_object *offset = get(desc, "offset");
+    if (!get(desc, "region")) return 0;
+    uint64_t at = offset ? offset->via.u64 : r->size;
+    fprintf(stderr, "%s: output ", PROGRAM);
+    print_str(stderr, get(desc, "name"));
+    fprintf(stderr, " came in the region at offset %" PRIu64 "\n", at);
+    if (at > r->size) return -1;
+    *data = r->base + at;
+    *size = r->size - at;
+    return 1;
 }
 
 int main(int argc, char **argv) {
@@ -450,10 +216,10 @@ int main(int argc, char **argv) {
     }
     const char *model = argv[optind];
     static struct tensor inputs[MAX_INPUTS];
-    size_t size = 0;
+    size_t offsets[MAX_INPUTS], size = 0;
     for (int i = 0; i < n_inputs; i++) {
         if (parse_input(argv[optind + 1 + i], &inputs[i]) != 0) return EXIT_USAGE;
-        inputs[i].offset = size;
+        offsets[i] = size;
         size += (inputs[i].size + ALIGN - 1) / ALIGN * ALIGN;
     }
     size_t out_offset = size;
@@ -470,27 +236,20 @@ int main(int argc, char **argv) {
                              &r);
     if (status != 0) return status;
     for (int i = 0; i < n_inputs; i++) { /* a camera would write its frame here */
-        memcpy(r.base + inputs[i].offset, inputs[i].data, inputs[i].size);
+        memcpy(r.base + offsets[i], inputs[i].data, inputs[i].size);
         free(inputs[i].data);
     }
 
     void *ctx = zmq_ctx_new();
-    void *sock = zmq_socket(ctx, ZMQ_DEALER);
-    int linger = 0;
-    zmq_setsockopt(sock, ZMQ_LINGER, &linger, sizeof linger);
-    zmq_setsockopt(sock, ZMQ_RCVTIMEO, &timeout_ms, sizeof timeout_ms);
-    zmq_setsockopt(sock, ZMQ_ROUTING_ID, routing_id, sizeof routing_id); /* before connecting */
-    if (zmq_connect(sock, endpoint) != 0) {
-        fprintf(stderr, "shm_client: cannot connect to %s\n", endpoint);
-        return EXIT_NO_REPLY;
-    }
+    void *sock = open_socket(ctx, endpoint, timeout_ms, routing_id, sizeof routing_id);
+    if (!sock) return EXIT_NO_REPLY;
     uint64_t id = (uint64_t)getpid();
     msgpack_sbuffer sb;
     msgpack_sbuffer_init(&sb);
-    pack_header(&sb, id, model, inputs, n_inputs, &r, output, out_offset);
+    pack_header(&sb, id, model, inputs, offsets, n_inputs, &r, output, out_offset);
     zmq_send(sock, sb.data, sb.size, 0); /* the header alone: no tensor frames */
     msgpack_sbuffer_destroy(&sb);
-    status = receive_reply(sock, id, &r);
+    status = receive_reply(sock, id, in_region, &r);
     zmq_close(sock);
     zmq_ctx_term(ctx);
     close(r.channel); /* the daemon unmaps the region */
