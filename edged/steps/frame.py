@@ -3,7 +3,7 @@
 A sensor process hands over a raw ``uint8[H, W, C]`` frame; these steps turn it into the
 model's ``float32[1, C, h, w]`` (or ``[1, h, w, C]``) input inside onnxruntime: a region of
 interest, channel order, resize (stretched or letterboxed), scaling or mean/std normalisation,
-layout. Built from standard ops (Slice, Cast, Resize, Pad, Sub, Div, Transpose, Unsqueeze), so
+layout. Built from standard ops (Slice, Cast, Resize, Pad, Transpose, Gather, Mul, Add), so
 a GPU provider runs them beside the model and nothing crosses Python between the steps.
 ``edged.steps.pipeline`` joins them with a model.
 """
@@ -76,9 +76,6 @@ class FrameSteps:
         frame = FRAME
         if self.crop:
             frame = self._crop(g, frame)
-        pixels = g.op("Cast", frame, to=TensorProto.FLOAT)
-        if self.bgr:
-            pixels = g.op("Gather", pixels, g.constant([2, 1, 0]), axis=2)
         frame_hw = g.op("Cast", g.op("Shape", frame, start=0, end=2), to=TensorProto.FLOAT)
         target = g.constant([self.height, self.width])
         sizes = target
@@ -87,6 +84,9 @@ class FrameSteps:
                 "ReduceMin", g.op("Div", g.op("Cast", target, to=TensorProto.FLOAT), frame_hw)
             )
             sizes = g.op("Cast", g.op("Round", g.op("Mul", frame_hw, ratio)), to=TensorProto.INT64)
+        # nearest picks pixels, so resizing the uint8 frame is exact (and about 5x faster on a
+        # 1080p frame); linear interpolates in float, so nothing is rounded to whole levels
+        pixels = frame if self.resize == "nearest" else g.op("Cast", frame, to=TensorProto.FLOAT)
         pixels = g.op(
             "Resize",
             pixels,
@@ -98,6 +98,8 @@ class FrameSteps:
             coordinate_transformation_mode="half_pixel",
             nearest_mode="round_prefer_ceil",
         )
+        if self.resize == "nearest":
+            pixels = g.op("Cast", pixels, to=TensorProto.FLOAT)
         padding = ""  # (top, left) of the picture inside the model's input: none unless boxed
         if self.letterbox:
             spare = g.op("Sub", target, sizes)
@@ -106,9 +108,11 @@ class FrameSteps:
             pads = g.op("Concat", padding, zero, g.op("Sub", spare, padding), zero, axis=0)
             fill = g.constant(self.pad_value, np.float32)
             pixels = g.op("Pad", pixels, pads, fill, mode="constant")
-        pixels = self._normalise(g, pixels)
-        if self.layout == "nchw":
-            pixels = g.op("Transpose", pixels, perm=[2, 0, 1])
+        # channels first: per-channel steps broadcast over whole planes (about 20x faster than
+        # over the last axis of 3)
+        pixels = self._per_channel(g, g.op("Transpose", pixels, perm=[2, 0, 1]), axis=0)
+        if self.layout == "nhwc":
+            pixels = g.op("Transpose", pixels, perm=[1, 2, 0])
         g.op("Unsqueeze", pixels, g.constant([0]), output=output)
         shape = [1, self.channels, self.height, self.width]
         if self.layout == "nhwc":
@@ -138,8 +142,6 @@ class FrameSteps:
             raise ValueError("crops of boxes take no crop or letterbox")
         g = GraphBuilder("crops")
         pixels = g.op("Cast", FRAME, to=TensorProto.FLOAT)
-        if self.bgr:
-            pixels = g.op("Gather", pixels, g.constant([2, 1, 0]), axis=2)
         image = g.op("Unsqueeze", g.op("Transpose", pixels, perm=[2, 0, 1]), g.constant([0]))
         count = g.op("Shape", BOXES, start=0, end=1)
         first_image = g.op(
@@ -156,11 +158,11 @@ class FrameSteps:
             mode="avg",
             coordinate_transformation_mode="half_pixel",
         )
-        pixels = self._normalise(g, g.op("Transpose", pixels, perm=[0, 2, 3, 1]))
-        shape: list[str | int] = ["K", self.height, self.width, self.channels]
-        if self.layout == "nchw":
-            pixels = g.op("Transpose", pixels, perm=[0, 3, 1, 2])
-            shape = ["K", self.channels, self.height, self.width]
+        pixels = self._per_channel(g, pixels, axis=1)
+        shape: list[str | int] = ["K", self.channels, self.height, self.width]
+        if self.layout == "nhwc":
+            pixels = g.op("Transpose", pixels, perm=[0, 2, 3, 1])
+            shape = ["K", self.height, self.width, self.channels]
         g.op("Identity", pixels, output=CROPS)
         return g.model(
             [
@@ -186,13 +188,19 @@ class FrameSteps:
         fill = g.constant(np.clip(round(self.pad_value), 0, 255), np.uint8)
         return g.op("Pad", region, pads, fill, mode="constant")
 
-    def _normalise(self, g: GraphBuilder, pixels: str) -> str:
-        if self.scale != 1.0:
-            pixels = g.op("Mul", pixels, g.constant(self.scale, np.float32))
-        if self.mean:
-            pixels = g.op("Sub", pixels, g.constant(self.mean, np.float32))
-        if self.std:
-            pixels = g.op("Div", pixels, g.constant(self.std, np.float32))
+    def _per_channel(self, g: GraphBuilder, pixels: str, axis: int) -> str:
+        """Channel order, then ``(x * scale - mean) / std`` as one ``x * gain + bias`` per
+        channel, on ``pixels`` whose channels are ``axis`` (planes after it)."""
+        if self.bgr:
+            pixels = g.op("Gather", pixels, g.constant([2, 1, 0]), axis=axis)
+        std = np.asarray(self.std or (1.0,) * self.channels, np.float64)
+        mean = np.asarray(self.mean or (0.0,) * self.channels, np.float64)
+        planes = (self.channels, 1, 1)
+        gain, bias = (self.scale / std).reshape(planes), (-mean / std).reshape(planes)
+        if np.any(gain != 1):
+            pixels = g.op("Mul", pixels, g.constant(gain, np.float32))
+        if np.any(bias != 0):
+            pixels = g.op("Add", pixels, g.constant(bias, np.float32))
         return pixels
 
     def _box_transform(self, g: GraphBuilder, frame_hw: str, sizes: str, padding: str) -> None:
