@@ -17,6 +17,8 @@ from edged import protocol
 from edged.errors import EdgedError
 from edged.logsetup import log_error_reply
 
+#: an output's dtype and shape, a dimension ``None`` where the run decides it
+OutputShape = tuple[np.dtype[Any], tuple[int | None, ...]]
 #: sends one message's frames; ``False`` when it was dropped (the client has gone or stopped
 #: reading)
 FrameSink = Callable[[list[Any]], bool]
@@ -24,6 +26,9 @@ FrameSink = Callable[[list[Any]], bool]
 
 class ReplyTo:
     __slots__ = ("_locate", "_send", "request_id", "trace")
+
+    #: whether ``place`` may give a destination: a run asks only when it is so
+    places_outputs = False
 
     def __init__(self, send: FrameSink, request_id: int | None, trace: str | None) -> None:
         self._send = send
@@ -47,6 +52,12 @@ class ReplyTo:
             log_error_reply(exc.code, exc.message, trace=self.trace, request_id=self.request_id)
             return self.fail(exc)
         return self._send(frames)
+
+    def place(self, outputs: Mapping[str, OutputShape]) -> dict[str, np.ndarray[Any, Any]]:
+        """Where the run itself is to write outputs (views on a client's shared memory), given
+        every output's dtype and shape (``None`` where not known before the run); the rest
+        are returned, and sent, as usual. Asked only when ``places_outputs``."""
+        return {}
 
     def fail(self, error: EdgedError) -> bool:
         """An error reply."""

@@ -8,6 +8,7 @@ exception, which edged logs) and its process-wide logger prints errors only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +171,36 @@ class OnnxBackend:
     def providers(self) -> list[str]:
         return list(self._session.get_providers())
 
-    def run(self, inputs: Arrays) -> dict[str, np.ndarray[Any, Any]]:
+    def run(
+        self, inputs: Arrays, into: Mapping[str, np.ndarray[Any, Any]] | None = None
+    ) -> dict[str, np.ndarray[Any, Any]]:
         feed = inputs if isinstance(inputs, dict) else dict(inputs)
+        if into:
+            return self._run_into(feed, into)
         results = self._session.run(self._output_names, feed)
         return dict(zip(self._output_names, results, strict=True))
+
+    def _run_into(
+        self, feed: dict[str, np.ndarray[Any, Any]], into: Mapping[str, np.ndarray[Any, Any]]
+    ) -> dict[str, np.ndarray[Any, Any]]:
+        """A run through an IO binding: the outputs in ``into`` are bound to those arrays'
+        memory (a client's shared memory), so onnxruntime writes them there, no copy after."""
+        binding = self._session.io_binding()
+        for name, array in feed.items():
+            binding.bind_cpu_input(name, array)
+        for name in self._output_names:
+            target = into.get(name)
+            if target is None:
+                binding.bind_output(name, "cpu")
+            else:
+                pointer = target.__array_interface__["data"][0]
+                binding.bind_output(name, "cpu", 0, target.dtype, list(target.shape), pointer)
+        self._session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {
+            name: into[name] if name in into else value.numpy()
+            for name, value in zip(self._output_names, values, strict=True)
+        }
 
     def close(self) -> None:
         del self._session

@@ -32,7 +32,7 @@ from edged.models.backend import Arrays, Backend
 from edged.models.calls import Infer, Inference
 from edged.models.latency import RequestLatency
 from edged.models.validation import Interface, rehearse_tensors
-from edged.replies import ReplyTo
+from edged.replies import OutputShape, ReplyTo
 
 Outputs = dict[str, np.ndarray[Any, Any]]
 #: a partial batch waiting for rows is started this long before its earliest deadline
@@ -503,12 +503,28 @@ class ModelRunner:
 
     def _execute(self, run: _Run) -> None:
         merged = batching.merge([job.inputs for job in run.jobs], self._buffers)
+        into = self._placed_outputs(run.jobs[0]) if len(run.jobs) == 1 else None
         run.started_ns = time.monotonic_ns()
         try:
-            run.outputs = self.backend.run(merged)
+            run.outputs = self.backend.run(merged, into) if into else self.backend.run(merged)
         except Exception as exc:  # any backend failure becomes this batch's error reply
             run.error = run_failed(self.name, exc)
         run.ended_ns = time.monotonic_ns()
+
+    def _placed_outputs(self, job: Job) -> dict[str, np.ndarray[Any, Any]] | None:
+        """Where a request that runs alone wants outputs written by the run itself, given what
+        is known of their shapes before the run (a batchable model's rows are the request's)."""
+        if not job.reply.places_outputs:
+            return None
+        signature = self.backend.signature
+        rows = batching.batch_rows(job.inputs)
+        shapes: dict[str, OutputShape] = {}
+        for spec in signature.outputs:
+            dims = spec.shape
+            if signature.batchable and dims and dims[0] is None:
+                dims = (rows, *dims[1:])
+            shapes[spec.name] = (spec.dtype, dims)
+        return job.reply.place(shapes)
 
     def _finish_threaded(self, run: _Run) -> None:
         self._in_flight = []

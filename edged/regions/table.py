@@ -21,7 +21,7 @@ import secrets
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -37,7 +37,7 @@ from edged.protocol import (
     check_bools,
     interleave,
 )
-from edged.replies import ReplyTo
+from edged.replies import OutputShape, ReplyTo
 
 MIB = 1024 * 1024
 #: Python 3.13's mmap can do without the duplicate of the fd it otherwise keeps open
@@ -217,10 +217,14 @@ class RegionTable:
 
 
 class RegionReply(ReplyTo):
-    """A request's ``ReplyTo`` that writes the outputs it placed in regions there, then replies
-    with their places instead of frames (the other outputs go as frames, as always)."""
+    """A request's ``ReplyTo`` that has the outputs it placed in regions written there, then
+    replies with their places instead of frames (the other outputs go as frames, as always).
+    A run that knows an output's shape beforehand writes it there itself (``place``, an
+    onnxruntime IO binding); any other is copied there once the run is done."""
 
     __slots__ = ("_targets",)
+
+    places_outputs = True
 
     def __init__(
         self, reply: ReplyTo, targets: Mapping[str, tuple[MappedRegion, RegionRef]]
@@ -242,6 +246,23 @@ class RegionReply(ReplyTo):
                 return self.fail(exc)
         return super().ok(fields, outputs)
 
+    def place(self, outputs: Mapping[str, OutputShape]) -> dict[str, np.ndarray[Any, Any]]:
+        """Every placed output's destination, if each is an output of the model whose shape
+        is known now and that fits its live region; else none (all or nothing: the copy after
+        the run then says what is wrong, and writes nothing)."""
+        placed = {}
+        for name, (region, at) in self._targets.items():
+            dtype, dims = outputs.get(name, (None, (None,)))
+            if dtype is None or any(dim is None for dim in dims):
+                return {}
+            shape = cast("tuple[int, ...]", dims)
+            nbytes = math.prod(shape) * dtype.itemsize
+            fits = at.offset % dtype.itemsize == 0 and at.offset + nbytes <= region.size
+            if not (region.live and fits and DTYPES.get(dtype.name) is not None):
+                return {}
+            placed[name] = region.view(dtype, shape, at.offset)
+        return placed
+
     def _placed(self, name: str, _: np.ndarray[Any, Any]) -> RegionRef | None:
         target = self._targets.get(name)
         return None if target is None else target[1]
@@ -259,7 +280,8 @@ class RegionReply(ReplyTo):
             for name, (region, at) in self._targets.items()
         ]
         for destination, output in writes:
-            destination[...] = output
+            if _address(destination) != _address(output):  # not written there by the run
+                destination[...] = output
 
 
 def _destination(
@@ -285,6 +307,10 @@ def _destination(
             "written"
         )
     return region.view(wire, output.shape, at.offset)
+
+
+def _address(array: np.ndarray[Any, Any]) -> int:
+    return int(array.__array_interface__["data"][0])
 
 
 def _size(nbytes: int) -> str:
