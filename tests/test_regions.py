@@ -92,7 +92,11 @@ class RawRegions:
     def __init__(self, daemon: DaemonProcess) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(10)
-        self.sock.connect(str(regions_socket(daemon.endpoint)))
+        try:
+            self.sock.connect(str(regions_socket(daemon.endpoint)))
+        except OSError:
+            self.sock.close()
+            raise
 
     def send(self, data: bytes, fds: Sequence[int] = ()) -> dict[str, Any]:
         socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.send(data)
@@ -451,6 +455,50 @@ def test_regions_over_the_limits_are_refused(
         assert second.register(fd)["ok"]
     finally:
         os.close(fd)
+
+
+def patiently(open_: Callable[[DaemonProcess], RawRegions], daemon: DaemonProcess) -> RawRegions:
+    """A connection, once the daemon's backlog (16) has room: it accepts in bursts."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return open_(daemon)
+        except BlockingIOError:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+
+def test_the_daemons_descriptors_are_bounded_however_many_regions_and_connections(
+    start_daemon: DaemonFactory,
+    models_dir: Path,
+    raw_regions: Callable[[DaemonProcess], RawRegions],
+) -> None:
+    """Each region and each connection holds one of the daemon's file descriptors: 1024 regions
+    and 256 connections at most, whatever ``server.max_regions`` allows each connection."""
+    daemon = start_daemon({"models": {"image": {"path": str(models_dir / "image.onnx")}}})
+    page = memfd(4096)
+    try:
+        connections = [raw_regions(daemon) for _ in range(16)]
+        for connection in connections:
+            for _ in range(64):
+                assert connection.register(page)["ok"]
+        refused(raw_regions(daemon).register(page), "REGION_LIMIT", "holds 1024 regions")
+    finally:
+        os.close(page)
+    for connection in connections:
+        connection.close()
+    settles(lambda: memfd_mappings(daemon.pid), 0)
+    more = [patiently(raw_regions, daemon) for _ in range(256 - 1)]  # +1 open: the refused one
+    extra = patiently(raw_regions, daemon)
+    with pytest.raises((ConnectionError, OSError, msgpack.ExtraData, ValueError)):
+        extra.call({"op": "unregister", "region": "0" * 32})
+    more[0].close()  # room for one again
+    time.sleep(0.2)  # the daemon sees the close before the next connection
+    page = memfd(4096)
+    try:
+        assert raw_regions(daemon).register(page)["ok"]
+    finally:
+        os.close(page)
 
 
 # -- ownership and leaks -----------------------------------------------------------------------

@@ -36,6 +36,8 @@ MAX_ROUTING_ID = 255
 #: messages (or connections) handled per wake-up before other callbacks get the loop
 BURST = 32
 BACKLOG = 16
+#: connections open at once: each holds a file descriptor of the daemon's
+MAX_CONNECTIONS = 256
 #: after an accept that failed for want of fds, the pause before the next try
 ACCEPT_RETRY_S = 1.0
 _INT_SIZE = array.array("i").itemsize
@@ -100,6 +102,10 @@ class RegionListener:
                 self._loop.remove_reader(self._sock.fileno())
                 self._loop.call_later(ACCEPT_RETRY_S, self._resume_accepting)
                 return
+            if len(self._connections) >= MAX_CONNECTIONS:  # each holds a descriptor too
+                log.warning("regions.sock: %d connections open, refusing another", MAX_CONNECTIONS)
+                sock.close()
+                continue
             sock.setblocking(False)
             connection = Connection(sock)
             self._connections.add(connection)

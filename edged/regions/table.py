@@ -40,6 +40,9 @@ from edged.protocol import (
 from edged.replies import OutputShape, ReplyTo
 
 MIB = 1024 * 1024
+#: regions of every connection together: each mapping keeps a file descriptor (before Python
+#: 3.13), so many small regions must not use up the daemon's
+MAX_TOTAL_REGIONS = 1024
 #: Python 3.13's mmap can do without the duplicate of the fd it otherwise keeps open
 _MMAP_OPTIONS: dict[str, Any] = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
@@ -135,6 +138,11 @@ class RegionTable:
     ) -> MappedRegion:
         """Map ``fd`` (the caller closes it) as a region of the connection holding ``held``."""
         try:
+            if len(self._regions) >= MAX_TOTAL_REGIONS:
+                raise RegionLimit(
+                    f"the daemon holds {len(self._regions)} regions, its limit: each keeps a "
+                    "file descriptor; unregister some first"
+                )
             if len(held) >= self.max_regions:
                 raise RegionLimit(
                     f"this connection holds {len(held)} regions, the limit "
