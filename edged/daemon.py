@@ -127,7 +127,7 @@ class Daemon:
             name: Chain(name, chain, self.service, self.tasks)
             for name, chain in config.chains.items()
         }
-        self.metrics = Metrics(self.registry, self.service.errors)
+        self.metrics = Metrics(self.registry, self.service.errors, self.service.regions)
         self.logs = LogRing()
         self.journal = Journal(self.paths.state / "ota")
         installer = None

@@ -126,3 +126,20 @@ def test_a_late_cancel_is_answered_but_not_counted_as_an_error(
     codes = {dict(labels).get("code") for name, labels in found if name.startswith("edged_req")}
     assert UnknownRequest.code not in codes
     assert status["errors"] == 0
+
+
+def test_regions_are_counted_in_the_metrics(start_daemon: DaemonFactory, models_dir: Path) -> None:
+    from edged.errors import RegionLimit
+
+    demo = {"path": str(models_dir / "demo.onnx")}
+    daemon = start_daemon({"models": {"demo": demo}, "server": {"max_regions": 2}})
+    with daemon.client() as client, daemon.control() as control:
+        client.region(8192, "a")
+        client.region(4096, "b")
+        with pytest.raises(RegionLimit):
+            client.region(4096, "c")
+        found = samples(control.command("metrics")["text"])
+    assert found["edged_regions", ()] == 2
+    assert found["edged_region_mapped_bytes", ()] == 12288
+    assert found["edged_region_registrations_total", (("outcome", "registered"),)] == 2
+    assert found["edged_region_registrations_total", (("outcome", "refused"),)] == 1

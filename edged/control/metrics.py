@@ -17,15 +17,17 @@ from typing import Any, cast
 
 from edged.models.latency import Histogram, RequestLatency
 from edged.models.registry import Registry, Runner
+from edged.regions import RegionTable
 from edged.service import ErrorCounts
 
 log = logging.getLogger(__name__)
 
 
 class Metrics:
-    def __init__(self, registry: Registry, errors: ErrorCounts) -> None:
+    def __init__(self, registry: Registry, errors: ErrorCounts, regions: RegionTable) -> None:
         self.registry = registry
         self.errors = errors
+        self.regions = regions
         self.started = time.time()
         self._prometheus: Any = None
 
@@ -146,6 +148,7 @@ class _DaemonCollector:
                 failures.add_metric([model, code], count)
         yield from (requests, failures, duration, batches, runs, tokens, queued, loaded)
         yield from self._memory(GaugeMetricFamily)
+        yield from self._regions(GaugeMetricFamily, CounterMetricFamily)
         uptime = GaugeMetricFamily("edged_uptime_seconds", "Seconds since the daemon started")
         uptime.add_metric([], time.time() - metrics.started)
         yield uptime
@@ -173,6 +176,20 @@ class _DaemonCollector:
                 per_model.add_metric([model, kind], value)
         yield totals
         yield per_model
+
+
+    def _regions(self, gauge: Any, counter: Any) -> Iterator[Any]:
+        stats = self.metrics.regions.statistics()
+        held = gauge("edged_regions", "Shared-memory regions registered now")
+        held.add_metric([], stats.regions)
+        mapped = gauge("edged_region_mapped_bytes", "Bytes of the registered regions")
+        mapped.add_metric([], stats.mapped_bytes)
+        registrations = counter(
+            "edged_region_registrations", "Region registrations by outcome", labels=["outcome"]
+        )
+        registrations.add_metric(["registered"], stats.registered)
+        registrations.add_metric(["refused"], stats.refused)
+        yield from (held, mapped, registrations)
 
 
 def _buckets(histogram: Histogram) -> tuple[list[tuple[str, int]], float]:
