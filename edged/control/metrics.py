@@ -177,7 +177,6 @@ class _DaemonCollector:
         yield totals
         yield per_model
 
-
     def _regions(self, gauge: Any, counter: Any) -> Iterator[Any]:
         stats = self.metrics.regions.statistics()
         held = gauge("edged_regions", "Shared-memory regions registered now")
