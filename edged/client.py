@@ -255,9 +255,12 @@ class Client:
         deadline_ms: float | None = None,
         trace: str | None = None,
         timeout: float | None = None,
+        **sampling: float,
     ) -> TokenStream:
         """Start a generation; iterate the stream for text as it comes. ``timeout`` bounds the
-        wait for each message, not the whole generation."""
+        wait for each message, not the whole generation. ``sampling``: further settings by
+        their header keys (``top_k``, ``min_p``, ``repeat_penalty``, ``presence_penalty``,
+        ``frequency_penalty``: PROTOCOL §4.2)."""
         request_id = next(self._ids)
         frames = _generate_request(
             request_id,
@@ -269,6 +272,7 @@ class Client:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            **sampling,
         )
         timeout = self.timeout if timeout is None else timeout
         self._send(frames, timeout)
@@ -580,9 +584,11 @@ class AsyncClient:
         trace: str | None = None,
         timeout: float | None = None,
         completion: Completion | None = None,
+        **sampling: float,
     ) -> AsyncIterator[str]:
         """Text as the model produces it; pass ``completion`` to get the final figures. Leaving
-        the loop early (break, an exception, cancellation) cancels the generation."""
+        the loop early (break, an exception, cancellation) cancels the generation. ``sampling``
+        as ``Client.generate``'s."""
         timeout = self.timeout if timeout is None else timeout
         completion = completion if completion is not None else Completion()
         request_id = next(self._ids)
@@ -596,6 +602,7 @@ class AsyncClient:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            **sampling,
         )
         stream: asyncio.Queue[protocol.Reply] = asyncio.Queue()
         self._streams[request_id] = stream

@@ -74,6 +74,7 @@ def valid_replies() -> list[list[bytes]]:
 HEADER_KEYS = [
     *("v", "id", "op", "inputs", "outputs", "shape", "error", "ok", "model", "trace", "zz"),
     *("version", "deadline_ms", "max_tokens", "temperature", "top_p", "seed", "target"),
+    *("top_k", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"),
     *("path", "fraction", "last", "level", "offset", "size", "sha256"),
 ]
 #: numbers no field takes: non-finite, beyond any bound, beyond a double's integers

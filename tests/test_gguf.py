@@ -80,6 +80,22 @@ def test_a_seed_makes_sampling_repeatable(llm_daemon: DaemonProcess) -> None:
     assert first != other
 
 
+def test_sampling_settings_reach_llama_cpps_sampler(llm_daemon: DaemonProcess) -> None:
+    def text(**sampling: Any) -> str:
+        stream = client.generate("llm", "the cat", max_tokens=32, **sampling)
+        return stream.text().text
+
+    with llm_daemon.client() as client:
+        greedy = text(temperature=0)
+        # one candidate left: any temperature and seed gives the greedy text
+        kept_one = {text(temperature=1.5, top_k=1, seed=seed) for seed in (1, 2, 3)}
+        drawn = {text(temperature=1.5, seed=seed) for seed in (1, 2, 3)}
+        penalised = text(temperature=0, repeat_penalty=3.0, frequency_penalty=2.0)
+    assert kept_one == {greedy}
+    assert drawn != {greedy}  # without top_k the same seeds sample other text
+    assert penalised != greedy  # a tiny model repeats itself; penalties change that
+
+
 def test_stop_sequences_end_the_text_before_them(llm_daemon: DaemonProcess) -> None:
     with llm_daemon.client() as client:
         full = client.generate("llm", "the dog", max_tokens=40, temperature=0).text().text

@@ -57,8 +57,12 @@ def assert_usable(request: protocol.Request) -> None:
         assert 0 < request.deadline_ms <= MAX_DEADLINE_MS
         assert int(request.deadline_ms * 1e6) >= 0  # no overflow
     if isinstance(request, Generate):
-        assert math.isfinite(request.sampling.temperature)
-        assert math.isfinite(request.sampling.top_p)
+        sampling = request.sampling
+        for value in (sampling.temperature, sampling.top_p, sampling.min_p):
+            assert math.isfinite(value)
+        for value in (sampling.repeat_penalty, sampling.presence_penalty):
+            assert math.isfinite(value)
+        assert math.isfinite(sampling.frequency_penalty) and 0 <= sampling.top_k <= 10**6
     if isinstance(request, Canary):
         assert 0 < request.fraction <= 1
     if isinstance(request, VersionTarget):
@@ -104,6 +108,11 @@ CHECKED_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
     ("generate", "max_tokens"): {"model": "m", "prompt": "hi"},
     ("generate", "temperature"): {"model": "m", "prompt": "hi"},
     ("generate", "top_p"): {"model": "m", "prompt": "hi"},
+    ("generate", "top_k"): {"model": "m", "prompt": "hi"},
+    ("generate", "min_p"): {"model": "m", "prompt": "hi"},
+    ("generate", "repeat_penalty"): {"model": "m", "prompt": "hi"},
+    ("generate", "presence_penalty"): {"model": "m", "prompt": "hi"},
+    ("generate", "frequency_penalty"): {"model": "m", "prompt": "hi"},
     ("generate", "seed"): {"model": "m", "prompt": "hi"},
     ("infer", "version"): {"model": "m", "inputs": []},
     ("cancel", "target"): {},

@@ -25,15 +25,34 @@ def test_generate_takes_llama_cpp_defaults_and_a_single_stop_string() -> None:
     request = decode(op="generate", model="m", prompt="hi")
     assert isinstance(request, Generate) and request.prompt == "hi"
     assert request.sampling == Sampling(
-        max_tokens=128, stop=(), temperature=0.8, top_p=0.95, seed=None
+        max_tokens=128, stop=(), temperature=0.8, top_p=0.95, seed=None, top_k=40, min_p=0.05
     )
-    nils = dict.fromkeys(("max_tokens", "stop", "temperature", "top_p", "seed"))
+    assert request.sampling.repeat_penalty == 1.0 and request.sampling.presence_penalty == 0.0
+    assert request.sampling.frequency_penalty == 0.0
+    nils = dict.fromkeys(
+        ("max_tokens", "stop", "temperature", "top_p", "seed", "top_k", "min_p", "repeat_penalty")
+    )
     again = decode(op="generate", model="m", prompt="hi", **nils)
     assert isinstance(again, Generate) and again.sampling == request.sampling
     request = decode(op="generate", model="m", prompt="hi", stop="\n", temperature=0, seed=5)
     assert isinstance(request, Generate)
     assert request.sampling.stop == ("\n",) and request.sampling.temperature == 0.0
     assert request.sampling.seed == 5
+    tuned = decode(
+        op="generate",
+        model="m",
+        prompt="hi",
+        top_k=0,
+        min_p=0,
+        repeat_penalty=1.3,
+        presence_penalty=-0.5,
+        frequency_penalty=2,
+    )
+    assert isinstance(tuned, Generate)
+    sampling = tuned.sampling
+    assert (sampling.top_k, sampling.min_p, sampling.repeat_penalty) == (0, 0.0, 1.3)
+    assert (sampling.presence_penalty, sampling.frequency_penalty) == (-0.5, 2.0)
+    assert isinstance(sampling.frequency_penalty, float)
 
 
 @pytest.mark.parametrize(
@@ -48,6 +67,13 @@ def test_generate_takes_llama_cpp_defaults_and_a_single_stop_string() -> None:
         ({"prompt": "x", "temperature": float("nan")}, "'temperature' must be"),
         ({"prompt": "x", "top_p": 0}, "'top_p' must be"),
         ({"prompt": "x", "seed": -1}, "'seed' must be"),
+        ({"prompt": "x", "top_k": -1}, "'top_k' must be an integer"),
+        ({"prompt": "x", "top_k": 2.0}, "'top_k' must be an integer"),
+        ({"prompt": "x", "min_p": 1.5}, "'min_p' must be"),
+        ({"prompt": "x", "repeat_penalty": 0}, "'repeat_penalty' must be"),
+        ({"prompt": "x", "repeat_penalty": float("inf")}, "'repeat_penalty' must be"),
+        ({"prompt": "x", "presence_penalty": 3}, "'presence_penalty' must be"),
+        ({"prompt": "x", "frequency_penalty": float("nan")}, "'frequency_penalty' must be"),
         ({"prompt": "x", "seed": True}, "'seed' must be"),
         ({"prompt": "x", "inputs": []}, "unknown header key"),
     ],

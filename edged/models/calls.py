@@ -30,6 +30,9 @@ MAX_STOP_LEN = 256
 MAX_EMBED_TEXTS = 64
 MAX_SEED = 2**32 - 1
 MAX_TOKENS = 2**31 - 1
+#: more than any vocabulary: keeps the value a plain int for llama.cpp
+MAX_TOP_K = 1_000_000
+MAX_PENALTY = 10.0
 
 C = TypeVar("C", bound="InferenceRequest")
 
@@ -43,6 +46,16 @@ class Sampling:
     stop: tuple[str, ...] = ()
     temperature: float = 0.8
     top_p: float = 0.95
+    #: the k most likely tokens are kept before sampling; 0 keeps them all
+    top_k: int = 40
+    #: tokens less likely than this share of the most likely one's probability are dropped
+    min_p: float = 0.05
+    #: the likelihood of a token seen in the last 64 is divided by this (1 is none)
+    repeat_penalty: float = 1.0
+    #: subtracted once from a logit of a token among the last 64 (OpenAI's presence_penalty)
+    presence_penalty: float = 0.0
+    #: subtracted per time a token is among the last 64 (OpenAI's frequency_penalty)
+    frequency_penalty: float = 0.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,11 +77,24 @@ class Sampling:
             raise BadRequest("'temperature' must be a number from 0 to 100 (0 is greedy)")
         if not (is_number(self.top_p) and 0 < self.top_p <= 1):
             raise BadRequest("'top_p' must be a number above 0 and at most 1")
+        if not (is_int(self.top_k) and 0 <= self.top_k <= MAX_TOP_K):
+            raise BadRequest(f"'top_k' must be an integer from 0 to {MAX_TOP_K} (0 keeps all)")
+        if not (is_number(self.min_p) and 0 <= self.min_p <= 1):
+            raise BadRequest("'min_p' must be a number from 0 to 1 (0 is off)")
+        if not (is_number(self.repeat_penalty) and 0 < self.repeat_penalty <= MAX_PENALTY):
+            raise BadRequest(
+                f"'repeat_penalty' must be a number above 0 and at most {MAX_PENALTY} (1 is off)"
+            )
+        for key in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, key)
+            if not (is_number(value) and -2 <= value <= 2):
+                raise BadRequest(f"'{key}' must be a number from -2 to 2 (0 is off)")
+            object.__setattr__(self, key, float(value))
         if self.seed is not None and not (is_int(self.seed) and 0 <= self.seed <= MAX_SEED):
             raise BadRequest(f"'seed' must be an integer from 0 to {MAX_SEED}")
         object.__setattr__(self, "stop", tuple(stop))
-        object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "top_p", float(self.top_p))
+        for key in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            object.__setattr__(self, key, float(getattr(self, key)))
 
 
 SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(Sampling))

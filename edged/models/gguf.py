@@ -160,7 +160,16 @@ class GgufBackend:
         llm.set_seed(seed)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopScanner(sampling.stop)
-        sampled = llm.generate(tokens, top_p=sampling.top_p, temp=sampling.temperature)
+        sampled = llm.generate(
+            tokens,
+            temp=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            repeat_penalty=sampling.repeat_penalty,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+        )
         for produced, token in enumerate(sampled, start=1):
             if self._is_eog(self._vocab, token):
                 yield Piece(stops.flush() + decoder.decode(b"", final=True), 0, "stop")
