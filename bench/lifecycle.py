@@ -26,7 +26,7 @@ from edged.config import GgufOptions, OnnxOptions
 from edged.demo import DEMO_FEATURES, build_demo_model
 from edged.models.budget import give_back_freed_memory
 from edged.models.calls import Sampling
-from edged.models.gguf import GgufBackend
+from edged.models.gguf import GgufBackend, GgufEmbedder, GgufGenerator
 from edged.models.onnx import OnnxBackend
 from edged.testing import DaemonProcess
 
@@ -142,10 +142,10 @@ class GgufSubject:
         if completion.prompt_tokens != tokens:
             raise RuntimeError(f"the worst-case prompt is {completion.prompt_tokens} tokens")
 
-    def load(self, path: Path) -> GgufBackend:
+    def load(self, path: Path) -> GgufGenerator | GgufEmbedder:
         return GgufBackend.load(path, self.options)
 
-    def run(self, loaded: GgufBackend, lead: int) -> None:
+    def run(self, loaded: GgufGenerator | GgufEmbedder, lead: int) -> None:
         text = prompt(lead, LIGHT_PROMPT_TOKENS)
         sampling = Sampling(max_tokens=1, temperature=0.0, top_p=1.0, seed=0)
         for _ in loaded.stream(loaded.tokenize(text), sampling):

@@ -85,13 +85,14 @@ def open_llama(path: Path, options: GgufOptions) -> Any:
     """The in-process model, set up with the context settings the daemon is given."""
     import llama_cpp  # here: only the GGUF benchmarks need it
 
-    threads: dict[str, Any] = thread_counts(options)
+    n_threads, n_threads_batch = thread_counts(options)  # prompt threads too, as the daemon
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=options.n_ctx,
         n_batch=options.n_batch,
         verbose=False,
-        **threads,  # prompt threads too, as the daemon sets them
+        n_threads=n_threads,
+        n_threads_batch=n_threads_batch,
     )
 
 

@@ -6,8 +6,9 @@ matched by request id and dropped, and the blocking client resets its socket aft
 a request lost with the old daemon is never answered late.
 
 Output arrays are read-only views on the received frames (no copy); ``.copy()`` one to modify it.
-``generate`` streams text as the model produces it: iterate the returned stream for the pieces,
-then read its ``completion``; closing a stream early cancels the generation in the daemon.
+``generate`` (a prompt) and ``chat`` (messages, formatted by the model's chat template) stream
+text as the model produces it: iterate the returned stream for the pieces, then read its
+``completion``; closing a stream early cancels the generation in the daemon.
 
 Large tensors (camera frames) need not travel through the socket: ``client.region(size)`` makes
 a shared-memory region the daemon maps too (``edged.shm``), ``region.array(shape, dtype)`` a
@@ -23,7 +24,7 @@ import contextlib
 import itertools
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Generator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -45,6 +46,8 @@ from edged.zmqio import NOBLOCK, recv_frames, send_frames
 DEFAULT_TIMEOUT_S = 5.0
 T = TypeVar("T")
 Inputs = Mapping[str, Any]
+#: chat messages: ``{"role": ..., "content": str or [{"type": "text", "text": str}, ...]}``
+Messages = Sequence[Mapping[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,20 @@ class Completion:
     timing: dict[str, Any] = field(default_factory=dict)
     model: str = ""
     version: int = 0
+    #: with ``logprobs=True``, one ``{token, logprob, top_logprobs}`` per generated token, in
+    #: order (PROTOCOL §5.4); filled as the stream comes
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _generate_request(
-    request_id: int, model: str, prompt: str, common: dict[str, Any], **options: Any
+def _text_request(
+    request_id: int, op: str, model: str, source: dict[str, Any], options: dict[str, Any]
 ) -> list[Any]:
-    """Frames of a generate request: unset ``options`` take the daemon's defaults."""
-    fields = {"prompt": prompt, **{key: v for key, v in options.items() if v is not None}}
-    return protocol.encode_request(request_id, "generate", model=model, fields=fields, **common)
+    """Frames of a ``generate`` or ``chat`` request: ``source`` is its prompt or messages;
+    unset ``options`` take the daemon's defaults."""
+    given = {key: value for key, value in options.items() if value is not None}
+    common = {key: given.pop(key, None) for key in ("version", "deadline_ms", "trace")}
+    fields = {**source, **given}
+    return protocol.encode_request(request_id, op, model=model, fields=fields, **common)
 
 
 def _absorb(completion: Completion, pieces: list[str], reply: protocol.Reply) -> str | None:
@@ -104,6 +113,9 @@ def _absorb(completion: Completion, pieces: list[str], reply: protocol.Reply) ->
     if fields.get("more"):
         text = str(fields.get("text", ""))
         pieces.append(text)
+        logprobs = fields.get("logprobs")
+        if isinstance(logprobs, list):
+            completion.logprobs.extend(logprobs)
         return text
     usage = fields.get("usage", {})
     completion.text = "".join(pieces)
@@ -255,25 +267,43 @@ class Client:
         deadline_ms: float | None = None,
         trace: str | None = None,
         timeout: float | None = None,
-        **sampling: float,
+        **sampling: Any,
     ) -> TokenStream:
         """Start a generation; iterate the stream for text as it comes. ``timeout`` bounds the
         wait for each message, not the whole generation. ``sampling``: further settings by
         their header keys (``top_k``, ``min_p``, ``repeat_penalty``, ``presence_penalty``,
-        ``frequency_penalty``: PROTOCOL §4.2)."""
-        request_id = next(self._ids)
-        frames = _generate_request(
-            request_id,
+        ``frequency_penalty``, ``grammar``, ``json_schema``, ``logprobs``, ``top_logprobs``:
+        PROTOCOL §4.2); with ``logprobs=True`` the completion's ``logprobs`` fill up."""
+        return self._start(
+            "generate",
             model,
-            prompt,
-            {"version": version, "deadline_ms": deadline_ms, "trace": trace},
+            {"prompt": prompt},
+            timeout,
             max_tokens=max_tokens,
             stop=stop,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            version=version,
+            deadline_ms=deadline_ms,
+            trace=trace,
             **sampling,
         )
+
+    def chat(
+        self, model: str, messages: Messages, *, timeout: float | None = None, **options: Any
+    ) -> TokenStream:
+        """As ``generate``, with its keyword options, for the assistant's reply to
+        ``messages`` (roles ``system``, ``developer``, ``user``, ``assistant``, ``tool``),
+        formatted by the model's chat template (PROTOCOL §4.3)."""
+        return self._start("chat", model, {"messages": messages}, timeout, **options)
+
+    def _start(
+        self, op: str, model: str, source: dict[str, Any], timeout: float | None, **options: Any
+    ) -> TokenStream:
+        """Send a ``generate`` or ``chat`` request; its stream reads the replies."""
+        request_id = next(self._ids)
+        frames = _text_request(request_id, op, model, source, options)
         timeout = self.timeout if timeout is None else timeout
         self._send(frames, timeout)
         return TokenStream(self, request_id, timeout)
@@ -460,7 +490,8 @@ def _milliseconds(seconds: float) -> int:
 
 
 class TokenStream:
-    """The text of one ``generate`` request as it streams; ``completion`` once it has ended.
+    """The text of one ``generate`` or ``chat`` request as it streams; ``completion`` once it
+    has ended.
 
     Iterate it to the end, or ``close()`` it (a ``with`` block does) to cancel the generation:
     the daemon then frees the model for the next request at once.
@@ -569,7 +600,7 @@ class AsyncClient:
         microseconds on a local socket (bounded by the client's timeout)."""
         return self._regions.create(size, name)
 
-    async def generate(
+    def generate(
         self,
         model: str,
         prompt: str,
@@ -584,26 +615,55 @@ class AsyncClient:
         trace: str | None = None,
         timeout: float | None = None,
         completion: Completion | None = None,
-        **sampling: float,
+        **sampling: Any,
     ) -> AsyncIterator[str]:
-        """Text as the model produces it; pass ``completion`` to get the final figures. Leaving
-        the loop early (break, an exception, cancellation) cancels the generation. ``sampling``
-        as ``Client.generate``'s."""
-        timeout = self.timeout if timeout is None else timeout
-        completion = completion if completion is not None else Completion()
-        request_id = next(self._ids)
-        frames = _generate_request(
-            request_id,
+        """Text as the model produces it; pass ``completion`` to get the final figures (and the
+        ``logprobs``, when asked). Leaving the loop early (break, an exception, cancellation)
+        cancels the generation. ``sampling`` as ``Client.generate``'s."""
+        return self._stream(
+            "generate",
             model,
-            prompt,
-            {"version": version, "deadline_ms": deadline_ms, "trace": trace},
+            {"prompt": prompt},
+            timeout,
+            completion,
             max_tokens=max_tokens,
             stop=stop,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            version=version,
+            deadline_ms=deadline_ms,
+            trace=trace,
             **sampling,
         )
+
+    def chat(
+        self,
+        model: str,
+        messages: Messages,
+        *,
+        timeout: float | None = None,
+        completion: Completion | None = None,
+        **options: Any,
+    ) -> AsyncIterator[str]:
+        """As ``generate``, with its keyword options, for the assistant's reply to
+        ``messages`` (``Client.chat``)."""
+        return self._stream("chat", model, {"messages": messages}, timeout, completion, **options)
+
+    async def _stream(
+        self,
+        op: str,
+        model: str,
+        source: dict[str, Any],
+        timeout: float | None,
+        completion: Completion | None,
+        **options: Any,
+    ) -> AsyncIterator[str]:
+        """A ``generate`` or ``chat`` request's text, sent when first iterated."""
+        timeout = self.timeout if timeout is None else timeout
+        completion = completion if completion is not None else Completion()
+        request_id = next(self._ids)
+        frames = _text_request(request_id, op, model, source, options)
         stream: asyncio.Queue[protocol.Reply] = asyncio.Queue()
         self._streams[request_id] = stream
         pieces: list[str] = []

@@ -117,6 +117,14 @@ class GgufOptions:
     #: in between share a message (each message costs the model's thread a little); 0 sends
     #: every token as soon as it is ready
     stream_interval_ms: float = _at_least(5.0, 0.0)
+    #: generations served at once (llama.cpp decodes them in one batch); each has its own
+    #: ``n_ctx`` of KV cache, all charged to the budget
+    parallel: int = _at_least(1, 1)
+    #: flash attention: "off" as in llama-cpp-python, "on", or "auto" (llama.cpp decides per
+    #: device; it changes results in the last bits, so greedy text may differ from "off")
+    flash_attn: str = _choice("off", "off", "on", "auto")
+    #: a Jinja chat template for ``chat``, replacing the file's ``tokenizer.chat_template``
+    chat_template: str = ""
 
 
 @dataclass(frozen=True)
@@ -193,6 +201,18 @@ class ServerConfig:
     max_regions: int = _at_least(64, 1)
     #: all mapped shared-memory regions together, every connection's
     max_region_mb: int = _at_least(4096, 1)
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """The OpenAI-compatible HTTP endpoint (the ``http`` extra); off unless ``listen`` is set."""
+
+    #: "" (off), "127.0.0.1:8080" (host:port; loopback unless ``public``), or "unix:/path"
+    listen: str = ""
+    #: allow a non-loopback host in ``listen``: the endpoint has no authentication
+    public: bool = False
+    #: largest accepted request body
+    max_body_mb: int = _at_least(8, 1)
 
 
 @dataclass(frozen=True)
@@ -277,6 +297,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     ota: OtaConfig = field(default_factory=OtaConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     #: model name -> declaration; empty means "serve the built-in demo model"
     models: dict[str, ModelConfig] = field(default_factory=dict)
     #: chain name -> its steps; a client infers on a chain as on a model

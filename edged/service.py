@@ -33,7 +33,7 @@ from edged.regions import RegionTable
 from edged.replies import ReplyTo
 from edged.requests import ModelRequest, VersionedRequest
 
-CANCELLABLE_OPS = frozenset({"generate", "embed"})
+CANCELLABLE_OPS = frozenset({"generate", "chat", "embed"})
 #: error replies by (model, wire code)
 ErrorCounts = Counter[tuple[str, str]]
 Ctx = TypeVar("Ctx")

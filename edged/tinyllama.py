@@ -5,8 +5,9 @@ embeds with, yet nothing may be downloaded. So the weights are seeded random nor
 SentencePiece-style vocabulary (a few hundred pieces: control tokens, the 256 byte-fallback
 tokens, a fixed word list and single characters) is built here. Output is gibberish, but
 deterministic, and the model never emits EOS or other special/byte tokens, so a generation runs
-to exactly ``max_tokens`` tokens of valid text. ``gguf``, ``llama_cpp`` and ``numpy`` are
-imported only when a model is built: this module lives in the daemon package.
+to exactly ``max_tokens`` tokens of valid text. It carries a small chat template
+(``CHAT_TEMPLATE``), so that ``chat`` can be served too. ``gguf``, ``llama_cpp`` and ``numpy``
+are imported only when a model is built: this module lives in the daemon package.
 
 ``python -m edged.tinyllama OUT.gguf`` writes one, to try edged's language-model side with no
 download (it needs the ``gguf`` extra).
@@ -45,6 +46,18 @@ _CHARS = (
 _SPACE = "\u2581"  # SentencePiece's word-boundary marker
 _UNK, _BOS, _EOS = 0, 1, 2
 _BIAS_DIM = 0  # a residual channel held constant, so the EOS logit can be pinned far below
+
+#: "role: content" lines, then "assistant:" for the turn to come (plain text: no special tokens
+#: to add to the vocabulary); a role it was not written for is refused, as real templates do
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message.role not in ('system', 'user', 'assistant') %}"
+    "{{ raise_exception('the tiny chat template has no role ' ~ message.role) }}"
+    "{% endif %}"
+    "{{ message.role }}: {{ message.content }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 class _Dims(NamedTuple):
@@ -85,12 +98,14 @@ def build_tiny_llama(
     n_ctx_train: int = 2048,
     seed: int = 0,
     quantize: str | None = None,
+    chat_template: str | None = CHAT_TEMPLATE,
 ) -> Path:
     """Write the model to ``path`` (atomically) and return it.
 
     ``quantize`` is None (F16 matrices, F32 norms) or one of QUANT_TYPES. Quantizing needs
     ``n_embd`` and ``n_ff`` divisible by 32, or llama.cpp silently keeps F16 (raised here as
     RuntimeError); Q4_K_M wants 256, else it falls back to Q5_0/Q8_0 per tensor.
+    ``chat_template`` None writes a model without one (which serves no ``chat``).
     """
     n_head_kv = n_head if n_head_kv is None else n_head_kv
     if n_embd % n_head or n_head % n_head_kv:
@@ -102,7 +117,7 @@ def build_tiny_llama(
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tinyllama-") as tmp:
         f16_path = Path(tmp) / "f16.gguf"
         dims = _Dims(n_embd, n_ff, n_layer, n_head, n_head_kv, n_ctx_train, seed)
-        _write_f16(f16_path, dims)
+        _write_f16(f16_path, dims, chat_template)
         out = f16_path
         if quantize is not None:
             out = Path(tmp) / "quant.gguf"
@@ -114,7 +129,7 @@ def build_tiny_llama(
     return path
 
 
-def _write_f16(path: Path, d: _Dims) -> None:
+def _write_f16(path: Path, d: _Dims, chat_template: str | None) -> None:
     import gguf
 
     tokens, scores, types = build_vocab()
@@ -138,6 +153,8 @@ def _write_f16(path: Path, d: _Dims) -> None:
     writer.add_unk_token_id(_UNK)
     writer.add_add_bos_token(True)
     writer.add_add_eos_token(False)
+    if chat_template is not None:
+        writer.add_chat_template(chat_template)
     for name, array in _weights(d, types):
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -221,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m edged.tinyllama",
         description="Write a tiny llama GGUF model (random weights: gibberish, but real) to try "
-        "edged's generate and embed ops without downloading a model",
+        "edged's generate, chat and embed ops without downloading a model",
     )
     parser.add_argument("output", type=Path, help="the .gguf file to write")
     parser.add_argument(

@@ -217,11 +217,11 @@ def test_context_overflow_and_wrong_ops_are_refused_and_serving_goes_on(
             client.generate("llm", "hello " * 400, max_tokens=200).text()
         with pytest.raises(ContextOverflow, match="n_ctx 512"):
             client.generate("llm", "hi", max_tokens=600).text()
-        with pytest.raises(OpNotSupported, match="use generate or embed, not infer"):
+        with pytest.raises(OpNotSupported, match="use generate, chat or embed, not infer"):
             client.infer("llm", {"x": np.zeros((1, 16), np.float32)})
         with pytest.raises(OpNotSupported, match="ONNX model: use infer, not generate"):
             client.generate("demo", "hello").text()
-        with pytest.raises(OpNotSupported, match="use generate, not embed"):
+        with pytest.raises(OpNotSupported, match="use generate or chat, not embed"):
             client.embed("llm", "hello")
         with pytest.raises(OpNotSupported, match="embedding model: use embed"):
             client.generate("emb", "hello").text()

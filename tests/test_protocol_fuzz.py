@@ -18,7 +18,7 @@ from edged import protocol
 from edged.control.ops.canary import Canary
 from edged.control.ops.swap import VersionTarget
 from edged.errors import EdgedError
-from edged.models.calls import Generate
+from edged.models.calls import TextRequest
 from edged.protocol import Limits, RequestRejected
 from edged.requests import MAX_DEADLINE_MS, InferenceRequest
 from tests.messages import (
@@ -56,7 +56,7 @@ def assert_usable(request: protocol.Request) -> None:
     if isinstance(request, InferenceRequest) and request.deadline_ms is not None:
         assert 0 < request.deadline_ms <= MAX_DEADLINE_MS
         assert int(request.deadline_ms * 1e6) >= 0  # no overflow
-    if isinstance(request, Generate):
+    if isinstance(request, TextRequest):
         sampling = request.sampling
         for value in (sampling.temperature, sampling.top_p, sampling.min_p):
             assert math.isfinite(value)
@@ -114,6 +114,8 @@ CHECKED_FIELDS: dict[tuple[str, str], dict[str, Any]] = {
     ("generate", "presence_penalty"): {"model": "m", "prompt": "hi"},
     ("generate", "frequency_penalty"): {"model": "m", "prompt": "hi"},
     ("generate", "seed"): {"model": "m", "prompt": "hi"},
+    ("chat", "deadline_ms"): {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    ("chat", "max_tokens"): {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
     ("infer", "version"): {"model": "m", "inputs": []},
     ("cancel", "target"): {},
     ("canary", "fraction"): {"model": "m"},

@@ -49,19 +49,21 @@ def test_an_onnx_runner_is_a_runner(models_dir: Path) -> None:
     asyncio.run(main())
 
 
-@pytest.mark.parametrize(("model", "op"), [("q8", "generate"), ("embed", "embed")])
-def test_a_gguf_runner_is_a_runner(gguf_models: dict[str, Path], model: str, op: str) -> None:
+@pytest.mark.parametrize(("model", "ops"), [("q8", ["chat", "generate"]), ("embed", ["embed"])])
+def test_a_gguf_runner_is_a_runner(
+    gguf_models: dict[str, Path], model: str, ops: list[str]
+) -> None:
     from edged.models.gguf import GgufBackend
 
     async def main() -> None:
-        options = GgufOptions(n_ctx=512, n_threads=1, embedding=op == "embed")
+        options = GgufOptions(n_ctx=512, n_threads=1, embedding=ops == ["embed"])
         backend = GgufBackend.load(gguf_models[model], options)
         config = ModelConfig(path=str(gguf_models[model]), backend="gguf", gguf=options)
         runner = GenerationRunner("llm", 1, backend, config, asyncio.get_running_loop())
-        assert runner.ops == {op}
-        assert runner.describe()["ops"] == [op]
+        assert runner.ops == set(ops)
+        assert runner.describe()["ops"] == ops
         assert runner.warnings() == ()
-        with pytest.raises(OpNotSupported, match="use generate or embed, not infer"):
+        with pytest.raises(OpNotSupported, match="use generate, chat or embed, not infer"):
             raise runner.unsupported("infer")
         await _serve(runner)
 

@@ -10,7 +10,7 @@ import pytest
 from edged import protocol
 from edged.errors import BadRequest
 from edged.models.calls import Generate, Sampling
-from edged.models.gguf import StopScanner
+from edged.models.slots import StopScanner
 from edged.protocol import Limits, RequestRejected
 from tests.messages import decode_request
 

@@ -33,6 +33,11 @@ MAX_TOKENS = 2**31 - 1
 #: more than any vocabulary: keeps the value a plain int for llama.cpp
 MAX_TOP_K = 1_000_000
 MAX_PENALTY = 10.0
+MAX_TOP_LOGPROBS = 20
+MAX_GRAMMAR_CHARS = 65536
+MAX_MESSAGES = 1024
+#: the roles a chat template is written for (OpenAI's "developer" is its new name for system)
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 C = TypeVar("C", bound="InferenceRequest")
 
@@ -57,8 +62,19 @@ class Sampling:
     #: subtracted per time a token is among the last 64 (OpenAI's frequency_penalty)
     frequency_penalty: float = 0.0
     seed: int | None = None
+    #: a GBNF grammar the output must follow (llama.cpp's grammar format)
+    grammar: str | None = None
+    #: a JSON schema the output must follow, turned into a grammar; {} is any JSON value
+    json_schema: Mapping[str, Any] | None = None
+    #: send each token's log-probability (and ``top_logprobs`` alternatives) with its text
+    logprobs: bool = False
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
+        self._check_sampling()
+        self._check_output_control()
+
+    def _check_sampling(self) -> None:
         if not is_int(self.max_tokens) or not 1 <= self.max_tokens <= MAX_TOKENS:
             raise BadRequest(f"'max_tokens' must be an integer from 1 to {MAX_TOKENS}")
         stop: Any = self.stop
@@ -95,6 +111,32 @@ class Sampling:
         object.__setattr__(self, "stop", tuple(stop))
         for key in ("temperature", "top_p", "min_p", "repeat_penalty"):
             object.__setattr__(self, key, float(getattr(self, key)))
+
+    def _check_output_control(self) -> None:
+        grammar, schema = self.grammar, self.json_schema
+        if grammar is not None and not (
+            isinstance(grammar, str) and 0 < len(grammar) <= MAX_GRAMMAR_CHARS
+        ):
+            raise BadRequest(
+                f"'grammar' must be a non-empty GBNF string of at most {MAX_GRAMMAR_CHARS} "
+                "characters"
+            )
+        if schema is not None and not isinstance(schema, Mapping):
+            raise BadRequest("'json_schema' must be a map (a JSON schema; {} takes any JSON)")
+        if grammar is not None and schema is not None:
+            raise BadRequest("give 'grammar' or 'json_schema', not both")
+        if type(self.logprobs) is not bool:
+            raise BadRequest("'logprobs' must be a boolean")
+        top = self.top_logprobs
+        if not (is_int(top) and 0 <= top <= MAX_TOP_LOGPROBS):
+            raise BadRequest(f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}")
+        if top and not self.logprobs:
+            raise BadRequest("'top_logprobs' needs 'logprobs': true")
+
+    @property
+    def constrained(self) -> bool:
+        """Whether a grammar (given, or made from a JSON schema) constrains the output."""
+        return self.grammar is not None or self.json_schema is not None
 
 
 SAMPLING_KEYS = frozenset(f.name for f in dataclasses.fields(Sampling))
@@ -173,20 +215,17 @@ class RegionInfer(Infer):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Generate(InferenceRequest):
-    """``generate``: text to continue, and how."""
+class TextRequest(InferenceRequest):
+    """A request that generates text: the sampling settings come as header keys of their own."""
 
-    prompt: str = ""
     sampling: Sampling = DEFAULT_SAMPLING
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not isinstance(self.prompt, str) or not self.prompt:
-            raise BadRequest("'prompt' must be a non-empty string")
+    #: the header key of what the text continues (``prompt``, ``messages``)
+    source_key = ""
 
     @classmethod
     def wire_keys(cls) -> frozenset[str]:
-        return frozenset({"model", "version", "deadline_ms", "prompt"}) | SAMPLING_KEYS
+        return frozenset({"model", "version", "deadline_ms", cls.source_key}) | SAMPLING_KEYS
 
     @classmethod
     def wire_values(cls, header: Mapping[str, Any]) -> dict[str, Any]:
@@ -194,6 +233,70 @@ class Generate(InferenceRequest):
         options = {key: values.pop(key) for key in SAMPLING_KEYS & values.keys()}
         values["sampling"] = Sampling(**options) if options else DEFAULT_SAMPLING
         return values
+
+
+@dataclass(frozen=True, kw_only=True)
+class Generate(TextRequest):
+    """``generate``: text to continue, and how."""
+
+    prompt: str = ""
+    source_key = "prompt"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.prompt, str) or not self.prompt:
+            raise BadRequest("'prompt' must be a non-empty string")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+    @classmethod
+    def from_wire(cls, index: int, message: Any) -> ChatMessage:
+        """A message as ``{role, content}``; content may be OpenAI's list of text parts."""
+        where = f"messages[{index}]"
+        if not isinstance(message, Mapping) or not {"role", "content"} <= message.keys():
+            raise BadRequest(f"{where} must be a map with 'role' and 'content'")
+        role, content = message["role"], message["content"]
+        if role not in CHAT_ROLES:
+            raise BadRequest(f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}")
+        if isinstance(content, list):
+            if not all(
+                isinstance(part, Mapping)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+                for part in content
+            ):
+                raise BadRequest(f"{where}.content parts must be {{type: text, text: string}}")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"{where}.content must be a string or a list of text parts")
+        return cls("system" if role == "developer" else role, content)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Chat(TextRequest):
+    """``chat``: messages, formatted by the model's chat template and continued as the
+    assistant's turn."""
+
+    messages: tuple[ChatMessage, ...] = ()
+    source_key = "messages"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        messages: Any = self.messages
+        if not isinstance(messages, (list, tuple)) or not 0 < len(messages) <= MAX_MESSAGES:
+            raise BadRequest(f"'messages' must be an array of 1 to {MAX_MESSAGES} messages")
+        object.__setattr__(
+            self,
+            "messages",
+            tuple(
+                m if isinstance(m, ChatMessage) else ChatMessage.from_wire(i, m)
+                for i, m in enumerate(messages)
+            ),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,4 +331,4 @@ class Embed(InferenceRequest):
 
 
 #: what a model's runner is asked to do
-Inference = Infer | Generate | Embed
+Inference = Infer | Generate | Chat | Embed

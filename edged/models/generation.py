@@ -1,10 +1,12 @@
-"""Scheduling for language models: one generation (or embedding) per loaded context at a time.
+"""Scheduling for language models: up to ``parallel`` generations (or one embedding) at a time.
 
-A llama.cpp context holds one sequence's KV cache, so a model runs one job at a time on its own
-thread while later ones wait in a bounded queue (``BUSY`` beyond ``queue_depth``). Generated
-text streams back as it comes: the thread appends pieces to the job and wakes the event loop
-at most once per ``stream_interval_ms`` (the first piece at once), so tokens that come faster
-share a message instead of each paying for a wake-up that would slow the model's own thread.
+A generative model's context holds ``parallel`` sequences (``slots.SlotDecoder``): its thread
+decodes every running generation in one batch per token, and a job joins or leaves between two
+steps. Jobs beyond the free slots wait in a bounded queue (``BUSY`` beyond ``queue_depth``).
+Generated text streams back as it comes: the thread appends pieces to the job and wakes the
+event loop at most once per ``stream_interval_ms`` (the first piece at once), so tokens that
+come faster share a message instead of each paying for a wake-up that would slow the model's
+own thread.
 A job stops between tokens when it is cancelled, when its client has gone (a send finds no
 peer), or when the daemon aborts it. Each connection gets a fair share of the queue, as for
 ONNX models (``runner.FairShare``).
@@ -18,9 +20,9 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -35,9 +37,11 @@ from edged.errors import (
     SwapRejected,
 )
 from edged.logsetup import log_fields
-from edged.models.calls import Embed, Generate, Inference, Sampling
+from edged.models.calls import Chat, ChatMessage, Embed, Generate, Inference, Sampling, TextRequest
 from edged.models.latency import RequestLatency
 from edged.models.runner import FairShare, IdleWaiters, fail_logged, run_failed
+from edged.models.sampler import TokenSampler
+from edged.models.slots import Piece, SlotDecoder
 from edged.models.validation import Interface
 from edged.replies import ReplyTo
 
@@ -49,17 +53,9 @@ WARM_UP_PROMPT = "hello"
 WARM_UP = Sampling(max_tokens=1, temperature=0.0, top_p=1.0, seed=0)
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
-    """Text decoded from ``tokens`` new tokens; the last piece of a stream has a reason."""
-
-    text: str
-    tokens: int
-    finish_reason: str | None = None
-
-
 class TextBackend(Protocol):
-    """A loaded language model; everything but ``tokenize`` runs on the model's thread."""
+    """A loaded language model. ``tokenize``, ``chat_tokens`` and ``sampler`` run on the event
+    loop, the rest on the model's thread; ``decoder`` is ``None`` for an embedding model."""
 
     @property
     def n_ctx(self) -> int: ...
@@ -70,7 +66,17 @@ class TextBackend(Protocol):
     @property
     def embedding(self) -> bool: ...
 
-    def tokenize(self, text: str) -> list[int]: ...
+    @property
+    def parallel(self) -> int: ...
+
+    @property
+    def decoder(self) -> SlotDecoder | None: ...
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]: ...
+
+    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]: ...
+
+    def sampler(self, sampling: Sampling) -> TokenSampler: ...
 
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Piece]: ...
 
@@ -83,9 +89,9 @@ class TextBackend(Protocol):
 
 @dataclass(eq=False)
 class TextJob:
-    """One admitted ``generate`` or ``embed`` request."""
+    """One admitted ``generate``, ``chat`` or ``embed`` request."""
 
-    request: Generate | Embed
+    request: TextRequest | Embed
     peer: bytes
     reply: ReplyTo
     arrived_ns: int
@@ -94,12 +100,15 @@ class TextJob:
     prompt_tokens: list[int]
     #: tokens read: the prompt's (generate) or all texts' together (embed)
     prompt_count: int
+    #: the generation's sampler chain, until the model's thread takes it
+    sampler: TokenSampler | None = None
     #: set on the loop, read by the model's thread between tokens
     cancelled: bool = False
     replied: bool = False
     #: pieces the model's thread produced and the loop has not sent yet (deque: thread-safe)
     pending: deque[Piece] = field(default_factory=deque)
     flush_scheduled: bool = False
+    posted_ns: int = 0
     started_ns: int = 0
     first_token_ns: int = 0
     last_token_ns: int = 0
@@ -130,7 +139,7 @@ class GenerationStatistics:
 
     @property
     def runs_by_mode(self) -> dict[str, int]:
-        """None counted: a language model runs one job at a time, always on its thread."""
+        """None counted: a language model's jobs all run on its thread."""
         return {}
 
 
@@ -146,7 +155,8 @@ class _Counters:
 
 
 class GenerationRunner:
-    """Serves a GGUF model: ``generate`` (streamed) or ``embed``, one job at a time."""
+    """Serves a GGUF model: ``generate`` and ``chat`` (streamed, ``parallel`` at a time) or
+    ``embed`` (one at a time)."""
 
     def __init__(
         self,
@@ -160,11 +170,11 @@ class GenerationRunner:
         self.version = version
         self.backend = backend
         self.config = config
-        self.ops = frozenset({"embed" if backend.embedding else "generate"})
+        self.ops = frozenset({"embed"} if backend.embedding else {"generate", "chat"})
         self._loop = loop
         self._queue: deque[TextJob] = deque()
-        self._current: TextJob | None = None
-        self._progress_ns = 0  # when the current job started or last streamed
+        self._running: list[TextJob] = []
+        self._progress_ns = 0  # when a running job started or last streamed
         self._inbox: queue.SimpleQueue[TextJob | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._work, name=f"gen-{name}", daemon=True)
         self._idle = IdleWaiters(loop)
@@ -177,29 +187,31 @@ class GenerationRunner:
 
     @property
     def busy(self) -> bool:
-        return bool(self._queue) or self._current is not None
+        return bool(self._queue) or bool(self._running)
 
     def stalled_ns(self, now_ns: int) -> int:
-        """How long the current job has gone without producing a token (0 when idle)."""
-        return now_ns - self._progress_ns if self._current is not None else 0
+        """How long the running jobs have gone without producing a token (0 when idle)."""
+        return now_ns - self._progress_ns if self._running else 0
 
     def unsupported(self, op: str) -> OpNotSupported:
         if op == "embed":
             return OpNotSupported(
-                f"model {self.name!r} is a generative model: use generate, not embed"
+                f"model {self.name!r} is a generative model: use generate or chat, not embed"
             )
-        if op == "generate":
+        if op in ("generate", "chat"):
             return OpNotSupported(f"model {self.name!r} is an embedding model: use embed")
         return OpNotSupported(
-            f"model {self.name!r} is a GGUF language model: use generate or embed, not {op}"
+            f"model {self.name!r} is a GGUF language model: use generate, chat or embed, not {op}"
         )
 
     def submit(self, request: Inference, reply: ReplyTo, peer: bytes) -> None:
-        """Check and queue a ``generate`` or ``embed`` request, or refuse it at once."""
-        if not isinstance(request, (Generate, Embed)):
+        """Check and queue a ``generate``, ``chat`` or ``embed`` request, or refuse it at
+        once."""
+        if not isinstance(request, (TextRequest, Embed)):
             raise self.unsupported(request.op)
         self._counters.requests += 1
         tokens, count = self._admit(request)
+        sampler = None if isinstance(request, Embed) else self.backend.sampler(request.sampling)
         try:
             displaced = self._fair.admit(self.name, self._queue, self.config.queue_depth, peer)
         except BusyError:
@@ -212,7 +224,7 @@ class GenerationRunner:
         now = time.monotonic_ns()
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
-        self._queue.append(TextJob(request, peer, reply, now, deadline_ns, tokens, count))
+        self._queue.append(TextJob(request, peer, reply, now, deadline_ns, tokens, count, sampler))
         self._fair.add(peer)
         self._next()
 
@@ -224,13 +236,13 @@ class GenerationRunner:
     def cancel(self, peer: bytes, request_id: int) -> bool:
         """Stop the job ``request_id`` of ``peer``; ``False`` if it is neither queued nor
         running. A queued job ends at once, a running one at its next token."""
-        current = self._current
-        if current is not None and (current.peer, current.request.id) == (peer, request_id):
-            if current.cancelled:
-                return False
-            current.cancelled = True
-            self._counters.cancelled += 1
-            return True
+        for running in self._running:
+            if (running.peer, running.request.id) == (peer, request_id):
+                if running.cancelled:
+                    return False
+                running.cancelled = True
+                self._counters.cancelled += 1
+                return True
         for job in self._queue:
             if (job.peer, job.request.id) == (peer, request_id):
                 self._unqueue(job)
@@ -247,14 +259,14 @@ class GenerationRunner:
 
     def abort(self, error: EdgedError) -> None:
         """Answer every queued and running job with ``error`` (after a drain timed out)."""
-        for job in [*self._queue, *([self._current] if self._current else [])]:
+        for job in [*self._queue, *self._running]:
             self._fail(job, error)
         self._queue.clear()
         self._fair.queued.clear()
 
     def close(self) -> None:
-        if self._current is not None:
-            self._current.cancelled = True
+        for job in self._running:
+            job.cancelled = True
         self._inbox.put(None)
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
@@ -264,7 +276,7 @@ class GenerationRunner:
         c = self._counters
         return GenerationStatistics(
             queued=len(self._queue),
-            running=self._current is not None,
+            running=bool(self._running),
             requests=c.requests,
             busy_rejections=c.busy_rejections,
             deadline_misses=c.deadline_misses,
@@ -275,7 +287,8 @@ class GenerationRunner:
         )
 
     def describe(self) -> dict[str, Any]:
-        return {"ops": sorted(self.ops), "llm": self.backend.describe()}
+        slots = {"total": self.backend.parallel, "busy": len(self._running)}
+        return {"ops": sorted(self.ops), "llm": self.backend.describe(), "slots": slots}
 
     def interface(self) -> Interface:
         backend = self.backend
@@ -313,7 +326,7 @@ class GenerationRunner:
 
     # -- on the event loop ----------------------------------------------------------------
 
-    def _admit(self, request: Generate | Embed) -> tuple[list[int], int]:
+    def _admit(self, request: TextRequest | Embed) -> tuple[list[int], int]:
         """Check the prompt against the context; the prompt's tokens and how many tokens the
         request reads."""
         backend, n_ctx = self.backend, self.backend.n_ctx
@@ -330,7 +343,11 @@ class GenerationRunner:
                 total += count
             return [], total
         max_tokens = request.sampling.max_tokens
-        tokens = backend.tokenize(request.prompt)
+        if isinstance(request, Chat):
+            tokens = backend.chat_tokens(request.messages)
+        else:
+            assert isinstance(request, Generate)
+            tokens = backend.tokenize(request.prompt)
         if len(tokens) + max_tokens > n_ctx:
             raise ContextOverflow(
                 f"the prompt is {len(tokens)} tokens and max_tokens is {max_tokens}: "
@@ -339,8 +356,8 @@ class GenerationRunner:
         return tokens, len(tokens)
 
     def _next(self) -> None:
-        """Start the oldest queued job whose deadline has not passed, if the model is free."""
-        while self._current is None and self._queue:
+        """Start the oldest queued jobs whose deadlines have not passed, while slots are free."""
+        while len(self._running) < self.backend.parallel and self._queue:
             job = self._queue[0]
             self._unqueue(job)
             now = time.monotonic_ns()
@@ -351,9 +368,9 @@ class GenerationRunner:
                 self._fail(job, error)
                 continue
             job.started_ns = self._progress_ns = now
-            self._current = job
+            self._running.append(job)
             self._inbox.put(job)
-        if self._current is None and self._idle:
+        if not self._running and self._idle:
             self._idle.release()
 
     def _unqueue(self, job: TextJob) -> None:
@@ -370,15 +387,18 @@ class GenerationRunner:
         """Send what the thread produced since the last flush as one partial reply."""
         job.flush_scheduled = False
         self._progress_ns = time.monotonic_ns()
-        text, tokens = [], 0
+        text, tokens, logprobs = [], 0, list[dict[str, Any]]()
         while job.pending:
             piece = job.pending.popleft()
             text.append(piece.text)
             tokens += piece.tokens
+            logprobs.extend(piece.logprobs)
         if job.replied or not (tokens or any(text)):
             return
         job.tokens += tokens
-        fields = {"more": True, "text": "".join(text), "tokens": tokens}
+        fields: dict[str, Any] = {"more": True, "text": "".join(text), "tokens": tokens}
+        if logprobs:
+            fields["logprobs"] = logprobs
         if not job.reply.ok(fields) and not job.cancelled:
             trace = job.request.trace
             log.info(
@@ -393,7 +413,7 @@ class GenerationRunner:
 
     def _finished(self, job: TextJob) -> None:
         self._flush(job)
-        self._current = None
+        self._running.remove(job)
         self._counters.generated_tokens += job.tokens
         if job.error is not None:
             self._counters.failures += 1
@@ -437,43 +457,94 @@ class GenerationRunner:
     # -- on the model's thread -------------------------------------------------------------
 
     def _work(self) -> None:
+        decoder = self.backend.decoder
+        if decoder is None:
+            self._serve_embeddings()
+            return
+        try:
+            self._serve_generations(decoder)
+        finally:
+            decoder.stop_all()
+
+    def _serve_embeddings(self) -> None:
         while (job := self._inbox.get()) is not None:
+            assert isinstance(job.request, Embed)
             try:
-                request = job.request
-                if isinstance(request, Embed):
-                    job.embedding = self.backend.embed(request.texts)
-                else:
-                    self._generate(job, request)
+                job.embedding = self.backend.embed(job.request.texts)
             except Exception as exc:  # any backend failure becomes this job's error reply
                 job.error = run_failed(self.name, exc)
-            job.ended_ns = time.monotonic_ns()
-            if not self._post(self._finished, job):
+            if not self._end(job):
                 return
 
-    def _generate(self, job: TextJob, request: Generate) -> None:
-        stream = self.backend.stream(job.prompt_tokens, request.sampling)
-        interval_ns = int(self.config.gguf.stream_interval_ms * 1e6)
-        posted_ns = 0  # the first piece goes at once
-        try:
-            for piece in stream:
-                now = time.monotonic_ns()
-                if piece.tokens:
-                    job.first_token_ns = job.first_token_ns or now
-                    job.last_token_ns = now
+    def _serve_generations(self, decoder: SlotDecoder) -> None:
+        """Decode step after step while any generation runs, taking new ones between steps."""
+        running: list[TextJob] = []
+        while self._take(decoder, running):
+            for job in [job for job in running if job.cancelled]:
+                decoder.stop(job)
+                job.finish_reason = CANCELLED
+                running.remove(job)
+                if not self._end(job):
+                    return
+            if not running:
+                continue
+            try:
+                pieces = decoder.step()
+            except Exception as exc:  # a failed decode fails every generation in the batch
+                error = run_failed(self.name, exc)
+                decoder.stop_all()
+                for job in running:
+                    job.error = error
+                running_now, running[:] = list(running), []
+                if not all(self._end(job) for job in running_now):
+                    return
+                continue
+            for key, piece in pieces:
+                job = cast(TextJob, key)
+                if not self._deliver(job, piece):
+                    return
                 if piece.finish_reason is not None:
-                    job.finish_reason = piece.finish_reason
-                if job.cancelled:
-                    job.finish_reason = CANCELLED
-                    break
-                job.pending.append(piece)
-                if not job.flush_scheduled and now - posted_ns >= interval_ns:
-                    job.flush_scheduled, posted_ns = True, now
-                    if not self._post(self._flush, job):
+                    running.remove(job)
+                    if not self._end(job):
                         return
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()  # frees llama.cpp's sampler state at once, not at garbage collection
+
+    def _take(self, decoder: SlotDecoder, running: list[TextJob]) -> bool:
+        """Start the jobs the loop has sent, waiting for one when none runs; ``False`` once
+        the runner closes."""
+        block = not running
+        while True:
+            try:
+                job = self._inbox.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            assert isinstance(job.request, TextRequest) and job.sampler is not None
+            decoder.start(job, job.prompt_tokens, job.sampler, job.request.sampling)
+            job.sampler = None  # the decoder frees it when the generation ends
+            running.append(job)
+            block = False
+
+    def _deliver(self, job: TextJob, piece: Piece) -> bool:
+        """Queue ``piece`` for the loop, waking it at most once per stream interval."""
+        if job.cancelled:
+            return True  # stopped before the next step
+        now = time.monotonic_ns()
+        if piece.tokens:
+            job.first_token_ns = job.first_token_ns or now
+            job.last_token_ns = now
+        if piece.finish_reason is not None:
+            job.finish_reason = piece.finish_reason
+        job.pending.append(piece)
+        interval_ns = int(self.config.gguf.stream_interval_ms * 1e6)
+        if job.flush_scheduled or now - job.posted_ns < interval_ns or piece.finish_reason:
+            return True
+        job.flush_scheduled, job.posted_ns = True, now
+        return self._post(self._flush, job)
+
+    def _end(self, job: TextJob) -> bool:
+        job.ended_ns = time.monotonic_ns()
+        return self._post(self._finished, job)
 
     def _post(self, callback: Callable[[TextJob], None], job: TextJob) -> bool:
         try:

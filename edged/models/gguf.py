@@ -1,32 +1,40 @@
-"""GGUF language models through llama.cpp (llama-cpp-python): load, estimate, stream, embed.
+"""GGUF language models through llama.cpp (llama-cpp-python): load, estimate, generate, embed.
 
 ``llama_cpp`` and ``gguf`` are imported only when a GGUF model is estimated or loaded, so a
-daemon serving ONNX models alone never maps llama.cpp. Generation drives llama-cpp-python's
-token generator directly rather than its ``create_completion`` stream, which re-decodes the
-whole completion on every token and does not say how many tokens each chunk holds; the stop
-sequences and UTF-8 handling that this takes are ``StopScanner`` and an incremental decoder.
+daemon serving ONNX models alone never maps llama.cpp. A generative model gets a context of
+its own making, with one sequence per ``parallel`` slot (``slots.SlotDecoder`` batches them):
+llama-cpp-python's ``Llama`` holds a single sequence, and its generator re-decodes text and
+hides token counts. An embedding model is served by ``Llama.embed`` as it is.
 """
 
 from __future__ import annotations
 
-import codecs
+import functools
 import logging
-import random
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from edged.config import GgufOptions
-from edged.errors import ModelLoadError
-from edged.models.calls import Sampling
-from edged.models.generation import Piece
+from edged.errors import ModelLoadError, OpNotSupported
+from edged.models.calls import ChatMessage, Sampling
+from edged.models.chat import ChatTemplate
+from edged.models.sampler import TokenSampler, build_sampler
+from edged.models.slots import Piece, SlotDecoder
 
 log = logging.getLogger(__name__)
 
 #: llama.cpp's own allocations besides weights, KV cache and compute buffers (threads, batch)
 RUNTIME_OVERHEAD_BYTES = 4 * 1024 * 1024
+#: llama.cpp pads each sequence's context to a multiple of this many tokens
+N_CTX_PAD = 256
+#: llama.cpp's LLAMA_FLASH_ATTN_TYPE_* by config value
+FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+#: tokens llama.cpp computes at once within a batch (its default micro-batch)
+MAX_UBATCH = 512
 
 
 def _import_llama_cpp() -> Any:
@@ -36,89 +44,36 @@ def _import_llama_cpp() -> Any:
         raise ModelLoadError(
             "GGUF models need llama-cpp-python: pip install 'edged[gguf]'"
         ) from None
+    _init_backend(llama_cpp)
     return llama_cpp
 
 
-class StopScanner:
-    """Cuts generated text at the first stop sequence, holding back any tail that could still
-    become one, so that no part of a stop sequence is ever streamed to the client."""
+@functools.cache
+def _init_backend(llama_cpp: Any) -> None:
+    from llama_cpp._logger import set_verbose
 
-    def __init__(self, stops: tuple[str, ...]) -> None:
-        self._stops = stops
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Text that is safe to send now, and whether a stop sequence was found."""
-        if not self._stops:
-            return text, False
-        held = self._held + text
-        found = [held.index(stop) for stop in self._stops if stop in held]
-        if found:
-            self._held = ""
-            return held[: min(found)], True
-        keep = max(
-            (n for stop in self._stops for n in range(1, len(stop)) if held.endswith(stop[:n])),
-            default=0,
-        )
-        self._held = held[len(held) - keep :] if keep else ""
-        return held[: len(held) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
+    set_verbose(False)  # llama.cpp's errors only, on stderr (the journal)
+    llama_cpp.llama_backend_init()
 
 
-def thread_counts(options: GgufOptions) -> dict[str, int]:
-    """llama-cpp-python's thread arguments: those left out (0) are its own choice, half the
-    cores for generation and all of them for prompts; ``n_threads_batch`` -1 follows
-    ``n_threads``."""
+def thread_counts(options: GgufOptions) -> tuple[int, int]:
+    """Generation and prompt threads. ``n_threads_batch`` -1 follows ``n_threads``; 0 in either
+    is llama-cpp-python's choice: half the cores for generation and all of them for prompts."""
+    cores = os.cpu_count() or 1
     batch = options.n_threads if options.n_threads_batch < 0 else options.n_threads_batch
-    given = {"n_threads": options.n_threads, "n_threads_batch": batch}
-    return {name: count for name, count in given.items() if count}
+    return options.n_threads or max(cores // 2, 1), batch or cores
+
+
+def padded_n_ctx(options: GgufOptions) -> int:
+    return -(-options.n_ctx // N_CTX_PAD) * N_CTX_PAD
 
 
 class GgufBackend:
-    def __init__(self, llm: Any, options: GgufOptions, llama_cpp: Any) -> None:
-        self._llm = llm
-        self._options = options
-        self._is_eog = llama_cpp.llama_vocab_is_eog
-        self._vocab = llm._model.vocab
-
-    @classmethod
-    def load(cls, path: Path, options: GgufOptions) -> GgufBackend:
-        llama_cpp = _import_llama_cpp()
-        pooling = (
-            llama_cpp.LLAMA_POOLING_TYPE_MEAN
-            if options.embedding
-            else llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
-        )
-        try:
-            llm = llama_cpp.Llama(
-                model_path=str(path),
-                n_ctx=options.n_ctx,
-                n_batch=options.n_batch,
-                n_gpu_layers=options.n_gpu_layers,
-                embedding=options.embedding,
-                pooling_type=pooling,
-                use_mmap=options.use_mmap,
-                verbose=False,
-                **thread_counts(options),
-            )
-        except ValueError as exc:  # llama-cpp-python says only "Failed to load model"
-            raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}") from None
-        log.info(
-            "loaded %s: n_ctx %d, %d threads (%d for prompts), %d GPU layers",
-            path,
-            llm.n_ctx(),
-            llm.context_params.n_threads,
-            llm.context_params.n_threads_batch,
-            options.n_gpu_layers,
-        )
-        return cls(llm, options, llama_cpp)
+    """What the loader asks of a GGUF file: its size in memory, and the loaded model."""
 
     @staticmethod
     def estimate(path: Path, options: GgufOptions) -> int:
-        """Tensor bytes plus the KV cache for ``n_ctx`` plus compute buffers, from the header.
+        """Tensor bytes plus the KV cache of every slot plus compute buffers, from the header.
 
         Imports llama.cpp too: a missing install fails here, and the library's own memory is
         not counted against the first model loaded."""
@@ -127,66 +82,202 @@ class GgufBackend:
         _import_llama_cpp()
         return estimate_bytes(path, options) + RUNTIME_OVERHEAD_BYTES
 
-    @property
-    def n_ctx(self) -> int:
-        return int(self._llm.n_ctx())
+    @staticmethod
+    def load(path: Path, options: GgufOptions) -> GgufGenerator | GgufEmbedder:
+        llama_cpp = _import_llama_cpp()
+        if options.embedding:
+            return GgufEmbedder.open(llama_cpp, path, options)
+        return GgufGenerator.open(llama_cpp, path, options)
+
+
+class GgufGenerator:
+    """A generative model: ``parallel`` slots on one context, tokenizing and chat formatting."""
+
+    embedding = False
+
+    def __init__(
+        self, llama_cpp: Any, model: Any, ctx: Any, options: GgufOptions, chat: ChatTemplate | None
+    ) -> None:
+        self._lib = llama_cpp
+        self._model = model
+        self._ctx = ctx
+        self._options = options
+        self._chat = chat
+        self.n_ctx = int(llama_cpp.llama_n_ctx_seq(ctx.ctx))
+        self.n_batch = max(options.n_batch, options.parallel)
+        self.parallel = options.parallel
+        self.decoder = SlotDecoder(llama_cpp, model, ctx.ctx, options.parallel, self.n_batch)
+        self._bos = _token_text(model, model.token_bos())
+
+    @classmethod
+    def open(cls, llama_cpp: Any, path: Path, options: GgufOptions) -> GgufGenerator:
+        from llama_cpp import _internals
+
+        model = _load_model(llama_cpp, path, options)
+        params = llama_cpp.llama_context_default_params()
+        params.n_seq_max = options.parallel
+        params.kv_unified = False  # each sequence attends to its own cells only
+        params.n_ctx = padded_n_ctx(options) * options.parallel
+        params.n_batch = max(options.n_batch, options.parallel)
+        params.n_ubatch = min(params.n_batch, MAX_UBATCH)
+        params.n_threads, params.n_threads_batch = thread_counts(options)
+        params.flash_attn_type = FLASH_ATTN[options.flash_attn]
+        params.no_perf = True
+        try:
+            chat = ChatTemplate.select(
+                model.metadata(),
+                options.chat_template,
+                _token_text(model, model.token_bos()),
+                _token_text(model, model.token_eos()),
+            )
+            ctx = _internals.LlamaContext(model=model, params=params, verbose=False)
+        except ValueError as exc:
+            model.close()
+            raise ModelLoadError(f"llama.cpp cannot make a context for {path}: {exc}") from None
+        except ModelLoadError:
+            model.close()
+            raise
+        log.info(
+            "loaded %s: %d slots of n_ctx %d, %d threads (%d for prompts), %d GPU layers",
+            path,
+            options.parallel,
+            llama_cpp.llama_n_ctx_seq(ctx.ctx),
+            params.n_threads,
+            params.n_threads_batch,
+            options.n_gpu_layers,
+        )
+        return cls(llama_cpp, model, ctx, options, chat)
 
     @property
-    def n_batch(self) -> int:
-        return int(self._llm.n_batch)
+    def threads(self) -> tuple[int, int]:
+        """The threads the context computes with: (generation, prompts)."""
+        ctx = self._ctx.ctx
+        return int(self._lib.llama_n_threads(ctx)), int(self._lib.llama_n_threads_batch(ctx))
 
-    @property
-    def embedding(self) -> bool:
-        return self._options.embedding
-
-    def tokenize(self, text: str) -> list[int]:
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         # special=True: a chat template's markers become its special tokens, as in llama.cpp
-        tokens: list[int] = self._llm.tokenize(text.encode(), add_bos=True, special=True)
-        return tokens
+        return list(self._model.tokenize(text.encode(), add_bos=add_bos, special=True))
 
-    def describe(self) -> dict[str, Any]:
-        llm = self._llm
-        return {
-            "n_ctx": self.n_ctx,
-            "n_ctx_train": int(llm._model.n_ctx_train()),
-            "n_vocab": int(llm.n_vocab()),
-            "n_embd": int(llm.n_embd()),
-            "embedding": self.embedding,
-        }
+    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The messages as the model's chat template lays them out, the assistant's turn
+        opened; a template that writes the BOS text itself gets no second one."""
+        if self._chat is None:
+            raise OpNotSupported(
+                "the model has no chat template: set [models.NAME.gguf] chat_template, "
+                "or use generate"
+            )
+        text = self._chat.render(messages)
+        return self.tokenize(text, add_bos=not (self._bos and text.startswith(self._bos)))
+
+    def sampler(self, sampling: Sampling) -> TokenSampler:
+        return build_sampler(self._lib, self._model.vocab, self._model.n_vocab(), sampling)
 
     def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Piece]:
-        llm = self._llm
-        seed = sampling.seed if sampling.seed is not None else random.getrandbits(32)
-        llm.set_seed(seed)
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopScanner(sampling.stop)
-        sampled = llm.generate(
-            tokens,
-            temp=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            min_p=sampling.min_p,
-            repeat_penalty=sampling.repeat_penalty,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-        )
-        for produced, token in enumerate(sampled, start=1):
-            if self._is_eog(self._vocab, token):
-                yield Piece(stops.flush() + decoder.decode(b"", final=True), 0, "stop")
-                return
-            text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
-            if stopped:
-                yield Piece(text, 1, "stop")
-                return
-            if produced >= sampling.max_tokens:
-                tail = stops.flush() + decoder.decode(b"", final=True)
-                yield Piece(text + tail, 1, "length")
-                return
-            yield Piece(text, 1)
+        """One generation alone (a warm-up, a measurement): nothing else may use the context
+        meanwhile."""
+        decoder, key = self.decoder, object()
+        decoder.start(key, tokens, self.sampler(sampling), sampling)
+        try:
+            while decoder.active:
+                for _, piece in decoder.step():
+                    yield piece
+        finally:
+            decoder.stop(key)
+
+    def embed(self, texts: tuple[str, ...]) -> np.ndarray[Any, Any]:
+        raise OpNotSupported("a generative model does not embed")
+
+    def describe(self) -> dict[str, Any]:
+        return {**_describe(self._model, self.n_ctx, False), "parallel": self.parallel}
+
+    def close(self) -> None:
+        self.decoder.close()
+        self._ctx.close()
+        self._model.close()
+
+
+class GgufEmbedder:
+    """An embedding model, served by llama-cpp-python's ``Llama.embed`` (mean pooling)."""
+
+    embedding = True
+    parallel = 1
+    decoder = None
+
+    def __init__(self, llm: Any) -> None:
+        self._llm = llm
+        self.n_ctx = int(llm.n_ctx())
+        self.n_batch = int(llm.n_batch)
+
+    @classmethod
+    def open(cls, llama_cpp: Any, path: Path, options: GgufOptions) -> GgufEmbedder:
+        n_threads, n_threads_batch = thread_counts(options)
+        try:
+            llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=options.n_ctx,
+                n_batch=options.n_batch,
+                n_gpu_layers=options.n_gpu_layers,
+                embedding=True,
+                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                use_mmap=options.use_mmap,
+                verbose=False,
+                n_threads=n_threads,
+                n_threads_batch=n_threads_batch,
+            )
+        except ValueError as exc:  # llama-cpp-python says only "Failed to load model"
+            raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}") from None
+        log.info("loaded %s for embeddings: n_ctx %d", path, llm.n_ctx())
+        return cls(llm)
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        params = self._llm.context_params
+        return int(params.n_threads), int(params.n_threads_batch)
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        return list(self._llm.tokenize(text.encode(), add_bos=add_bos, special=True))
+
+    def chat_tokens(self, messages: Sequence[ChatMessage]) -> list[int]:
+        raise OpNotSupported("an embedding model does not chat")
+
+    def sampler(self, sampling: Sampling) -> TokenSampler:
+        raise OpNotSupported("an embedding model does not generate")
+
+    def stream(self, tokens: list[int], sampling: Sampling) -> Iterator[Piece]:
+        raise OpNotSupported("an embedding model does not generate")
 
     def embed(self, texts: tuple[str, ...]) -> np.ndarray[Any, Any]:
         vectors = self._llm.embed(list(texts), truncate=False)
         return np.asarray(vectors, dtype=np.float32)
 
+    def describe(self) -> dict[str, Any]:
+        return _describe(self._llm._model, self.n_ctx, True)
+
     def close(self) -> None:
         self._llm.close()
+
+
+def _load_model(llama_cpp: Any, path: Path, options: GgufOptions) -> Any:
+    from llama_cpp import _internals
+
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = 0x7FFFFFFF if options.n_gpu_layers < 0 else options.n_gpu_layers
+    params.use_mmap = options.use_mmap
+    try:
+        return _internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    except ValueError as exc:  # llama.cpp says why only in its log
+        raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}") from None
+
+
+def _token_text(model: Any, token: int) -> str:
+    return str(model.token_get_text(token)) if token >= 0 else ""
+
+
+def _describe(model: Any, n_ctx: int, embedding: bool) -> dict[str, Any]:
+    return {
+        "n_ctx": n_ctx,
+        "n_ctx_train": int(model.n_ctx_train()),
+        "n_vocab": int(model.n_vocab()),
+        "n_embd": int(model.n_embd()),
+        "embedding": embedding,
+    }

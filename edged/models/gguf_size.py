@@ -1,7 +1,8 @@
 """What a GGUF model will take in memory, from its header alone (read with the ``gguf`` package).
 
 Weights are the tensors' own bytes (already quantized: a GGUF is loaded as it lies on disk).
-The KV cache is two f16 tensors per layer of ``n_ctx x n_head_kv x head_dim``. llama.cpp's
+The KV cache is two f16 tensors per layer of ``n_ctx x n_head_kv x head_dim``, for each of the
+``parallel`` sequences. llama.cpp's
 compute buffer is reserved for a batch of ``min(n_batch, n_ctx)`` tokens, and its graph
 allocator reuses memory between steps, so it is about the larger of the batch's logits and its
 attention scores and mask against the whole context, plus the feed-forward activations; the CPU
@@ -35,8 +36,8 @@ def estimate_bytes(path: Path, options: GgufOptions) -> int:
     n_head_kv = header.get("head_count_kv") or n_head
     head_dim = header.get("key_length") or n_embd // n_head
     n_ctx = -(-options.n_ctx // N_CTX_PAD) * N_CTX_PAD
-    kv = 2 * n_layer * n_ctx * n_head_kv * head_dim * KV_ELEMENT_BYTES
-    batch = min(options.n_batch, n_ctx)
+    kv = 2 * n_layer * n_ctx * n_head_kv * head_dim * KV_ELEMENT_BYTES * options.parallel
+    batch = min(max(options.n_batch, options.parallel), n_ctx)
     n_ff = header.get("feed_forward_length") or 4 * n_embd
     scores = max(FLOAT_BYTES * header["vocab_size"], n_ctx * (FLOAT_BYTES * n_head + 6))
     compute = batch * (scores + 6 * n_ff + 2 * n_head * n_ctx)

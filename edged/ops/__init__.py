@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edged.ops import cancel, describe, embed, generate, infer, ping
+from edged.ops import cancel, chat, describe, embed, generate, infer, ping
 from edged.opunit import Op
 
 if TYPE_CHECKING:
@@ -16,6 +16,7 @@ DATA_OPS: dict[str, Op[InferenceService, Any]] = {
     "describe": describe.OP,
     "infer": infer.OP,
     "generate": generate.OP,
+    "chat": chat.OP,
     "embed": embed.OP,
     "cancel": cancel.OP,
 }
