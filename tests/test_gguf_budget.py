@@ -107,3 +107,22 @@ def test_corrections_survive_a_restart_and_an_overlap_lowers_none(tmp_path: Path
     assert restarted.expected("big", 40 * MIB) == 60 * MIB
     state.write_text("{not json")
     assert MemoryBudget(None, 0, state).expected("big", 40 * MIB) == 40 * MIB
+
+
+def test_parallel_slots_are_charged_a_kv_cache_each_and_the_estimate_holds(
+    start_daemon: DaemonFactory, wide_llms: dict[str, Path]
+) -> None:
+    one = GgufBackend.estimate(wide_llms["a"], GgufOptions(n_ctx=2048))
+    four = GgufBackend.estimate(wide_llms["a"], GgufOptions(n_ctx=2048, parallel=4))
+    kv = 2 * 4 * 2048 * 512 * 2  # K and V, 4 layers, f16, per slot
+    assert four - one == 3 * kv
+    models = {
+        f"p{n}": llm_config(wide_llms["a"], gguf={"n_ctx": 2048, "parallel": n}) for n in (1, 4)
+    }
+    daemon = start_daemon({"models": models})
+    with daemon.client(timeout=30) as client:
+        charged = client.ping()["memory"]["models"]
+    measured = {name: charged[name]["measured_bytes"] for name in models}
+    assert measured["p4"] - measured["p1"] > 2.5 * kv  # the slots' caches are really there
+    for name in models:
+        assert measured[name] <= charged[name]["estimated_bytes"] * 1.1
