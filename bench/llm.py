@@ -62,7 +62,12 @@ LARGE = GgufFile("large_llama", n_embd=512, n_ff=1536, n_layer=4)
 
 def declaration(path: Path, options: GgufOptions, preload: bool) -> dict[str, object]:
     """The model as a user declares it in the daemon config."""
-    gguf = {"n_ctx": options.n_ctx, "n_batch": options.n_batch, "n_threads": options.n_threads}
+    gguf = {
+        "n_ctx": options.n_ctx,
+        "n_batch": options.n_batch,
+        "n_threads": options.n_threads,
+        "parallel": options.parallel,
+    }
     return {"path": str(path), "preload": preload, "gguf": gguf}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import subprocess
@@ -14,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from bench import frames, lifecycle, llm, overload, swap
+from bench import frames, lifecycle, llm, llm_serving, overload, swap
 from bench.echo import echo_caller
 from bench.harness import (
     ROOT,
@@ -54,6 +55,8 @@ MAX_TOKENS = 128
 #: short, so that the tokens/s rows are about generating, not evaluating the prompt
 RATE_PROMPT_TOKENS = 8
 TTFT_PROMPT_TOKENS = 64
+#: streams at once in the parallel benchmark
+PARALLEL = 4
 #: requests per slice of the overload benchmark, for the flood and the echo each
 OVERLOAD_SLICE = 200
 
@@ -270,6 +273,91 @@ def gguf_ttft(ctx: Context) -> list[Row]:
     return [Row("gguf_ttft", "p50_ttft", "ms", edged, "llama generate in-process", direct)]
 
 
+def gguf_parallel_4(ctx: Context) -> list[Row]:
+    """Aggregate tokens/s of PARALLEL streams at once from one model declared with ``parallel``
+    against one stream alone on the same model, rounds of each taking turns; and the streams'
+    median time to first text against the lone stream's."""
+    path = ctx.built(LARGE.filename, LARGE.build)
+    declared = llm.declaration(path, dataclasses.replace(GENERATION, parallel=PARALLEL), True)
+    with DaemonProcess(ctx.workdir / "parallel", {"models": {LLM: declared}}) as daemon:
+        found = llm_serving.parallel_rates(daemon.endpoint, LLM, PARALLEL, MAX_TOKENS, ctx.settings)
+    name = f"gguf_parallel_{PARALLEL}"
+    return [
+        Row(name, "tokens_per_s", "tok/s", found["many"], "1 stream", found["single"]),
+        Row(
+            f"{name}_ttft",
+            "p50_ttft",
+            "ms",
+            found["ttft_many_ms"],
+            "1 stream",
+            found["ttft_single_ms"],
+        ),
+    ]
+
+
+def gguf_vs_llama_server(ctx: Context) -> list[Row]:
+    """edged (its protocol, and its OpenAI endpoint) against llama-cpp-python's own OpenAI server
+    on the same file and settings, greedy, streamed: tokens/s (ratio >= 1 means edged is faster)
+    and time to first text (ratio <= 1 means edged is sooner)."""
+    path = ctx.built(LARGE.filename, LARGE.build)
+    port = llm_serving.free_port()
+    config = {
+        "models": {LLM: llm.declaration(path, GENERATION, preload=True)},
+        "http": {"listen": f"127.0.0.1:{port}"},
+    }
+    with (
+        DaemonProcess(ctx.workdir / "llm-http", config) as daemon,
+        Client(daemon.endpoint, timeout=llm.STREAM_TIMEOUT_S) as client,
+        llm_serving.llama_server(path, GENERATION) as server_port,
+    ):
+        llm_serving.wait_http(port)
+        sides = {
+            "edged": lambda text: llm_serving.stream_edged(client, LLM, text, MAX_TOKENS),
+            "http": lambda text: llm_serving.stream_http(port, LLM, text, MAX_TOKENS),
+            "server": lambda text: llm_serving.stream_http(server_port, LLM, text, MAX_TOKENS),
+        }
+        found = llm_serving.side_by_side(sides, MAX_TOKENS, ctx.settings)
+    server = found["server"]
+    rows = []
+    for label, prefix in (("edged", "gguf_vs_llama_server"), ("http", "gguf_http_vs_llama_server")):
+        side = found[label]
+        rows += [
+            Row(
+                prefix,
+                "tokens_per_s",
+                "tok/s",
+                MAX_TOKENS / side.total_s,
+                "llama-cpp-python server",
+                MAX_TOKENS / server.total_s,
+            ),
+            Row(
+                f"{prefix}_ttft",
+                "p50_ttft",
+                "ms",
+                side.ttft_s * 1e3,
+                "llama-cpp-python server",
+                server.ttft_s * 1e3,
+            ),
+        ]
+    return rows
+
+
+def http_rss(ctx: Context) -> list[Row]:
+    """A fresh idle daemon serving the demo model with the OpenAI endpoint on against the same
+    without it (median of three starts each): the difference is what the HTTP extra costs."""
+    config = ctx.daemon_config(TINY)
+    rss: dict[bool, list[float]] = {True: [], False: []}
+    for attempt in range(3):
+        for enabled in (False, True):
+            extra = {"http": {"listen": f"127.0.0.1:{llm_serving.free_port()}"}} if enabled else {}
+            workdir = ctx.workdir / f"http-rss-{enabled}-{attempt}"
+            with DaemonProcess(workdir, {**config, **extra}) as daemon:
+                time.sleep(ctx.settings.idle_s)
+                rss[enabled].append(psutil.Process(daemon.pid).memory_info().rss / MIB)
+    on, off = statistics.median(rss[True]), statistics.median(rss[False])
+    return [Row("http_rss", "rss", "MiB", on, "http off", off)]
+
+
 def budget_accuracy(ctx: Context) -> list[Row]:
     """What the budget charges each model against the RSS it adds once serving its worst case;
     |ratio - 1| is the accounting error."""
@@ -382,6 +470,9 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "idle_rss": idle_rss,
     "gguf_tokens_per_s": gguf_tokens_per_s,
     "gguf_ttft": gguf_ttft,
+    f"gguf_parallel_{PARALLEL}": gguf_parallel_4,
+    "gguf_vs_llama_server": gguf_vs_llama_server,
+    "http_rss": http_rss,
     "budget_accuracy": budget_accuracy,
     "load_time": load_time,
     "swap_p99": swap_p99,

@@ -97,6 +97,9 @@ def test_every_slot_streams_at_once_and_a_fifth_waits_for_a_free_one(
         firsts = [next(iter(stream)) for stream in streams]  # all four stream at once
         assert all(isinstance(first, str) for first in firsts)
         assert slots(slots_daemon)["busy"] == PARALLEL
+        with slots_daemon.control() as control:
+            metrics = control.command("metrics")["text"]
+        assert f'edged_running_requests{{model="llm",version="1"}} {PARALLEL}.0' in metrics
         waiting = clients[PARALLEL].generate("llm", "hello", max_tokens=3, temperature=0)
         time.sleep(0.3)
         assert slots(slots_daemon)["busy"] == PARALLEL  # the fifth is queued, not running

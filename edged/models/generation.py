@@ -128,7 +128,8 @@ class TextJob:
 @dataclass(frozen=True)
 class GenerationStatistics:
     queued: int
-    running: bool
+    #: generations (or one embedding) running now: at most ``parallel``
+    in_flight: int
     requests: int
     busy_rejections: int
     deadline_misses: int
@@ -276,7 +277,7 @@ class GenerationRunner:
         c = self._counters
         return GenerationStatistics(
             queued=len(self._queue),
-            running=bool(self._running),
+            in_flight=len(self._running),
             requests=c.requests,
             busy_rejections=c.busy_rejections,
             deadline_misses=c.deadline_misses,
