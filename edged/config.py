@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -33,6 +34,10 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 DEFAULTS_SOURCE = "<defaults>"
 MIB = 1024 * 1024
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+#: ``[http] listen`` names a Unix socket with this prefix
+UNIX_PREFIX = "unix:"
+#: sockaddr_un's sun_path holds 108 bytes, the terminating NUL included
+MAX_UNIX_PATH = 107
 #: the short names ``[models.X.onnx] providers`` takes, for onnxruntime's execution providers
 ONNX_PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -380,6 +385,7 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     )
     _check_remote_control(control, source)
     _check_metrics(config.metrics, source)
+    http_binding(config.http, source)
     trusted, inbox = config.ota.trusted_keys, config.ota.inbox
     if inbox and not trusted:
         raise ConfigError(f"{source}: 'ota.inbox' needs 'ota.trusted_keys' to check bundles")
@@ -462,6 +468,69 @@ def _check_metrics(metrics: MetricsConfig, source: str) -> None:
             f"{source}: 'metrics.http' must be a loopback HOST:PORT such as 127.0.0.1:9464 "
             f"(put a proxy in front to scrape it from elsewhere), got {metrics.http!r}"
         )
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A TCP ``host`` and ``port``, or a Unix socket ``path``."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @property
+    def url(self) -> str:
+        """How a log line names it."""
+        if self.path:
+            return f"unix:{self.path}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def http_binding(http: HttpConfig, source: str) -> Binding | None:
+    """The binding ``[http] listen`` asks for (``None`` when it is off), or a ``ConfigError``
+    naming what is wrong."""
+    listen = http.listen
+    if not listen:
+        return None
+    binding = _unix(listen, source) if listen.startswith(UNIX_PREFIX) else _tcp(listen, source)
+    if binding.host and not http.public and not is_loopback(binding.host):
+        raise ConfigError(
+            f"{source}: 'http.listen' {listen!r} is not a loopback address, and the endpoint "
+            f"has no authentication: set 'http.public = true' to serve it to the network "
+            f"anyway (behind a firewall or an authenticating proxy)"
+        )
+    return binding
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _tcp(listen: str, source: str) -> Binding:
+    host, _, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"{source}: 'http.listen' must be HOST:PORT (such as 127.0.0.1:8080 or [::1]:8080) "
+            f"or unix:/absolute/path, got {listen!r}"
+        )
+    return Binding(host=host, port=int(port))
+
+
+def _unix(listen: str, source: str) -> Binding:
+    path = listen[len(UNIX_PREFIX) :]
+    if not Path(path).is_absolute() or len(path.encode()) > MAX_UNIX_PATH:
+        raise ConfigError(
+            f"{source}: 'http.listen' {listen!r}: a Unix socket needs an absolute path of at "
+            f"most {MAX_UNIX_PATH} bytes"
+        )
+    return Binding(path=path)
 
 
 # A small hand-written mapper rather than pydantic or dacite: it keeps start-up import cost near

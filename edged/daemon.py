@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import zmq
 
@@ -33,6 +33,7 @@ from edged.control.service import ControlService
 from edged.demo import build_demo_model
 from edged.errors import ConfigError, ShuttingDown
 from edged.heap import HeapTrimmer
+from edged.http.binding import check_listen
 from edged.lockfile import instance_lock
 from edged.models.budget import MIB, MemoryBudget
 from edged.models.loading import ModelLoader, in_fresh_thread
@@ -47,6 +48,9 @@ from edged.service import InferenceService
 from edged.store import Manifest, ModelStore
 from edged.tasks import TaskGroup
 from edged.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from edged.http.server import HttpEndpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,6 +110,7 @@ def _store_demo(store: ModelStore) -> Manifest:
 class Daemon:
     def __init__(self, config: Config) -> None:
         self.config = config
+        self._http_binding = check_listen(config.http, config.source)  # before anything opens
         self.paths: Paths = resolve_paths(config)
         memory = config.memory
         budget = MemoryBudget(
@@ -163,6 +168,7 @@ class Daemon:
             self.registry, self.service, self.notifier, config.daemon.stuck_run_s
         )
         self.heap = HeapTrimmer()
+        self._http: HttpEndpoint | None = None
         self._stop: asyncio.Event | None = None
         #: set by a second stop request: skip the rest of the drain
         self._hurry: asyncio.Event | None = None
@@ -197,6 +203,8 @@ class Daemon:
         async with contextlib.AsyncExitStack() as stack:
             await self.startup(stack)
             await self.main_loop(self._stop)
+            if self._http is not None:  # no new connections; requests under way drain
+                await self._http.stop_listening()
             await self.drain()
         log.info("stopped")
 
@@ -252,6 +260,12 @@ class Daemon:
         remote = self._remote_control(stack, context, loop)
         if self.config.metrics.http:
             stack.callback(self.metrics.serve_http(self.config.metrics.http))
+        if self._http_binding is not None:  # only a daemon that serves HTTP loads aiohttp
+            from edged.http.server import HttpEndpoint
+
+            self._http = HttpEndpoint(self._http_binding, self.config.http, self.service)
+            await self._http.start()
+            stack.push_async_callback(self._http.close)
         names = ", ".join(slot.name for slot in self.registry)
         serving = [address for _, addresses, _ in endpoints for address in addresses] + remote
         log.info("serving %s on %s", names, ", ".join(serving))

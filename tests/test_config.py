@@ -132,6 +132,8 @@ def test_config_check_command(tmp_path: Path) -> None:
         ("[daemon]\ndrain_timeout_s = nan\n", "must be a finite number"),
         ("[models.'']\npath = 'a.onnx'\n", "model name ''"),
         ("[models.'a b']\npath = 'a.onnx'\n", "model name 'a b'"),
+        ("[http]\nlisten = '0.0.0.0:8080'\n", "not a loopback address.*http.public = true"),
+        ("[http]\nlisten = 'unix:http.sock'\n", "needs an absolute path"),
     ],
 )
 def test_values_that_would_misbehave_later_are_refused(

@@ -48,6 +48,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edged.ota",
             "edged.heap",
             "edged.watchdog",
+            "edged.http",
         ),
     ),
     ("operations", ("edged.control",)),

@@ -65,6 +65,18 @@ def test_edgectl_config_shows_what_the_last_reload_put_in_effect(
     assert sorted(shown) == ["demo", "extra"] and shown["extra"]["queue_depth"] == 7
 
 
+def test_an_http_change_waits_for_a_restart_and_says_so(
+    start_daemon: DaemonFactory, models_dir: Path
+) -> None:
+    daemon = start_daemon({"models": {"demo": {"path": str(models_dir / "demo.onnx")}}})
+    daemon.config_path.write_text(
+        tomli_w.dumps({**daemon.config, "http": {"listen": "127.0.0.1:1"}})
+    )
+    report = edgectl_json(daemon, "reload")
+    assert report["restart_needed"] == ["http.listen"]
+    assert edgectl_json(daemon, "config")["config"]["http"]["listen"] == ""  # still off
+
+
 def test_an_invalid_config_changes_nothing(start_daemon: DaemonFactory, models_dir: Path) -> None:
     daemon = start_daemon({"models": {"demo": {"path": str(models_dir / "demo.onnx")}}})
     daemon.config_path.write_text("[models.demo]\npaht = 'typo.onnx'\n")

@@ -67,7 +67,12 @@ class Reloader:
             # what took effect: a model that failed keeps its old declaration (or none)
             old = self.config
             self.config = dataclasses.replace(
-                new, daemon=old.daemon, server=old.server, models=applied, chains=old.chains
+                new,
+                daemon=old.daemon,
+                server=old.server,
+                http=old.http,
+                models=applied,
+                chains=old.chains,
             )
             log.info("reloaded %s: %s", new.source, report)
             return report
@@ -157,7 +162,7 @@ def _restart_needed(old: Config, new: Config) -> list[str]:
     chains = ["chains"] if old.chains != new.chains else []
     return chains + [
         f"{table}.{item.name}"
-        for table in ("daemon", "server")
+        for table in ("daemon", "server", "http")
         for item in dataclasses.fields(getattr(old, table))
         if getattr(getattr(old, table), item.name) != getattr(getattr(new, table), item.name)
     ]
