@@ -58,6 +58,8 @@ class GgufFile:
 TINY = GgufFile("tiny_llama", n_embd=256, n_ff=512, n_layer=2)
 #: about 14 MiB, a token costs ~1.5 ms
 LARGE = GgufFile("large_llama", n_embd=512, n_ff=1536, n_layer=4)
+#: about 210 MiB: weights far beyond the CPU's caches, as a real language model's are
+XL = GgufFile("xl_llama", n_embd=2048, n_ff=5632, n_layer=4)
 
 
 def declaration(path: Path, options: GgufOptions, preload: bool) -> dict[str, object]:
