@@ -95,7 +95,7 @@ def test_the_first_start_hint_works_for_an_onnx_model(image_daemon: DaemonProces
 #: per kind of GGUF model: the gguf_models entry, its options, what the hint must say and
 #: what the hinted command prints
 GGUF_KINDS = {
-    "generate": ("q8", {}, ["--prompt", "Hello"], "generated tokens"),
+    "chat, generate": ("q8", {}, ["--prompt", "Hello"], "generated tokens"),
     "embed": ("embed", {"embedding": True}, ["--embed", "hello"], "'hello': float32["),
 }
 
@@ -108,7 +108,7 @@ def test_the_first_start_hint_works_for_a_gguf_model(
     daemon = start_daemon({"models": {"llm": llm_config(gguf_models[model], gguf=gguf)}})
     command = hint(daemon)
     assert command[1:3] == ["infer", "llm"] and command[3:5] == args
-    limit = ["--max-tokens", "4"] if kind == "generate" else []
+    limit = ["--max-tokens", "4"] if kind != "embed" else []
     done = subprocess.run(
         [*command, *limit], capture_output=True, text=True, timeout=60, check=False
     )
