@@ -72,10 +72,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --random: the shape of input NAME (else its dynamic dimensions are 1)",
     )
     infer.add_argument("--prompt", help="GGUF language model: generate from this text, streamed")
-    infer.add_argument("--max-tokens", type=int, help="with --prompt: at most this many tokens")
-    infer.add_argument("--temperature", type=float, help="with --prompt: 0 is greedy")
-    infer.add_argument("--seed", type=int, help="with --prompt: a fixed sampling seed")
-    infer.add_argument("--stop", action="append", help="with --prompt: a stop sequence")
+    infer.add_argument(
+        "--chat",
+        metavar="TEXT",
+        help="GGUF language model: the reply to TEXT as the user's "
+        "message, formatted by the model's chat template, streamed",
+    )
+    infer.add_argument("--system", metavar="TEXT", help="with --chat: a system message first")
+    infer.add_argument("--max-tokens", type=int, help="with --prompt/--chat: at most this many")
+    infer.add_argument("--temperature", type=float, help="with --prompt/--chat: 0 is greedy")
+    infer.add_argument("--seed", type=int, help="with --prompt/--chat: a fixed sampling seed")
+    infer.add_argument("--stop", action="append", help="with --prompt/--chat: a stop sequence")
     infer.add_argument(
         "--embed", action="append", metavar="TEXT", help="GGUF embedding model: embed TEXT"
     )
@@ -160,7 +167,7 @@ def _infer(args: argparse.Namespace) -> int:
 
     from edged.client import Client
 
-    if args.prompt is not None:
+    if args.prompt is not None or args.chat is not None:
         return _generate(args)
     if args.embed:
         return _embed(args)
@@ -196,18 +203,23 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    """Print the text as it streams (or one JSON object at the end with --json)."""
+    """``--prompt`` or ``--chat``: print the text as it streams (or one JSON object at the end
+    with --json)."""
     from edged.client import Client
 
+    options = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "stop": args.stop,
+    }
     with Client(args.socket, timeout=args.timeout) as client:
-        stream = client.generate(
-            args.model,
-            args.prompt,
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            seed=args.seed,
-            stop=args.stop,
-        )
+        if args.chat is None:
+            stream = client.generate(args.model, args.prompt, **options)
+        else:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            messages = [*system, {"role": "user", "content": args.chat}]
+            stream = client.chat(args.model, messages, **options)
         with stream:
             for text in stream:
                 if not args.json:

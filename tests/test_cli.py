@@ -139,7 +139,29 @@ def test_tinyllama_writes_a_gguf_that_edged_serves(
     daemon = start_daemon({"models": {"tiny": llm_config(out)}})
     with daemon.client(timeout=30) as client:
         completion = client.generate("tiny", "Hello", max_tokens=8).text()
+        chatted = client.chat(
+            "tiny",
+            [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}],
+            max_tokens=8,
+            temperature=0,
+        ).text()
     assert completion.completion_tokens == 8 and completion.text
+    chat = infer(
+        daemon,
+        "tiny",
+        "--chat",
+        "hello",
+        "--system",
+        "be brief",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--json",
+    )
+    assert chat.returncode == 0, chat.stderr
+    shown = json.loads(chat.stdout)
+    assert (shown["text"], shown["prompt_tokens"]) == (chatted.text, chatted.prompt_tokens)
 
 
 def test_a_closed_pipe_ends_edged_quietly(tmp_path: Path) -> None:
