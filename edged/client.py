@@ -311,7 +311,7 @@ class Client:
     def embed(
         self, model: str, texts: str | list[str], *, timeout: float | None = None
     ) -> np.ndarray[Any, Any]:
-        """One mean-pooled embedding per text: float32[len(texts), n_embd]."""
+        """One embedding per text, pooled as the model is configured: float32[len(texts), dim]."""
         request_id = next(self._ids)
         frames = protocol.encode_request(request_id, "embed", model=model, fields={"input": texts})
         return _embedding(self._call(request_id, frames, timeout))

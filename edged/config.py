@@ -133,6 +133,29 @@ class GgufOptions:
 
 
 @dataclass(frozen=True)
+class EmbedOptions:
+    """How a model's output becomes one vector per text for ``embed``; an ONNX model with this
+    table is a text encoder, with a tokenizer of its own."""
+
+    #: (ONNX) a Hugging Face ``tokenizer.json``; "" looks beside the model for
+    #: ``<stem>.tokenizer.json``, then ``tokenizer.json``
+    tokenizer: str = ""
+    #: (ONNX) the most tokens a text may take; 0: the model's sequence axis when fixed, else
+    #: the tokenizer's own truncation limit, else 512
+    max_length: int = _at_least(0, 0)
+    #: (ONNX) cut a longer text to ``max_length`` tokens rather than refuse it
+    truncate: bool = False
+    #: "mean" of the text's tokens, "cls" its first token, "last" its last token, or "none"
+    #: (ONNX): the output is already one vector per text
+    pooling: str = _choice("mean", "mean", "cls", "last", "none")
+    #: scale each vector to unit length, as cosine similarity expects
+    normalize: bool = False
+    #: (ONNX) the output to pool: [texts, tokens, dim] (or [texts, dim] with pooling "none");
+    #: "" is the model's first output
+    output: str = ""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     #: the model file; "" serves the newest version in the store, <state>/models/<name>/
     path: str = ""
@@ -160,6 +183,9 @@ class ModelConfig:
     preprocess: FrameSteps | None = None
     #: a classifier's scores or a detector's boxes, made from its outputs inside the session
     postprocess: Postprocess | None = None
+    #: texts in, one vector each out (``embed``): an ONNX text encoder's tokenizer and pooling,
+    #: or a GGUF embedding model's pooling
+    embed: EmbedOptions | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -348,6 +374,12 @@ def read_pipeline(path: Path) -> Pipeline:
     return pipeline
 
 
+def _embed_paths(embed: EmbedOptions | None, base_dir: Path) -> EmbedOptions | None:
+    if embed is None or not embed.tokenizer:
+        return embed
+    return dataclasses.replace(embed, tokenizer=str(base_dir / embed.tokenizer))
+
+
 def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
     config: Config = _build(Config, data, source, "")
     for name, model in config.models.items():
@@ -365,10 +397,15 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
             raise ConfigError(
                 f"{source}: 'models.{name}': preprocess and postprocess apply to ONNX models"
             )
+        _check_embed(name, model, source)
     for name, chain in config.chains.items():
         _check_chain(name, chain, config.models, source)
     models = {
-        name: dataclasses.replace(model, path=str(base_dir / model.path) if model.path else "")
+        name: dataclasses.replace(
+            model,
+            path=str(base_dir / model.path) if model.path else "",
+            embed=_embed_paths(model.embed, base_dir),
+        )
         for name, model in config.models.items()
     }
     daemon = config.daemon  # relative paths in a file mean relative to that file, like models
@@ -457,6 +494,28 @@ def _check_providers(providers: tuple[str, ...], source: str, where: str) -> Non
             f"known: {', '.join(ONNX_PROVIDER_ALIASES)} or onnxruntime's names such as "
             f"CUDAExecutionProvider"
         )
+
+
+def _check_embed(name: str, model: ModelConfig, source: str) -> None:
+    embed = model.embed
+    if embed is None or model.backend_for(model.path or ".onnx") != "gguf":
+        return
+    onnx_only = [
+        key
+        for key in ("tokenizer", "max_length", "truncate", "output")
+        if getattr(embed, key) != getattr(EmbedOptions, key)
+    ]
+    if onnx_only or embed.pooling == "none" or not model.gguf.embedding:
+        what = (
+            f"'{onnx_only[0]}' applies to ONNX models"
+            if onnx_only
+            else (
+                "pooling 'none' applies to ONNX models"
+                if embed.pooling == "none"
+                else "a GGUF model embeds with 'gguf.embedding = true'"
+            )
+        )
+        raise ConfigError(f"{source}: 'models.{name}.embed': {what}")
 
 
 def _check_metrics(metrics: MetricsConfig, source: str) -> None:

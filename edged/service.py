@@ -130,7 +130,7 @@ class InferenceService:
         # the one place that needs the kind: the comparison hooks tensor jobs, and a swap
         # takes a shadow only for a model that serves infer (Swapper.try_out)
         assert isinstance(runner, ModelRunner) and isinstance(shadow, ModelRunner)
-        job = runner.job(request, reply, peer)
+        job = runner.job(request, request.inputs, reply, peer)
         runner.admit(job)
         try:
             shadow.admit(candidate.shadow_job(job))

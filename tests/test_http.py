@@ -24,6 +24,7 @@ from edged.config import Binding, HttpConfig
 from edged.errors import ConfigError
 from edged.http.binding import check_listen
 from edged.testing import DaemonExited, DaemonProcess
+from edged.tinybert import build_tiny_bert
 from tests.conftest import DaemonFactory, free_port, llm_config
 
 openai = pytest.importorskip("openai")
@@ -44,12 +45,15 @@ def http_config(port: int, **http: Any) -> dict[str, Any]:
 def daemon(
     tmp_path_factory: pytest.TempPathFactory, gguf_models: dict[str, Path], models_dir: Path
 ) -> Iterator[DaemonProcess]:
-    """A language model, an embedding model and an ONNX one, with HTTP on a free port."""
+    """A language model, an embedding model, an ONNX text encoder and an ONNX tensor model,
+    with HTTP on a free port."""
+    encoder = build_tiny_bert(tmp_path_factory.mktemp("bert") / "encoder.onnx")
     config = {
         "http": http_config(free_port()),
         "models": {
             "llm": llm_config(gguf_models["q8"], gguf={"n_ctx": N_CTX}),
             "emb": llm_config(gguf_models["embed"], gguf={"embedding": True, "n_batch": 64}),
+            "bert": {"path": str(encoder), "embed": {"normalize": True}},
             "demo": {"path": str(models_dir / "demo.onnx")},
         },
     }
@@ -81,7 +85,7 @@ def post(base_url: str, path: str, body: bytes, content_type: str) -> tuple[int,
 
 
 def test_models_lists_the_models_that_serve_text(api: Any) -> None:
-    assert {model.id for model in api.models.list()} == {"llm", "emb"}
+    assert {model.id for model in api.models.list()} == {"llm", "emb", "bert"}
     assert api.models.retrieve("llm").owned_by == "edged"
     with pytest.raises(openai.NotFoundError):
         api.models.retrieve("demo")  # ONNX: served on the daemon's own protocol only
@@ -191,6 +195,11 @@ def test_embeddings_are_the_daemons_own(api: Any, daemon: DaemonProcess) -> None
         got = np.array([item.embedding for item in result.data], np.float32)
         np.testing.assert_array_equal(got, own)
     assert done.usage.prompt_tokens == done.usage.total_tokens > 0
+    bert = api.embeddings.create(model="bert", input=texts, encoding_format="float")
+    with daemon.client() as client:
+        own_bert = client.embed("bert", texts)
+    got = np.array([item.embedding for item in bert.data], np.float32)
+    np.testing.assert_array_equal(got, own_bert)  # an ONNX text encoder, the same way
     one = api.embeddings.create(model="emb", input="the cat", encoding_format="float")
     # alone rather than in a batch of two: llama.cpp's sums may round differently
     np.testing.assert_allclose(np.array(one.data[0].embedding, np.float32), own[0], rtol=1e-5)

@@ -152,11 +152,11 @@ async def read_json(http: web.Request) -> dict[str, Any]:
 
 def _serves(slot: ModelSlot) -> bool:
     """Whether the model serves a text op: as its runner says once loaded, else by its
-    backend (GGUF models serve text, ONNX ones tensors)."""
+    declaration (GGUF models and ONNX text encoders serve text, other ONNX ones tensors)."""
     runner = slot.runner
     if runner is not None:
         return bool(runner.ops & TEXT_OPS)
-    return slot.config.backend == "gguf"
+    return slot.config.backend == "gguf" or slot.config.embed is not None
 
 
 def error_response(error: EdgedError) -> web.Response:

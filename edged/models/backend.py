@@ -8,11 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from edged.errors import DtypeMismatch, InputMismatch, ShapeMismatch
+
+if TYPE_CHECKING:
+    from edged.models.text_encoder import TextEncoder
 
 Arrays = Mapping[str, np.ndarray[Any, Any]]
 
@@ -94,6 +97,9 @@ class Backend(Protocol):
 
     @property
     def signature(self) -> Signature: ...
+
+    #: texts to the model's inputs and its outputs to vectors, for a text encoder
+    text: TextEncoder | None
 
     def run(
         self, inputs: Arrays, into: Mapping[str, np.ndarray[Any, Any]] | None = None

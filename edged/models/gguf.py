@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from edged.config import GgufOptions
+from edged.config import EmbedOptions, GgufOptions
 from edged.errors import ModelLoadError, OpNotSupported
 from edged.models.calls import ChatMessage, Sampling
 from edged.models.chat import ChatTemplate
 from edged.models.sampler import TokenSampler, build_sampler
 from edged.models.slots import Piece, SlotDecoder
+from edged.models.text_encoder import normalized
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 RUNTIME_OVERHEAD_BYTES = 4 * 1024 * 1024
 #: llama.cpp pads each sequence's context to a multiple of this many tokens
 N_CTX_PAD = 256
+#: llama.cpp's pooling by ``[models.X.embed] pooling``
+POOLING = {
+    "mean": "LLAMA_POOLING_TYPE_MEAN",
+    "cls": "LLAMA_POOLING_TYPE_CLS",
+    "last": "LLAMA_POOLING_TYPE_LAST",
+}
 #: llama.cpp's LLAMA_FLASH_ATTN_TYPE_* by config value
 FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 #: tokens llama.cpp computes at once within a batch (its default micro-batch)
@@ -83,10 +90,12 @@ class GgufBackend:
         return estimate_bytes(path, options) + RUNTIME_OVERHEAD_BYTES
 
     @staticmethod
-    def load(path: Path, options: GgufOptions) -> GgufGenerator | GgufEmbedder:
+    def load(
+        path: Path, options: GgufOptions, embed: EmbedOptions | None = None
+    ) -> GgufGenerator | GgufEmbedder:
         llama_cpp = _import_llama_cpp()
         if options.embedding:
-            return GgufEmbedder.open(llama_cpp, path, options)
+            return GgufEmbedder.open(llama_cpp, path, options, embed or EmbedOptions())
         return GgufGenerator.open(llama_cpp, path, options)
 
 
@@ -197,19 +206,23 @@ class GgufGenerator:
 
 
 class GgufEmbedder:
-    """An embedding model, served by llama-cpp-python's ``Llama.embed`` (mean pooling)."""
+    """An embedding model, served by llama-cpp-python's ``Llama.embed``, pooled by llama.cpp as
+    ``[models.X.embed] pooling`` says."""
 
     embedding = True
     parallel = 1
     decoder = None
 
-    def __init__(self, llm: Any) -> None:
+    def __init__(self, llm: Any, normalize: bool) -> None:
         self._llm = llm
+        self._normalize = normalize
         self.n_ctx = int(llm.n_ctx())
         self.n_batch = int(llm.n_batch)
 
     @classmethod
-    def open(cls, llama_cpp: Any, path: Path, options: GgufOptions) -> GgufEmbedder:
+    def open(
+        cls, llama_cpp: Any, path: Path, options: GgufOptions, embed: EmbedOptions
+    ) -> GgufEmbedder:
         n_threads, n_threads_batch = thread_counts(options)
         try:
             llm = llama_cpp.Llama(
@@ -218,7 +231,7 @@ class GgufEmbedder:
                 n_batch=options.n_batch,
                 n_gpu_layers=options.n_gpu_layers,
                 embedding=True,
-                pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                pooling_type=getattr(llama_cpp, POOLING[embed.pooling]),
                 use_mmap=options.use_mmap,
                 verbose=False,
                 n_threads=n_threads,
@@ -227,7 +240,7 @@ class GgufEmbedder:
         except ValueError as exc:  # llama-cpp-python says only "Failed to load model"
             raise ModelLoadError(f"llama.cpp cannot load {path}: {exc}") from None
         log.info("loaded %s for embeddings: n_ctx %d", path, llm.n_ctx())
-        return cls(llm)
+        return cls(llm, embed.normalize)
 
     @property
     def threads(self) -> tuple[int, int]:
@@ -247,8 +260,8 @@ class GgufEmbedder:
         raise OpNotSupported("an embedding model does not generate")
 
     def embed(self, texts: tuple[str, ...]) -> np.ndarray[Any, Any]:
-        vectors = self._llm.embed(list(texts), truncate=False)
-        return np.asarray(vectors, dtype=np.float32)
+        vectors = np.asarray(self._llm.embed(list(texts), truncate=False), dtype=np.float32)
+        return normalized(vectors) if self._normalize else vectors
 
     def describe(self) -> dict[str, Any]:
         return _describe(self._llm._model, self.n_ctx, True)

@@ -50,14 +50,14 @@ BACKENDS: dict[str, BackendKind] = {
     "onnx": BackendKind(
         estimate=lambda config: OnnxBackend.estimate(Path(config.path), config.pipeline),
         load=lambda config, cache: OnnxBackend.load(
-            Path(config.path), config.onnx, cache, config.pipeline
+            Path(config.path), config.onnx, cache, config.pipeline, config.embed
         ),
         runner=ModelRunner,
         prime=OnnxBackend.prime,
     ),
     "gguf": BackendKind(
         estimate=lambda config: GgufBackend.estimate(Path(config.path), config.gguf),
-        load=lambda config, _: GgufBackend.load(Path(config.path), config.gguf),
+        load=lambda config, _: GgufBackend.load(Path(config.path), config.gguf, config.embed),
         runner=GenerationRunner,
     ),
 }

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from edged.config import ONNX_PROVIDER_ALIASES, OnnxOptions
+from edged.config import ONNX_PROVIDER_ALIASES, EmbedOptions, OnnxOptions
 from edged.models.backend import Arrays, Signature, TensorSpec
 from edged.models.onnx_size import weight_bytes
+from edged.models.text_encoder import TextEncoder
 from edged.steps.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ def _spec(node: Any) -> TensorSpec:
 class OnnxBackend:
     def __init__(self, session: ort.InferenceSession) -> None:
         self._session = session
+        #: a text encoder's tokenizer and pooling (``[models.X.embed]``), set by ``load``
+        self.text: TextEncoder | None = None
         self._signature = Signature(
             inputs=tuple(_spec(n) for n in session.get_inputs()),
             outputs=tuple(_spec(n) for n in session.get_outputs()),
@@ -123,9 +126,11 @@ class OnnxBackend:
         options: OnnxOptions,
         cache_dir: Path | None = None,
         pipeline: Pipeline | None = None,
+        embed: EmbedOptions | None = None,
     ) -> OnnxBackend:
         """``cache_dir`` keeps what providers build for a model (TensorRT engines) across
-        loads; a ``pipeline`` is fused with the model into the one session."""
+        loads; a ``pipeline`` is fused with the model into the one session; ``embed`` makes
+        it a text encoder, with its tokenizer."""
         so = ort.SessionOptions()
         so.intra_op_num_threads = options.intra_op_threads
         so.inter_op_num_threads = options.inter_op_threads
@@ -142,7 +147,10 @@ class OnnxBackend:
             source = pipeline.apply(onnx.load(path)).SerializeToString()
         session = ort.InferenceSession(source, sess_options=so, providers=providers)
         log.info("loaded %s with providers %s", path, ", ".join(session.get_providers()))
-        return cls(session)
+        backend = cls(session)
+        if embed is not None:
+            backend.text = TextEncoder.load(str(path), backend.signature, embed)
+        return backend
 
     @staticmethod
     def prime() -> None:

@@ -29,10 +29,12 @@ from edged.errors import BusyError, DeadlineExceeded, EdgedError, OpNotSupported
 from edged.logsetup import log_error_reply
 from edged.models import batching
 from edged.models.backend import Arrays, Backend
-from edged.models.calls import Infer, Inference
+from edged.models.calls import Embed, Infer, Inference
 from edged.models.latency import RequestLatency
+from edged.models.text_encoder import EmbeddingReply
 from edged.models.validation import Interface, rehearse_tensors
 from edged.replies import OutputShape, ReplyTo
+from edged.requests import InferenceRequest
 
 Outputs = dict[str, np.ndarray[Any, Any]]
 #: a partial batch waiting for rows is started this long before its earliest deadline
@@ -244,8 +246,6 @@ class _Run:
 class ModelRunner:
     """Serves an ONNX model: ``infer`` requests, batched, run on the model's thread or inline."""
 
-    ops = frozenset({"infer"})
-
     def __init__(
         self,
         name: str,
@@ -259,6 +259,7 @@ class ModelRunner:
         self.backend = backend
         self.config = config
         self.batching = config.max_batch > 1 and backend.signature.batchable
+        self.ops = frozenset({"infer", "embed"} if backend.text else {"infer"})
         self._loop = loop
         self._queue: deque[Job] = deque()
         self._in_flight: list[Job] = []
@@ -288,21 +289,28 @@ class ModelRunner:
         return now_ns - self._in_flight_since_ns if self._in_flight else 0
 
     def unsupported(self, op: str) -> OpNotSupported:
-        return OpNotSupported(f"model {self.name!r} is an ONNX model: use infer, not {op}")
+        ops = " or ".join(sorted(self.ops))
+        return OpNotSupported(f"model {self.name!r} is an ONNX model: use {ops}, not {op}")
 
     def submit(self, request: Inference, reply: ReplyTo, peer: bytes) -> None:
-        """Check an ``infer`` request's inputs and admit it (``admit``)."""
+        """Check an ``infer`` request's inputs (or tokenize an ``embed`` request's texts, for
+        a text encoder) and admit it (``admit``)."""
+        text = self.backend.text
+        if isinstance(request, Embed) and text is not None:
+            inputs, mask = text.encode(self.name, request.texts)
+            self.admit(self.job(request, inputs, EmbeddingReply(reply, text, mask), peer))
+            return
         if not isinstance(request, Infer):
             raise self.unsupported(request.op)
-        self.admit(self.job(request, reply, peer))
+        self.admit(self.job(request, request.inputs, reply, peer))
 
-    def job(self, request: Infer, reply: ReplyTo, peer: bytes) -> Job:
-        """The job for an ``infer`` request, once its inputs match the signature."""
-        self.backend.signature.check(self.name, request.inputs)
+    def job(self, request: InferenceRequest, inputs: Arrays, reply: ReplyTo, peer: bytes) -> Job:
+        """The job for a request, once its inputs match the signature."""
+        self.backend.signature.check(self.name, inputs)
         now = time.monotonic_ns()
         deadline = request.deadline_ms
         deadline_ns = None if deadline is None else now + int(deadline * 1e6)
-        return Job(request.id, request.trace, request.inputs, reply, now, deadline_ns, peer)
+        return Job(request.id, request.trace, inputs, reply, now, deadline_ns, peer)
 
     def admit(self, job: Job) -> None:
         """Admit a job or refuse it at once (``FairShare``); runs start on the next ``pump``."""
@@ -394,6 +402,7 @@ class ModelRunner:
             },
             "max_batch": self.config.max_batch if self.batching else 1,
             **self.config.pipeline.describe(),
+            **({"embed": self.backend.text.describe()} if self.backend.text else {}),
         }
 
     def interface(self) -> Interface:

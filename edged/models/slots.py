@@ -194,6 +194,9 @@ class SlotDecoder:
             cached.append(token)
             n += 1
 
+        # in sequence-id order: llama.cpp splits a batch for separate caches into runs of
+        # consecutive ids, so any other order costs a compute pass per sequence
+        self._running.sort(key=lambda sequence: sequence.slot.seq_id)
         for sequence in self._running:
             sequence.row = -1
             sequence.slot.used = self._steps

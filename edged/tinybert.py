@@ -1,0 +1,164 @@
+"""A tiny but real BERT-style text encoder built from code: an ONNX graph and its WordPiece
+``tokenizer.json``, for tests and benchmarks of ``embed`` on ONNX models.
+
+The tokenizer is made with the ``tokenizers`` library exactly as a BERT checkpoint's is
+(BERT normalizer: lower case, accents stripped, Chinese characters split; WordPiece with
+``##`` continuations; ``[CLS] text [SEP]``), over a fixed word list and single characters. The
+graph is one transformer layer with seeded random weights: token, position and segment
+embeddings, masked self-attention, a feed-forward block, layer norms; its output is every
+token's state, ``last_hidden_state`` float32[texts, tokens, HIDDEN], which ``embed`` pools.
+Nothing is downloaded. ``onnx``, ``tokenizers`` and ``numpy`` are imported only when one is
+built.
+
+``python -m edged.tinybert OUT.onnx`` writes one (and ``OUT.tokenizer.json`` beside it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+HIDDEN = 32
+FFN = 64
+#: the longest text the position table covers; the tokenizer truncates to it by default
+MAX_POSITIONS = 128
+SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+_WORDS = (
+    "the of and to in is it that was for on are as with he she they be at by this have from"
+    " or one had not but what all were when we there can an your which their said if do will"
+    " hello world cat dog sun moon tree house red blue green edge model token camera sensor"
+    " part face machine fault normal motor heat cold fast slow"
+)
+_CHARS = "abcdefghijklmnopqrstuvwxyz0123456789.,!?'-éü北京"
+
+
+def build_vocab() -> dict[str, int]:
+    """WordPiece vocabulary: specials, whole words, then each character alone and as ``##``."""
+    pieces = [*SPECIALS, *_WORDS.split(), *_CHARS, *(f"##{c}" for c in _CHARS)]
+    return {piece: index for index, piece in enumerate(dict.fromkeys(pieces))}
+
+
+def build_tokenizer(path: Path) -> Path:
+    """A BERT-style ``tokenizer.json`` at ``path``."""
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordPiece
+
+    vocab = build_vocab()
+    tokenizer = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True, strip_accents=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    tokenizer.enable_truncation(MAX_POSITIONS)
+    tokenizer.enable_padding(pad_id=vocab["[PAD]"], pad_token="[PAD]")
+    tokenizer.save(str(path))
+    return path
+
+
+def build_tiny_bert(path: Path, seed: int = 0) -> Path:
+    """The encoder at ``path`` and its tokenizer at ``<stem>.tokenizer.json`` beside it."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    vocab = len(build_vocab())
+
+    def weight(name: str, *shape: int, scale: float = 0.2) -> Any:
+        return numpy_helper.from_array(
+            (rng.standard_normal(shape) * scale).astype(np.float32), name
+        )
+
+    def const(name: str, value: Any) -> Any:
+        return numpy_helper.from_array(np.asarray(value), name)
+
+    initializers = [
+        weight("word", vocab, HIDDEN, scale=1.0),
+        weight("position", MAX_POSITIONS, HIDDEN, scale=0.5),
+        weight("segment", 2, HIDDEN, scale=0.5),
+        *(weight(name, HIDDEN, HIDDEN) for name in ("wq", "wk", "wv", "wo")),
+        weight("w1", HIDDEN, FFN),
+        weight("w2", FFN, HIDDEN),
+        const("gamma", np.ones(HIDDEN, np.float32)),
+        const("beta", np.zeros(HIDDEN, np.float32)),
+        const("zero", np.int64(0)),
+        const("one", np.int64(1)),
+        const("one_f", np.float32(1.0)),
+        const("axis1", np.asarray([1], np.int64)),
+        const("neg", np.float32(-1e4)),
+        const("scale", np.float32(1 / np.sqrt(HIDDEN))),
+    ]
+    node = helper.make_node
+    nodes = [
+        # embeddings: word + position + segment, normalised
+        node("Gather", ["word", "input_ids"], ["e_word"]),
+        node("Shape", ["input_ids"], ["shape"]),
+        node("Gather", ["shape", "one"], ["length"]),
+        node("Range", ["zero", "length", "one"], ["positions"]),
+        node("Gather", ["position", "positions"], ["e_pos"]),
+        node("Gather", ["segment", "token_type_ids"], ["e_seg"]),
+        node("Add", ["e_word", "e_pos"], ["e_sum0"]),
+        node("Add", ["e_sum0", "e_seg"], ["e_sum"]),
+        node("LayerNormalization", ["e_sum", "gamma", "beta"], ["x"], axis=-1),
+        # masked self-attention: padding gets -1e4 before the softmax
+        node("MatMul", ["x", "wq"], ["q"]),
+        node("MatMul", ["x", "wk"], ["k"]),
+        node("MatMul", ["x", "wv"], ["v"]),
+        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+        node("MatMul", ["q", "kt"], ["scores0"]),
+        node("Mul", ["scores0", "scale"], ["scores1"]),
+        node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
+        node("Sub", ["one_f", "mask_f"], ["masked"]),
+        node("Mul", ["masked", "neg"], ["bias0"]),
+        node("Unsqueeze", ["bias0", "axis1"], ["bias"]),
+        node("Add", ["scores1", "bias"], ["scores"]),
+        node("Softmax", ["scores"], ["weights"], axis=-1),
+        node("MatMul", ["weights", "v"], ["context"]),
+        node("MatMul", ["context", "wo"], ["attended"]),
+        node("Add", ["x", "attended"], ["h0"]),
+        node("LayerNormalization", ["h0", "gamma", "beta"], ["h"], axis=-1),
+        # feed-forward block
+        node("MatMul", ["h", "w1"], ["f0"]),
+        node("Relu", ["f0"], ["f1"]),
+        node("MatMul", ["f1", "w2"], ["f2"]),
+        node("Add", ["h", "f2"], ["out0"]),
+        node("LayerNormalization", ["out0", "gamma", "beta"], ["last_hidden_state"], axis=-1),
+    ]
+    tokens = ["texts", "tokens"]
+    graph = helper.make_graph(
+        nodes,
+        "edged-tiny-bert",
+        [
+            helper.make_tensor_value_info(name, TensorProto.INT64, tokens)
+            for name in ("input_ids", "attention_mask", "token_type_ids")
+        ],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*tokens, HIDDEN])],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8  # onnxruntime builds for Python 3.10 read IR 8 at most
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    build_tokenizer(path.with_suffix(".tokenizer.json"))
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edged.tinybert", description=__doc__)
+    parser.add_argument("out", type=Path, help="where to write the .onnx file")
+    args = parser.parse_args(argv)
+    path = build_tiny_bert(args.out)
+    print(f'[models.encoder]\npath = "{path}"\nembed = {{ pooling = "mean" }}')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
