@@ -55,6 +55,8 @@ MAX_TOKENS = 128
 #: short, so that the tokens/s rows are about generating, not evaluating the prompt
 RATE_PROMPT_TOKENS = 8
 TTFT_PROMPT_TOKENS = 64
+#: a sentence of about 20 tokens for the text-encoder benchmark
+EMBED_TEXT = "the red camera on the motor sees a part that is hot and fast, not normal"
 #: streams at once in the parallel benchmark, and the model's threads there: both cores, for
 #: the device's aggregate (1 thread measured 1.24x where 2 gave 1.63x); its clients mostly wait
 PARALLEL = 4
@@ -363,6 +365,54 @@ def http_rss(ctx: Context) -> list[Row]:
     return [Row("http_rss", "rss", "MiB", on, "http off", off)]
 
 
+def embed_onnx(ctx: Context) -> list[Row]:
+    """A sentence through an ONNX text encoder in the daemon (``embed``: tokenized, run, mean
+    pooled, normalised) against the same tokenizer, session and pooling in this process."""
+    from edged.tinybert import build_tiny_bert
+
+    path = ctx.built("tiny_bert.onnx", build_tiny_bert)
+    config = {"models": {"bert": {"path": str(path), "embed": {"normalize": True}}}}
+    with (
+        DaemonProcess(ctx.workdir / "embed", config) as daemon,
+        Client(daemon.endpoint) as client,
+    ):
+        calls = {
+            "edged": lambda: client.embed("bert", EMBED_TEXT),
+            "direct": text_encoder_in_process(path),
+        }
+        p50 = p50s_us(calls, ctx.settings)
+    return [
+        Row(
+            "embed_onnx", "p50_rtt", "us", p50["edged"], "tokenizer + ort in-process", p50["direct"]
+        )
+    ]
+
+
+def text_encoder_in_process(path: Path) -> Callable[[], object]:
+    """What an app would write: the model's tokenizer, an onnxruntime session, mean pooling and
+    L2 normalisation with numpy."""
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path.with_suffix(".tokenizer.json")))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def embed() -> object:
+        encoding = tokenizer.encode(EMBED_TEXT)
+        mask = np.array([encoding.attention_mask], np.int64)
+        feeds = {
+            "input_ids": np.array([encoding.ids], np.int64),
+            "attention_mask": mask,
+            "token_type_ids": np.array([encoding.type_ids], np.int64),
+        }
+        states = session.run(None, feeds)[0]
+        pooled = (states * mask[..., None]).sum(axis=1) / mask.sum(axis=1, keepdims=True)
+        return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
+
+    return embed
+
+
 def budget_accuracy(ctx: Context) -> list[Row]:
     """What the budget charges each model against the RSS it adds once serving its worst case;
     |ratio - 1| is the accounting error."""
@@ -478,6 +528,7 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     f"gguf_parallel_{PARALLEL}": gguf_parallel_4,
     "gguf_vs_llama_server": gguf_vs_llama_server,
     "http_rss": http_rss,
+    "embed_onnx": embed_onnx,
     "budget_accuracy": budget_accuracy,
     "load_time": load_time,
     "swap_p99": swap_p99,

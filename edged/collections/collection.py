@@ -1,0 +1,211 @@
+"""One named vector collection: its SQLite store, its ANN index, and the thread that writes both.
+
+Writes (upsert, delete) run one at a time on the collection's own thread: the SQLite commit
+first, durable when it returns, then the index; the caller's future resolves after both, so
+an acknowledged write is on disk and found by the next search. Searches and lookups run on the
+caller's thread (the event loop) against a read-only SQLite connection and the index, which a
+lock shares with the writer in short holds.
+
+A search with a metadata filter asks SQLite for the matching keys. Up to ``EXACT_LIMIT`` of them
+are searched exactly (their vectors read back, distances in numpy); more are searched in the
+index, fetching more neighbours until ``k`` of them match.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged.collections.index import VectorIndex
+from edged.collections.store import Item, VectorStore, Written
+from edged.errors import BadRequest
+
+log = logging.getLogger(__name__)
+
+#: a filtered search with at most this many matching items is exact
+EXACT_LIMIT = 20_000
+#: vectors added to the index per hold of its lock: a search waits for one hold at most
+ADD_CHUNK = 16
+Array = np.ndarray[Any, Any]
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    distance: float
+    metadata: dict[str, Any]
+
+
+def distances(metric: str, vectors: Array, query: Array) -> Array:
+    """The index's distances, exactly: cosine 1 - cos, l2 squared, ip 1 - dot."""
+    if metric == "l2":
+        found: Array = ((vectors - query) ** 2).sum(axis=1)
+        return found
+    dots = vectors @ query
+    if metric == "cosine":
+        dots = dots / np.maximum(np.linalg.norm(vectors, axis=1) * np.linalg.norm(query), 1e-30)
+    return 1.0 - dots
+
+
+class Collection:
+    def __init__(
+        self, name: str, store: VectorStore, index: VectorIndex, metric: str, directory: Path
+    ) -> None:
+        self.name = name
+        self.store = store
+        self.dim = store.dim
+        self.metric = metric
+        self._index = index
+        self._lock = threading.Lock()
+        self._index_path = directory / f"{name}.usearch"
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"collection-{name}")
+
+    @classmethod
+    def open(cls, name: str, dim: int, metric: str, directory: Path) -> Collection:
+        """Open (or create) the collection's files; the saved index if it holds exactly the
+        committed writes, else one rebuilt from SQLite (blocking)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        store = VectorStore(directory / f"{name}.sqlite3", dim, metric)
+        index_path = directory / f"{name}.usearch"
+        saved = _saved_generation(index_path)
+        index = VectorIndex.load(index_path, dim, metric) if saved is not None else None
+        count = store.count()
+        if index is None or saved != store.generation or len(index) != count:
+            log.info("collection %s: building its index from %d stored items", name, count)
+            index = VectorIndex.new(dim, metric)
+            for keys, vectors in store.scan():
+                index.add(keys, vectors)
+        return cls(name, store, index, metric, directory)
+
+    # -- writes, on the collection's thread -------------------------------------------------
+
+    async def upsert(self, items: Sequence[Item]) -> int:
+        """Store ``items`` (replacing those with the same ids); the generation it made."""
+        for item in items:
+            self.check_vector(item.vector)
+        written = await self._write(self.store.upsert, items)
+        return written.generation
+
+    async def delete(self, ids: Sequence[str]) -> int:
+        """Remove ``ids``; how many there were."""
+        written = await self._write(self.store.delete, ids)
+        return len(written.removed)
+
+    async def _write(self, write: Any, argument: Any) -> Written:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self._commit, write, argument)
+
+    def _commit(self, write: Any, argument: Any) -> Written:
+        written: Written = write(argument)
+        with self._lock:
+            self._index.remove(written.removed)
+        if written.added:
+            added = np.asarray(written.added, np.int64)
+            vectors = np.stack([item.vector for item in argument]).astype(np.float32)
+            for start in range(0, len(added), ADD_CHUNK):
+                with self._lock:
+                    self._index.add(
+                        added[start : start + ADD_CHUNK], vectors[start : start + ADD_CHUNK]
+                    )
+        return written
+
+    # -- reads, on the caller's thread -----------------------------------------------------
+
+    def check_vector(self, vector: Array) -> None:
+        if vector.shape != (self.dim,) or not np.isfinite(vector).all():
+            raise BadRequest(
+                f"collection {self.name!r} takes finite vectors of {self.dim} numbers, "
+                f"got shape {list(vector.shape)}"
+            )
+        if self.metric == "cosine" and not np.any(vector):
+            raise BadRequest(f"collection {self.name!r} is cosine: a zero vector has no direction")
+
+    def search(self, query: Array, k: int, where: Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` nearest items to ``query`` whose metadata matches ``where``."""
+        self.check_vector(query)
+        query = query.astype(np.float32)
+        if where:
+            allowed = self.store.matching(where)
+            if len(allowed) <= EXACT_LIMIT:
+                return self._exact(query, k, allowed)
+            keys, found = self._filtered(query, k, allowed)
+        else:
+            with self._lock:
+                keys, found = self._index.search(query, k)
+        return self._hits(keys, found, k)
+
+    def _exact(self, query: Array, k: int, allowed: Array) -> list[Hit]:
+        if not len(allowed):
+            return []
+        keys, vectors = self.store.vectors(allowed)
+        found = distances(self.metric, vectors, query)
+        order = np.argsort(found, kind="stable")[:k]
+        return self._hits(keys[order], found[order], k)
+
+    def _filtered(self, query: Array, k: int, allowed: Array) -> tuple[Array, Array]:
+        """Neighbours from the index, fetched in growing numbers until ``k`` are allowed."""
+        wanted = 4 * k
+        while True:
+            with self._lock:
+                keys, found = self._index.search(query, wanted)
+                total = len(self._index)
+            keep = np.isin(keys, allowed)
+            if keep.sum() >= k or wanted >= total:
+                return keys[keep], found[keep]
+            wanted *= 4
+
+    def _hits(self, keys: Array, found: Array, k: int) -> list[Hit]:
+        present = self.store.by_keys(keys.tolist()) if len(keys) else {}
+        hits = [
+            Hit(present[key][0], float(distance), present[key][1])
+            for key, distance in zip(keys.tolist(), found.tolist(), strict=True)
+            if key in present
+        ]
+        return hits[:k]
+
+    def get(self, ids: Sequence[str]) -> list[Item]:
+        return self.store.get(ids)
+
+    def count(self) -> int:
+        return self.store.count()
+
+    @property
+    def memory_bytes(self) -> int:
+        with self._lock:
+            return self._index.memory_bytes
+
+    # -- housekeeping ----------------------------------------------------------------------
+
+    async def save_index(self) -> None:
+        """Save the index with the generation it holds (on the writer: no write in between)."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._save)
+
+    def _save(self) -> None:
+        generation = self.store.generation
+        self._index.save(self._index_path)
+        marker = self._index_path.with_suffix(".json")
+        partial = marker.with_suffix(".json.partial")
+        partial.write_text(json.dumps({"generation": generation}))
+        partial.replace(marker)
+
+    def close(self) -> None:
+        """Save the index and close the files (blocking: at shutdown)."""
+        self._writer.submit(self._save).result()
+        self._writer.shutdown()
+        self.store.close()
+
+
+def _saved_generation(index_path: Path) -> int | None:
+    try:
+        return int(json.loads(index_path.with_suffix(".json").read_text())["generation"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -1,0 +1,88 @@
+"""A collection's ANN index: usearch's HNSW graph over the items' vectors, by their keys.
+
+The index is derived data: SQLite holds every vector, so the index can always be rebuilt from
+it. It is saved beside the database with the generation of the writes it holds; at start a
+saved index whose generation matches is read back, any other is rebuilt. usearch imports only
+when a collection opens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: usearch's name for each metric; distances: cosine 1 - cos, l2 squared, ip 1 - dot
+METRICS = {"cosine": "cos", "l2": "l2sq", "ip": "ip"}
+#: HNSW's graph degree and search breadths: recall@10 >= 0.99 on 100k clustered 384-d vectors
+CONNECTIVITY = 16
+EXPANSION_ADD = 128
+EXPANSION_SEARCH = 64
+Array = np.ndarray[Any, Any]
+
+
+def estimate_bytes(count: int, dim: int) -> int:
+    """Memory of an index of ``count`` float32 vectors: the vectors, then the graph's links
+    (two layers' worth of ``CONNECTIVITY`` 4-byte neighbours and usearch's per-node header)."""
+    return int(count * (4 * dim + 2 * CONNECTIVITY * 4 * 2 + 64) + (1 << 20))
+
+
+class VectorIndex:
+    def __init__(self, index: Any) -> None:
+        self._index = index
+
+    @classmethod
+    def new(cls, dim: int, metric: str) -> VectorIndex:
+        from usearch.index import Index
+
+        return cls(
+            Index(
+                ndim=dim,
+                metric=METRICS[metric],
+                dtype="f32",
+                connectivity=CONNECTIVITY,
+                expansion_add=EXPANSION_ADD,
+                expansion_search=EXPANSION_SEARCH,
+            )
+        )
+
+    @classmethod
+    def load(cls, path: Path, dim: int, metric: str) -> VectorIndex | None:
+        """The saved index at ``path``, or ``None`` when there is none or it does not read."""
+        if not path.is_file():
+            return None
+        index = cls.new(dim, metric)
+        try:
+            index._index.load(str(path))
+        except Exception:  # a torn or foreign file: the caller rebuilds from SQLite
+            return None
+        return index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def add(self, keys: Array, vectors: Array) -> None:
+        if len(keys):
+            self._index.add(keys.astype(np.uint64), vectors, threads=1)
+
+    def remove(self, keys: list[int]) -> None:
+        if keys:
+            self._index.remove(np.asarray(keys, np.uint64))
+
+    def search(self, vector: Array, count: int) -> tuple[Array, Array]:
+        """The keys and distances of the ``count`` nearest, nearest first."""
+        if not len(self._index):
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        found = self._index.search(vector, count, threads=1)
+        return found.keys.astype(np.int64), found.distances.astype(np.float32)
+
+    def save(self, path: Path) -> None:
+        """Written aside and renamed: a crash leaves the old file or the new, never half."""
+        partial = path.with_suffix(path.suffix + ".partial")
+        self._index.save(str(partial))
+        partial.replace(path)
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(self._index.memory_usage)
