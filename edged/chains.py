@@ -22,6 +22,7 @@ import numpy as np
 from edged.config import ChainConfig, ChainStep
 from edged.errors import BadRequest, DeadlineExceeded, EdgedError
 from edged.models.calls import Infer
+from edged.protocol import Request
 from edged.replies import ReplyTo
 from edged.steps.frame import BOXES, FRAME
 from edged.tasks import TaskGroup
@@ -37,7 +38,7 @@ class StepReply(ReplyTo):
 
     __slots__ = ("_future",)
 
-    def __init__(self, future: asyncio.Future[Arrays], request: Infer) -> None:
+    def __init__(self, future: asyncio.Future[Arrays], request: Request) -> None:
         super().__init__(lambda _: False, request.id, request.trace)
         self._future = future
 

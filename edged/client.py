@@ -26,7 +26,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
 import zmq
@@ -42,6 +42,9 @@ from edged.paths import default_infer_endpoint
 from edged.reach import check_endpoint, why_unreachable
 from edged.shm import Region, Regions, new_routing_id
 from edged.zmqio import NOBLOCK, recv_frames, send_frames
+
+if TYPE_CHECKING:
+    from edged.vectors import CollectionClient
 
 DEFAULT_TIMEOUT_S = 5.0
 T = TypeVar("T")
@@ -369,6 +372,27 @@ class Client:
             request_id, op, model=model, version=version, fields=given, data=data
         )
         return self._call(request_id, frames, timeout, probe_every).fields
+
+    def exchange(
+        self,
+        op: str,
+        *,
+        inputs: Inputs | None = None,
+        timeout: float | None = None,
+        **fields: Any,
+    ) -> protocol.Reply:
+        """One request of ``op`` with ``inputs`` as tensor frames and ``fields`` (unset ones
+        left out), and its reply, tensors included; an error reply raises."""
+        request_id = next(self._ids)
+        given = {key: value for key, value in fields.items() if value is not None}
+        frames = protocol.encode_request(request_id, op, inputs=inputs, fields=given)
+        return self._call(request_id, frames, timeout)
+
+    def collection(self, name: str) -> CollectionClient:
+        """The vector collection ``name``: upsert, search, delete, get, count."""
+        from edged.vectors import CollectionClient
+
+        return CollectionClient(self, name)
 
     def ping(self, timeout: float | None = None) -> dict[str, Any]:
         request_id = next(self._ids)

@@ -220,6 +220,18 @@ class ChainConfig:
 
 
 @dataclass(frozen=True)
+class CollectionConfig:
+    """A vector collection: persisted under the state directory, searched by ``search``."""
+
+    #: every vector's length (required)
+    dim: int = field(metadata={"min": 1})
+    #: "cosine" (distance 1 - cos), "l2" (squared distance) or "ip" (1 - dot product)
+    metric: str = _choice("cosine", "cosine", "l2", "ip")
+    #: the declared model that embeds texts given instead of vectors ("" takes vectors only)
+    model: str = ""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     #: extra inference endpoints besides ipc://<runtime>/infer.sock, e.g. "tcp://127.0.0.1:5555"
     tcp: tuple[str, ...] = ()
@@ -329,6 +341,8 @@ class Config:
     ota: OtaConfig = field(default_factory=OtaConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    #: collection name -> declaration
+    collections: dict[str, CollectionConfig] = field(default_factory=dict)
     #: model name -> declaration; empty means "serve the built-in demo model"
     models: dict[str, ModelConfig] = field(default_factory=dict)
     #: chain name -> its steps; a client infers on a chain as on a model
@@ -400,6 +414,15 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
         _check_embed(name, model, source)
     for name, chain in config.chains.items():
         _check_chain(name, chain, config.models, source)
+    for name, collection in config.collections.items():
+        if not MODEL_NAME.fullmatch(name):
+            raise ConfigError(
+                f"{source}: collection name {name!r} must be letters, digits, '.', '_' or '-'"
+            )
+        if collection.model and collection.model not in config.models:
+            raise ConfigError(
+                f"{source}: 'collections.{name}.model' {collection.model!r} is not a declared model"
+            )
     models = {
         name: dataclasses.replace(
             model,

@@ -23,6 +23,7 @@ import zmq
 
 from edged import faults
 from edged.chains import Chain
+from edged.collections.service import Collections
 from edged.config import Config, ModelConfig
 from edged.control.auth import HandshakeLog, curve_server, load_server_keys, start_authenticator
 from edged.control.logring import LogRing
@@ -128,6 +129,9 @@ class Daemon:
         server = config.server
         self.regions = RegionTable(server.max_regions, server.max_region_mb * MIB)
         self.service = InferenceService(self.registry, data_ops, self.regions)
+        self.service.collections = Collections(
+            config.collections, self.paths.state / "collections", self.service, self.tasks
+        )
         self.service.chains = {
             name: Chain(name, chain, self.service, self.tasks)
             for name, chain in config.chains.items()
@@ -244,6 +248,8 @@ class Daemon:
             self.registry.add(slot)
             if spec.config.preload or spec.config.pinned:
                 await slot.load()
+        self.service.collections.start()
+        stack.push_async_callback(self.service.collections.close)  # after the sockets stop
         paths = self.paths
         endpoints: list[tuple[Path, list[str], Service]] = [
             (paths.infer_socket, [paths.infer_endpoint, *self.config.server.tcp], self.service),

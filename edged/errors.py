@@ -48,6 +48,12 @@ class UnknownModel(EdgedError):
     code = "UNKNOWN_MODEL"
 
 
+class UnknownCollection(EdgedError):
+    """No collection of that name is declared."""
+
+    code = "UNKNOWN_COLLECTION"
+
+
 class OpNotSupported(EdgedError):
     """The model does not serve this op: ``generate`` on an ONNX model, ``infer`` on a GGUF one."""
 
@@ -223,6 +229,7 @@ ERRORS_BY_CODE: dict[str, type[EdgedError]] = {
         FrameMismatch,
         TooLarge,
         UnknownModel,
+        UnknownCollection,
         OpNotSupported,
         ContextOverflow,
         UnknownRequest,

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 from typing import TypeVar
 
 from edged.chains import Chain
+from edged.collections.service import Collections
 from edged.errors import (
     EdgedError,
     InternalError,
@@ -32,6 +34,7 @@ from edged.protocol import Request
 from edged.regions import RegionTable
 from edged.replies import ReplyTo
 from edged.requests import ModelRequest, VersionedRequest
+from edged.tasks import TaskGroup
 
 CANCELLABLE_OPS = frozenset({"generate", "chat", "embed"})
 #: error replies by (model, wire code)
@@ -62,6 +65,8 @@ class InferenceService:
         self._parked: dict[tuple[bytes, int], bool] = {}
         #: chains by name: a request names one as it would a model
         self.chains: dict[str, Chain] = {}
+        #: the vector collections (the daemon sets them; none by default)
+        self.collections = Collections({}, Path(), self, TaskGroup())
 
     def handle(self, request: Request, reply: ReplyTo, peer: bytes = b"") -> None:
         self.handled += 1

@@ -79,7 +79,9 @@ class TextEncoder:
         try:
             from tokenizers import Tokenizer
         except ImportError:
-            raise ModelLoadError("text encoders need tokenizers: pip install 'edged[text]'") from None
+            raise ModelLoadError(
+                "text encoders need tokenizers: pip install 'edged[text]'"
+            ) from None
         unknown = [spec.name for spec in signature.inputs if spec.name not in TOKEN_INPUTS]
         if unknown or "input_ids" not in {spec.name for spec in signature.inputs}:
             takes = ", ".join(str(spec) for spec in signature.inputs)

@@ -5,7 +5,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edged.ops import cancel, chat, describe, embed, generate, infer, ping
+from edged.ops import (
+    cancel,
+    chat,
+    count,
+    delete,
+    describe,
+    embed,
+    generate,
+    get,
+    infer,
+    ping,
+    search,
+    upsert,
+)
 from edged.opunit import Op
 
 if TYPE_CHECKING:
@@ -19,4 +32,9 @@ DATA_OPS: dict[str, Op[InferenceService, Any]] = {
     "chat": chat.OP,
     "embed": embed.OP,
     "cancel": cancel.OP,
+    "upsert": upsert.OP,
+    "search": search.OP,
+    "delete": delete.OP,
+    "get": get.OP,
+    "count": count.OP,
 }

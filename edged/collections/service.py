@@ -1,0 +1,105 @@
+"""The daemon's collections: opened in the background at start, found by name, each request's
+work run as a task that answers it, texts embedded by the collection's model through the
+inference service like any other ``embed``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Awaitable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edged.chains import StepReply
+from edged.collections.calls import CollectionRequest, as_vectors
+from edged.collections.collection import Collection
+from edged.config import CollectionConfig
+from edged.errors import BadRequest, EdgedError, InternalError, UnknownCollection
+from edged.models.calls import Embed
+from edged.models.loading import in_fresh_thread
+from edged.replies import ReplyTo
+from edged.tasks import TaskGroup
+
+if TYPE_CHECKING:
+    from edged.service import InferenceService
+
+log = logging.getLogger(__name__)
+#: the peer the collections' own embed requests come from (their fair share of a model)
+PEER = b"collections"
+
+
+class Collections:
+    def __init__(
+        self,
+        configs: Mapping[str, CollectionConfig],
+        directory: Path,
+        service: InferenceService,
+        tasks: TaskGroup,
+    ) -> None:
+        self.configs = dict(configs)
+        self._directory = directory
+        self._service = service
+        self._tasks = tasks
+        self._opening: dict[str, asyncio.Task[Collection]] = {}
+        self._ids = itertools.count(1)
+
+    def start(self) -> None:
+        """Open every collection in the background (a rebuild of a large index takes a
+        while); requests for one wait until it is open."""
+        for name, config in self.configs.items():
+            self._opening[name] = self._tasks.start(
+                in_fresh_thread(Collection.open, name, config.dim, config.metric, self._directory),
+                f"open collection {name}",
+            )
+
+    async def get(self, name: str) -> Collection:
+        opening = self._opening.get(name)
+        if opening is None:
+            known = ", ".join(sorted(self._opening)) or "none"
+            raise UnknownCollection(f"unknown collection {name!r}; declared: {known}")
+        try:
+            return await asyncio.shield(opening)
+        except Exception as exc:  # a collection that cannot open answers every request so
+            raise InternalError(f"collection {name!r} could not open: {exc}") from None
+
+    def run(
+        self, request: CollectionRequest, reply: ReplyTo, work: Awaitable[dict[str, Any]]
+    ) -> None:
+        """Answer ``request`` with ``work``'s result, or its error, once it is done."""
+
+        async def answer() -> None:
+            try:
+                fields = await work
+            except EdgedError as exc:
+                reply.fail(exc)
+            except Exception:
+                log.exception("collection request %s failed", request.op)
+                reply.fail(InternalError(f"{request.op} failed unexpectedly; see the log"))
+            else:
+                tensors = fields.pop("tensors", None)
+                reply.ok(fields, tensors)
+
+        self._tasks.start(answer(), f"collection {request.op} {request.id}")
+
+    async def embed(self, name: str, texts: tuple[str, ...]) -> np.ndarray[Any, Any]:
+        """The vectors of ``texts`` from collection ``name``'s model."""
+        model = self.configs[name].model
+        if not model:
+            raise BadRequest(f"collection {name!r} has no model to embed texts: send vectors")
+        request = Embed(id=next(self._ids), op="embed", model=model, texts=texts)
+        done: asyncio.Future[dict[str, np.ndarray[Any, Any]]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._service.handle(request, StepReply(done, request), PEER)
+        self._service.pump()
+        return as_vectors((await done)["embedding"])
+
+    async def close(self) -> None:
+        """Save every open index (its next start reads it rather than rebuilding)."""
+        for name, opening in self._opening.items():
+            if opening.done() and not opening.cancelled() and opening.exception() is None:
+                await in_fresh_thread(opening.result().close)
+            log.info("collection %s closed", name)
