@@ -4,6 +4,9 @@ acknowledged write still there after a restart."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,3 +120,56 @@ def test_acknowledged_writes_survive_a_kill_and_a_clean_restart(
         assert client.collection("points").search(data[9], k=1)[0]["id"] == "p9"
     # the one rebuild in the shared log is the second start's
     assert third.log().count("building its index from 299") == 1
+
+
+UPSERT_STREAM = """
+import sys
+import numpy as np
+from edged.client import Client
+client = Client(sys.argv[1], timeout=5)  # the daemon is killed: the last one times out
+points = client.collection("points")
+start = int(sys.argv[2])
+for batch in range(start, start + 10_000):
+    ids = [f"b{batch}-{i}" for i in range(10)]
+    vectors = np.random.default_rng(batch).standard_normal((10, 4)).astype(np.float32)
+    points.upsert(ids, vectors)
+    print(batch, flush=True)  # acknowledged: on disk
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_daemon_killed_during_upsert_streams_keeps_every_acknowledged_write(
+    start_daemon: DaemonFactory, config: dict[str, object], tmp_path: Path, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    workdir = tmp_path / "d"
+    daemon = start_daemon(config, workdir=workdir)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", UPSERT_STREAM, daemon.endpoint, "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert writer.stdout is not None
+    assert writer.stdout.readline()  # writes are flowing
+    time.sleep(rng.uniform(0.05, 0.6))
+    daemon.kill()
+    acknowledged = [int(line) for line in [writer.stdout.readline(), *writer.stdout] if line]
+    writer.wait(timeout=60)
+    writer.stdout.close()
+    acknowledged.insert(0, 0)
+    again = start_daemon(config, workdir=workdir)
+    with again.client(timeout=60) as client:
+        points = client.collection("points")
+        last = max(acknowledged)
+        for batch in range(last + 2):  # the acknowledged, and the one in flight at the kill
+            ids = [f"b{batch}-{i}" for i in range(10)]
+            items, vectors = points.get(ids)
+            if batch in acknowledged:
+                expected = np.random.default_rng(batch).standard_normal((10, 4))
+                assert [item["id"] for item in items] == ids
+                np.testing.assert_array_equal(vectors, expected.astype(np.float32))
+            else:
+                assert len(items) in (0, 10), f"batch {batch} is half there"
+        assert points.count() in (10 * (last + 1), 10 * (last + 2))
+        assert points.search(np.ones(4), k=1)  # the index was rebuilt and serves
