@@ -130,7 +130,11 @@ class Daemon:
         self.regions = RegionTable(server.max_regions, server.max_region_mb * MIB)
         self.service = InferenceService(self.registry, data_ops, self.regions)
         self.service.collections = Collections(
-            config.collections, self.paths.state / "collections", self.service, self.tasks
+            config.collections,
+            self.paths.state / "collections",
+            self.service,
+            self.tasks,
+            self.registry.budget,
         )
         self.service.chains = {
             name: Chain(name, chain, self.service, self.tasks)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edged.errors import BadRequest, UnknownCollection
+from edged.errors import BadRequest, BudgetExceeded, UnknownCollection
 from edged.tinybert import build_tiny_bert
 from tests.conftest import DaemonFactory
 
@@ -173,3 +173,25 @@ def test_a_daemon_killed_during_upsert_streams_keeps_every_acknowledged_write(
                 assert len(items) in (0, 10), f"batch {batch} is half there"
         assert points.count() in (10 * (last + 1), 10 * (last + 2))
         assert points.search(np.ones(4), k=1)  # the index was rebuilt and serves
+
+
+def test_a_collections_index_is_charged_to_the_memory_budget(
+    start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    config = {
+        "memory": {"budget_mb": 12, "reserve_mb": 0},
+        "collections": {"wide": {"dim": 1024, "metric": "l2"}},
+    }
+    daemon = start_daemon(config)
+    rng = np.random.default_rng(0)
+    stored = 0
+    with daemon.client(timeout=30) as client:
+        wide = client.collection("wide")
+        with pytest.raises(BudgetExceeded, match="collection 'wide': 250 more items need"):
+            while stored < 10_000:  # 40 MB of vectors: far beyond the budget
+                ids = [f"v{i}" for i in range(stored, stored + 250)]
+                wide.upsert(ids, rng.standard_normal((250, 1024)))
+                stored += 250
+        assert stored >= 250 and wide.count() == stored  # the refused write changed nothing
+        charged = client.ping()["memory"]["models"]["collection:wide"]["charged_bytes"]
+        assert charged >= 4 * 1024 * stored  # at least the vectors themselves

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +16,11 @@ import numpy as np
 from edged.chains import StepReply
 from edged.collections.calls import CollectionRequest, as_vectors
 from edged.collections.collection import Collection
+from edged.collections.index import estimate_bytes
+from edged.collections.store import Item
 from edged.config import CollectionConfig
-from edged.errors import BadRequest, EdgedError, InternalError, UnknownCollection
+from edged.errors import BadRequest, BudgetExceeded, EdgedError, InternalError, UnknownCollection
+from edged.models.budget import MIB, MemoryBudget
 from edged.models.calls import Embed
 from edged.models.loading import in_fresh_thread
 from edged.replies import ReplyTo
@@ -31,6 +34,11 @@ log = logging.getLogger(__name__)
 PEER = b"collections"
 
 
+def budget_name(collection: str) -> str:
+    """How the memory budget (``ping``'s ``memory.models``) names a collection's index."""
+    return f"collection:{collection}"
+
+
 class Collections:
     def __init__(
         self,
@@ -38,8 +46,10 @@ class Collections:
         directory: Path,
         service: InferenceService,
         tasks: TaskGroup,
+        budget: MemoryBudget | None = None,
     ) -> None:
         self.configs = dict(configs)
+        self._budget = budget
         self._directory = directory
         self._service = service
         self._tasks = tasks
@@ -50,10 +60,38 @@ class Collections:
         """Open every collection in the background (a rebuild of a large index takes a
         while); requests for one wait until it is open."""
         for name, config in self.configs.items():
-            self._opening[name] = self._tasks.start(
-                in_fresh_thread(Collection.open, name, config.dim, config.metric, self._directory),
-                f"open collection {name}",
-            )
+            self._opening[name] = self._tasks.start(self._open(name, config), f"open {name}")
+
+    async def _open(self, name: str, config: CollectionConfig) -> Collection:
+        collection = await in_fresh_thread(
+            Collection.open, name, config.dim, config.metric, self._directory
+        )
+        self._charge(collection, collection.count())
+        return collection
+
+    def _charge(self, collection: Collection, count: int) -> None:
+        """Charge the index to the memory budget, as a loaded model is: what it holds, or what
+        ``count`` items will take, whichever is more."""
+        if self._budget is not None:
+            held = max(estimate_bytes(count, collection.dim), collection.memory_bytes)
+            self._budget.charge(budget_name(collection.name), 0, held, held)
+
+    async def upsert(self, collection: Collection, items: Sequence[Item]) -> int:
+        """``collection.upsert``, refused with ``BUDGET_EXCEEDED`` when the items it adds would
+        not fit the memory budget."""
+        budget = self._budget
+        if budget is not None:
+            after = collection.count() + len(items)
+            charged = budget.statistics().charged_bytes.get(budget_name(collection.name), 0)
+            need = max(estimate_bytes(after, collection.dim) - charged, 0)
+            if budget.shortfall(need) > 0:  # also when the index already outgrew the budget
+                raise BudgetExceeded(
+                    f"collection {collection.name!r}: {len(items)} more items need "
+                    f"{need / MIB:.1f} MiB more, beyond the memory budget"
+                )
+        generation = await collection.upsert(items)
+        self._charge(collection, collection.count())
+        return generation
 
     async def get(self, name: str) -> Collection:
         opening = self._opening.get(name)
@@ -102,4 +140,6 @@ class Collections:
         for name, opening in self._opening.items():
             if opening.done() and not opening.cancelled() and opening.exception() is None:
                 await in_fresh_thread(opening.result().close)
+                if self._budget is not None:
+                    self._budget.release(budget_name(name), 0, 0, report=False)
             log.info("collection %s closed", name)

@@ -28,7 +28,7 @@ def upsert(service: InferenceService, request: Upsert, reply: ReplyTo, peer: byt
             Item(id, vector, dict(fields))
             for id, vector, fields in zip(request.ids, vectors, metadata, strict=True)
         ]
-        generation = await collection.upsert(items)
+        generation = await collections.upsert(collection, items)
         return {"collection": collection.name, "upserted": len(items), "generation": generation}
 
     collections.run(request, reply, work())
