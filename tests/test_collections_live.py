@@ -14,7 +14,7 @@ import pytest
 
 from edged.errors import BadRequest, BudgetExceeded, UnknownCollection
 from edged.tinybert import build_tiny_bert
-from tests.conftest import DaemonFactory
+from tests.conftest import EDGECTL, DaemonFactory, edgectl_json
 
 DOCS = {
     "motor": "the motor is hot and fast",
@@ -195,3 +195,32 @@ def test_a_collections_index_is_charged_to_the_memory_budget(
         assert stored >= 250 and wide.count() == stored  # the refused write changed nothing
         charged = client.ping()["memory"]["models"]["collection:wide"]["charged_bytes"]
         assert charged >= 4 * 1024 * stored  # at least the vectors themselves
+
+
+def test_edgectl_lists_compacts_and_snapshots_collections(
+    start_daemon: DaemonFactory, config: dict[str, object], tmp_path: Path
+) -> None:
+    import sqlite3
+
+    daemon = start_daemon(config)
+    with daemon.client(timeout=30) as client:
+        points = client.collection("points")
+        points.upsert([f"p{i}" for i in range(100)], np.ones((100, 4)) + np.arange(100)[:, None])
+        points.delete([f"p{i}" for i in range(50)])
+    listed = {c["name"]: c for c in edgectl_json(daemon, "collections")["collections"]}
+    assert listed["points"]["count"] == 50 and listed["points"]["dim"] == 4
+    assert listed["docs"] | {"count": 0} == listed["docs"] and listed["docs"]["model"] == "bert"
+    compacted = edgectl_json(daemon, "collections", "compact", "points")["collection"]
+    assert compacted["file_bytes"] <= listed["points"]["file_bytes"]
+    out = tmp_path / "points-snapshot.sqlite3"
+    edgectl_json(daemon, "collections", "snapshot", "points", "--out", str(out))
+    with sqlite3.connect(out) as copy:
+        assert copy.execute("SELECT count(*) FROM items").fetchone()[0] == 50
+    done = subprocess.run(
+        [*EDGECTL, "--control", daemon.control_endpoint, "collections", "compact", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1 and "UNKNOWN_COLLECTION" in done.stderr

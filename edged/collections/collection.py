@@ -185,6 +185,25 @@ class Collection:
 
     # -- housekeeping ----------------------------------------------------------------------
 
+    def stat(self) -> dict[str, Any]:
+        files = [self.store.path, self.store.path.with_name(self.store.path.name + "-wal")]
+        return {
+            "count": self.count(),
+            "generation": self.store.generation,
+            "index_bytes": self.memory_bytes,
+            "file_bytes": sum(path.stat().st_size for path in files if path.exists()),
+        }
+
+    async def compact(self) -> None:
+        """Reclaim deleted items' space in SQLite, then save the index (on the writer)."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self.store.compact)
+        await self.save_index()
+
+    async def snapshot(self, dest: Path) -> None:
+        """A consistent copy of the database at ``dest`` (on the writer: between writes)."""
+        await asyncio.get_running_loop().run_in_executor(self._writer, self.store.snapshot, dest)
+
     async def save_index(self) -> None:
         """Save the index with the generation it holds (on the writer: no write in between)."""
         await asyncio.get_running_loop().run_in_executor(self._writer, self._save)

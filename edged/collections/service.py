@@ -103,6 +103,21 @@ class Collections:
         except Exception as exc:  # a collection that cannot open answers every request so
             raise InternalError(f"collection {name!r} could not open: {exc}") from None
 
+    async def stat(self, name: str) -> dict[str, Any]:
+        """A collection's declaration and size (``edgectl collections``)."""
+        config = self.configs[name]
+        found: dict[str, Any] = {
+            "name": name,
+            "dim": config.dim,
+            "metric": config.metric,
+            "model": config.model,
+        }
+        try:
+            collection = await self.get(name)
+        except EdgedError as exc:
+            return {**found, "error": exc.message}
+        return {**found, **collection.stat()}
+
     def run(
         self, request: CollectionRequest, reply: ReplyTo, work: Awaitable[dict[str, Any]]
     ) -> None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from edged.control.ops import (
     canary,
     cancel,
+    collections,
     config,
     describe,
     discard,
@@ -58,6 +59,7 @@ CONTROL_OPS: dict[str, Op[ControlService, Any]] = {
     "canary": canary.OP,
     "shadow": shadow.OP,
     "install": install.OP,
+    "collections": collections.OP,
     "upload": upload.OP,
     "cancel": cancel.OP,
     "ping": ping.OP,
