@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from bench import frames, lifecycle, llm, llm_serving, overload, swap
+from bench import frames, lifecycle, llm, llm_serving, overload, swap, vectors
 from bench.echo import echo_caller
 from bench.harness import (
     ROOT,
@@ -413,6 +413,40 @@ def text_encoder_in_process(path: Path) -> Callable[[], object]:
     return embed
 
 
+def search_100k(ctx: Context) -> list[Row]:
+    """100 000 clustered 384-d vectors in a collection: a k=10 search through the daemon
+    against the same saved index searched in this process (target ratio <= 2), recall@10
+    against exact search (target >= 0.95), and the daemon's RSS with the collection against
+    an idle daemon's."""
+    found = vectors.search_rows(ctx.workdir / "search", ctx.settings)
+    mib = 1024 * 1024
+    return [
+        Row("search_100k", "p50_rtt", "us", found["edged"], "usearch in-process", found["index"]),
+        Row("search_100k_recall", "recall@10", "", found["recall"], "exact search", 1.0),
+        Row(
+            "collection_rss_100k",
+            "rss",
+            "MiB",
+            found["rss"] / mib,
+            "idle daemon",
+            found["bare_rss"] / mib,
+        ),
+    ]
+
+
+def upsert_rate(ctx: Context) -> list[Row]:
+    """Acknowledged upserts/s (each reply after the commit's fsync), one item and 64 items
+    per request, against SQLite committing the same rows in this process."""
+    rows = []
+    for batch in (1, 64):
+        rates = vectors.upsert_rates(ctx.workdir, ctx.settings, batch)
+        name = "upsert_rate" if batch == 1 else f"upsert_rate_batch{batch}"
+        rows.append(
+            Row(name, "upserts_per_s", "items/s", rates["edged"], "sqlite commit", rates["sqlite"])
+        )
+    return rows
+
+
 def budget_accuracy(ctx: Context) -> list[Row]:
     """What the budget charges each model against the RSS it adds once serving its worst case;
     |ratio - 1| is the accounting error."""
@@ -529,6 +563,8 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "gguf_vs_llama_server": gguf_vs_llama_server,
     "http_rss": http_rss,
     "embed_onnx": embed_onnx,
+    "search_100k": search_100k,
+    "upsert_rate": upsert_rate,
     "budget_accuracy": budget_accuracy,
     "load_time": load_time,
     "swap_p99": swap_p99,

@@ -83,7 +83,7 @@ class Collection:
             log.info("collection %s: building its index from %d stored items", name, count)
             index = VectorIndex.new(dim, metric)
             for keys, vectors in store.scan():
-                index.add(keys, vectors)
+                index.add(keys, vectors, threads=0)
         return cls(name, store, index, metric, directory)
 
     # -- writes, on the collection's thread -------------------------------------------------

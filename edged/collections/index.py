@@ -62,9 +62,10 @@ class VectorIndex:
     def __len__(self) -> int:
         return len(self._index)
 
-    def add(self, keys: Array, vectors: Array) -> None:
+    def add(self, keys: Array, vectors: Array, threads: int = 1) -> None:
+        """``threads`` 0 takes every core (a rebuild at start, when nothing else runs)."""
         if len(keys):
-            self._index.add(keys.astype(np.uint64), vectors, threads=1)
+            self._index.add(keys.astype(np.uint64), vectors, threads=threads)
 
     def remove(self, keys: list[int]) -> None:
         if keys:

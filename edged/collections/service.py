@@ -93,6 +93,13 @@ class Collections:
         self._charge(collection, collection.count())
         return generation
 
+    def ready(self, name: str) -> Collection | None:
+        """The collection if it is open now: a request then needs no task of its own."""
+        opening = self._opening.get(name)
+        if opening is None or not opening.done() or opening.cancelled() or opening.exception():
+            return None
+        return opening.result()
+
     async def get(self, name: str) -> Collection:
         opening = self._opening.get(name)
         if opening is None:
