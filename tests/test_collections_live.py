@@ -179,7 +179,7 @@ def test_a_collections_index_is_charged_to_the_memory_budget(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
     config = {
-        "memory": {"budget_mb": 12, "reserve_mb": 0},
+        "memory": {"budget_mb": 24, "reserve_mb": 0},
         "collections": {"wide": {"dim": 1024, "metric": "l2"}},
     }
     daemon = start_daemon(config)

@@ -8,7 +8,9 @@ lock shares with the writer in short holds.
 
 A search with a metadata filter asks SQLite for the matching keys. Up to ``EXACT_LIMIT`` of them
 are searched exactly (their vectors read back, distances in numpy); more are searched in the
-index, fetching more neighbours until ``k`` of them match.
+index, fetching more neighbours until enough of them match. The index's candidates (twice as
+many as asked for) are ranked again by their exact distance to the float32 vectors in SQLite:
+the index keeps f16 copies, half the memory, whose distances are close but not exact.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 #: a filtered search with at most this many matching items is exact
 EXACT_LIMIT = 20_000
+#: candidates from the index per hit asked, re-ranked by their exact float32 distance
+RERANK = 2
 #: vectors added to the index per hold of its lock: a search waits for one hold at most
 ADD_CHUNK = 16
 Array = np.ndarray[Any, Any]
@@ -137,40 +141,42 @@ class Collection:
             allowed = self.store.matching(where)
             if len(allowed) <= EXACT_LIMIT:
                 return self._exact(query, k, allowed)
-            keys, found = self._filtered(query, k, allowed)
+            keys = self._filtered(query, k, allowed)
         else:
             with self._lock:
-                keys, found = self._index.search(query, k)
-        return self._hits(keys, found, k)
+                keys, _ = self._index.search(query, RERANK * k)
+        return self._hits(keys, query, k)
 
     def _exact(self, query: Array, k: int, allowed: Array) -> list[Hit]:
         if not len(allowed):
             return []
         keys, vectors = self.store.vectors(allowed)
-        found = distances(self.metric, vectors, query)
-        order = np.argsort(found, kind="stable")[:k]
-        return self._hits(keys[order], found[order], k)
+        order = np.argsort(distances(self.metric, vectors, query), kind="stable")[:k]
+        return self._hits(keys[order], query, k)
 
-    def _filtered(self, query: Array, k: int, allowed: Array) -> tuple[Array, Array]:
-        """Neighbours from the index, fetched in growing numbers until ``k`` are allowed."""
-        wanted = 4 * k
+    def _filtered(self, query: Array, k: int, allowed: Array) -> Array:
+        """Neighbours from the index, fetched in growing numbers until enough are allowed."""
+        wanted = 4 * RERANK * k
         while True:
             with self._lock:
-                keys, found = self._index.search(query, wanted)
+                keys, _ = self._index.search(query, wanted)
                 total = len(self._index)
             keep = np.isin(keys, allowed)
-            if keep.sum() >= k or wanted >= total:
-                return keys[keep], found[keep]
+            if keep.sum() >= RERANK * k or wanted >= total:
+                found: Array = keys[keep][: RERANK * k]
+                return found
             wanted *= 4
 
-    def _hits(self, keys: Array, found: Array, k: int) -> list[Hit]:
+    def _hits(self, keys: Array, query: Array, k: int) -> list[Hit]:
+        """The ``k`` nearest of the candidates ``keys``, ranked by their exact distance to the
+        float32 vectors SQLite holds (the index stores f16 copies)."""
         present = self.store.by_keys(keys.tolist()) if len(keys) else {}
-        hits = [
-            Hit(present[key][0], float(distance), present[key][1])
-            for key, distance in zip(keys.tolist(), found.tolist(), strict=True)
-            if key in present
-        ]
-        return hits[:k]
+        if not present:
+            return []
+        rows = list(present.values())
+        exact = distances(self.metric, np.stack([row[2] for row in rows]), query)
+        order = np.argsort(exact, kind="stable")[:k]
+        return [Hit(rows[i][0], float(exact[i]), rows[i][1]) for i in order]
 
     def get(self, ids: Sequence[str]) -> list[Item]:
         return self.store.get(ids)

@@ -15,17 +15,23 @@ import numpy as np
 
 #: usearch's name for each metric; distances: cosine 1 - cos, l2 squared, ip 1 - dot
 METRICS = {"cosine": "cos", "l2": "l2sq", "ip": "ip"}
-#: HNSW's graph degree and search breadths: recall@10 >= 0.99 on 100k clustered 384-d vectors
+#: HNSW's graph degree and search breadths, and the vectors' storage in the index (SQLite keeps
+#: the float32 originals): on 100k clustered 384-d vectors, recall@10 0.995 at 0.28 ms a query,
+#: against 0.996 at 0.44 ms and 70% more memory for f32 (measured with usearch 2.26 on x86-64)
 CONNECTIVITY = 16
 EXPANSION_ADD = 128
-EXPANSION_SEARCH = 64
+EXPANSION_SEARCH = 32
+STORAGE = "f16"
+#: bytes per stored number, and per node for the graph and usearch's bookkeeping (fitted)
+STORED_BYTES = 2
+NODE_BYTES = 8 * CONNECTIVITY + 180
 Array = np.ndarray[Any, Any]
 
 
 def estimate_bytes(count: int, dim: int) -> int:
-    """Memory of an index of ``count`` float32 vectors: the vectors, then the graph's links
-    (two layers' worth of ``CONNECTIVITY`` 4-byte neighbours and usearch's per-node header)."""
-    return int(count * (4 * dim + 2 * CONNECTIVITY * 4 * 2 + 64) + (1 << 20))
+    """Memory of an index of ``count`` vectors: a fit of measured RSS for d 128-768, n 10k-100k
+    (within 3%, above), plus room for the growth upserts cause."""
+    return int(count * (dim * STORED_BYTES + NODE_BYTES) + (10 << 20))
 
 
 class VectorIndex:
@@ -40,7 +46,7 @@ class VectorIndex:
             Index(
                 ndim=dim,
                 metric=METRICS[metric],
-                dtype="f32",
+                dtype=STORAGE,
                 connectivity=CONNECTIVITY,
                 expansion_add=EXPANSION_ADD,
                 expansion_search=EXPANSION_SEARCH,

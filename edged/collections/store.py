@@ -160,14 +160,14 @@ class VectorStore:
         found = {row[0]: self._item(row) for row in rows}
         return [found[i] for i in ids if i in found]
 
-    def by_keys(self, keys: Sequence[int]) -> dict[int, tuple[str, dict[str, Any]]]:
-        """The id and metadata of each key still present (a key the index returns may have
-        been replaced since)."""
+    def by_keys(self, keys: Sequence[int]) -> dict[int, tuple[str, dict[str, Any], Array]]:
+        """The id, metadata and vector of each key still present (a key the index returns
+        may have been replaced since)."""
         marks = ",".join("?" * len(keys))
         rows = self.reader.execute(
-            f"SELECT key, id, metadata FROM items WHERE key IN ({marks})", list(keys)
+            f"SELECT key, id, metadata, vector FROM items WHERE key IN ({marks})", list(keys)
         )
-        return {row[0]: (row[1], json.loads(row[2])) for row in rows}
+        return {row[0]: (row[1], json.loads(row[2]), np.frombuffer(row[3], "<f4")) for row in rows}
 
     def matching(self, where: Mapping[str, Any]) -> Array:
         """The keys of items whose metadata has every field of ``where`` equal."""
