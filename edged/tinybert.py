@@ -4,7 +4,7 @@
 The tokenizer is made with the ``tokenizers`` library exactly as a BERT checkpoint's is
 (BERT normalizer: lower case, accents stripped, Chinese characters split; WordPiece with
 ``##`` continuations; ``[CLS] text [SEP]``), over a fixed word list and single characters. The
-graph is one transformer layer with seeded random weights: token, position and segment
+graph is transformer layers (one by default) with seeded random weights: token, position and segment
 embeddings, masked self-attention, a feed-forward block, layer norms; its output is every
 token's state, ``last_hidden_state`` float32[texts, tokens, HIDDEN], which ``embed`` pools.
 Nothing is downloaded. ``onnx``, ``tokenizers`` and ``numpy`` are imported only when one is
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 HIDDEN = 32
-FFN = 64
 #: the longest text the position table covers; the tokenizer truncates to it by default
 MAX_POSITIONS = 128
 SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -62,8 +61,9 @@ def build_tokenizer(path: Path) -> Path:
     return path
 
 
-def build_tiny_bert(path: Path, seed: int = 0) -> Path:
-    """The encoder at ``path`` and its tokenizer at ``<stem>.tokenizer.json`` beside it."""
+def build_tiny_bert(path: Path, seed: int = 0, hidden: int = HIDDEN, layers: int = 1) -> Path:
+    """The encoder at ``path`` and its tokenizer at ``<stem>.tokenizer.json`` beside it;
+    ``hidden`` 384 and ``layers`` 6 make one of MiniLM-L6's size and cost."""
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -72,6 +72,7 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
     vocab = len(build_vocab())
 
     def weight(name: str, *shape: int, scale: float = 0.2) -> Any:
+        scale = min(scale, 1 / np.sqrt(shape[0])) if len(shape) == 2 and shape[0] > 2 else scale
         return numpy_helper.from_array(
             (rng.standard_normal(shape) * scale).astype(np.float32), name
         )
@@ -80,20 +81,17 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
         return numpy_helper.from_array(np.asarray(value), name)
 
     initializers = [
-        weight("word", vocab, HIDDEN, scale=1.0),
-        weight("position", MAX_POSITIONS, HIDDEN, scale=0.5),
-        weight("segment", 2, HIDDEN, scale=0.5),
-        *(weight(name, HIDDEN, HIDDEN) for name in ("wq", "wk", "wv", "wo")),
-        weight("w1", HIDDEN, FFN),
-        weight("w2", FFN, HIDDEN),
-        const("gamma", np.ones(HIDDEN, np.float32)),
-        const("beta", np.zeros(HIDDEN, np.float32)),
+        weight("word", vocab, hidden, scale=1.0),
+        weight("position", MAX_POSITIONS, hidden, scale=0.5),
+        weight("segment", 2, hidden, scale=0.5),
+        const("gamma", np.ones(hidden, np.float32)),
+        const("beta", np.zeros(hidden, np.float32)),
         const("zero", np.int64(0)),
         const("one", np.int64(1)),
         const("one_f", np.float32(1.0)),
         const("axis1", np.asarray([1], np.int64)),
         const("neg", np.float32(-1e4)),
-        const("scale", np.float32(1 / np.sqrt(HIDDEN))),
+        const("scale", np.float32(1 / np.sqrt(hidden))),
     ]
     node = helper.make_node
     nodes = [
@@ -106,31 +104,44 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
         node("Gather", ["segment", "token_type_ids"], ["e_seg"]),
         node("Add", ["e_word", "e_pos"], ["e_sum0"]),
         node("Add", ["e_sum0", "e_seg"], ["e_sum"]),
-        node("LayerNormalization", ["e_sum", "gamma", "beta"], ["x"], axis=-1),
-        # masked self-attention: padding gets -1e4 before the softmax
-        node("MatMul", ["x", "wq"], ["q"]),
-        node("MatMul", ["x", "wk"], ["k"]),
-        node("MatMul", ["x", "wv"], ["v"]),
-        node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
-        node("MatMul", ["q", "kt"], ["scores0"]),
-        node("Mul", ["scores0", "scale"], ["scores1"]),
+        node("LayerNormalization", ["e_sum", "gamma", "beta"], ["x0"], axis=-1),
+        # padding gets -1e4 before every softmax
         node("Cast", ["attention_mask"], ["mask_f"], to=TensorProto.FLOAT),
         node("Sub", ["one_f", "mask_f"], ["masked"]),
         node("Mul", ["masked", "neg"], ["bias0"]),
         node("Unsqueeze", ["bias0", "axis1"], ["bias"]),
-        node("Add", ["scores1", "bias"], ["scores"]),
-        node("Softmax", ["scores"], ["weights"], axis=-1),
-        node("MatMul", ["weights", "v"], ["context"]),
-        node("MatMul", ["context", "wo"], ["attended"]),
-        node("Add", ["x", "attended"], ["h0"]),
-        node("LayerNormalization", ["h0", "gamma", "beta"], ["h"], axis=-1),
-        # feed-forward block
-        node("MatMul", ["h", "w1"], ["f0"]),
-        node("Relu", ["f0"], ["f1"]),
-        node("MatMul", ["f1", "w2"], ["f2"]),
-        node("Add", ["h", "f2"], ["out0"]),
-        node("LayerNormalization", ["out0", "gamma", "beta"], ["last_hidden_state"], axis=-1),
     ]
+    for layer in range(layers):
+        x, n = f"x{layer}", f"l{layer}_"
+        last = layer == layers - 1
+        initializers += [weight(n + w, hidden, hidden) for w in ("wq", "wk", "wv", "wo")]
+        initializers += [weight(n + "w1", hidden, 4 * hidden), weight(n + "w2", 4 * hidden, hidden)]
+        nodes += [
+            # masked self-attention
+            node("MatMul", [x, n + "wq"], [n + "q"]),
+            node("MatMul", [x, n + "wk"], [n + "k"]),
+            node("MatMul", [x, n + "wv"], [n + "v"]),
+            node("Transpose", [n + "k"], [n + "kt"], perm=[0, 2, 1]),
+            node("MatMul", [n + "q", n + "kt"], [n + "scores0"]),
+            node("Mul", [n + "scores0", "scale"], [n + "scores1"]),
+            node("Add", [n + "scores1", "bias"], [n + "scores"]),
+            node("Softmax", [n + "scores"], [n + "weights"], axis=-1),
+            node("MatMul", [n + "weights", n + "v"], [n + "context"]),
+            node("MatMul", [n + "context", n + "wo"], [n + "attended"]),
+            node("Add", [x, n + "attended"], [n + "h0"]),
+            node("LayerNormalization", [n + "h0", "gamma", "beta"], [n + "h"], axis=-1),
+            # feed-forward block
+            node("MatMul", [n + "h", n + "w1"], [n + "f0"]),
+            node("Relu", [n + "f0"], [n + "f1"]),
+            node("MatMul", [n + "f1", n + "w2"], [n + "f2"]),
+            node("Add", [n + "h", n + "f2"], [n + "out0"]),
+            node(
+                "LayerNormalization",
+                [n + "out0", "gamma", "beta"],
+                ["last_hidden_state" if last else f"x{layer + 1}"],
+                axis=-1,
+            ),
+        ]
     tokens = ["texts", "tokens"]
     graph = helper.make_graph(
         nodes,
@@ -139,7 +150,7 @@ def build_tiny_bert(path: Path, seed: int = 0) -> Path:
             helper.make_tensor_value_info(name, TensorProto.INT64, tokens)
             for name in ("input_ids", "attention_mask", "token_type_ids")
         ],
-        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*tokens, HIDDEN])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, [*tokens, hidden])],
         initializer=initializers,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
