@@ -170,13 +170,12 @@ class Collection:
     def _hits(self, keys: Array, query: Array, k: int) -> list[Hit]:
         """The ``k`` nearest of the candidates ``keys``, ranked by their exact distance to the
         float32 vectors SQLite holds (the index stores f16 copies)."""
-        present = self.store.by_keys(keys.tolist()) if len(keys) else {}
-        if not present:
+        if not len(keys):
             return []
-        rows = list(present.values())
-        exact = distances(self.metric, np.stack([row[2] for row in rows]), query)
+        ids, metadata, vectors = self.store.by_keys(keys.tolist())
+        exact = distances(self.metric, vectors, query)
         order = np.argsort(exact, kind="stable")[:k]
-        return [Hit(rows[i][0], float(exact[i]), rows[i][1]) for i in order]
+        return [Hit(ids[i], float(exact[i]), json.loads(metadata[i])) for i in order]
 
     def get(self, ids: Sequence[str]) -> list[Item]:
         return self.store.get(ids)

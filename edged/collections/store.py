@@ -160,14 +160,15 @@ class VectorStore:
         found = {row[0]: self._item(row) for row in rows}
         return [found[i] for i in ids if i in found]
 
-    def by_keys(self, keys: Sequence[int]) -> dict[int, tuple[str, dict[str, Any], Array]]:
-        """The id, metadata and vector of each key still present (a key the index returns
-        may have been replaced since)."""
+    def by_keys(self, keys: Sequence[int]) -> tuple[list[str], list[str], Array]:
+        """The id, metadata (JSON text) and vector of each key still present (a key the index
+        returns may have been replaced since), in one pass over SQLite."""
         marks = ",".join("?" * len(keys))
         rows = self.reader.execute(
-            f"SELECT key, id, metadata, vector FROM items WHERE key IN ({marks})", list(keys)
-        )
-        return {row[0]: (row[1], json.loads(row[2]), np.frombuffer(row[3], "<f4")) for row in rows}
+            f"SELECT id, metadata, vector FROM items WHERE key IN ({marks})", list(keys)
+        ).fetchall()
+        vectors = np.frombuffer(b"".join(row[2] for row in rows), "<f4")
+        return [row[0] for row in rows], [row[1] for row in rows], vectors.reshape(-1, self.dim)
 
     def matching(self, where: Mapping[str, Any]) -> Array:
         """The keys of items whose metadata has every field of ``where`` equal."""
