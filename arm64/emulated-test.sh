@@ -33,22 +33,27 @@ export QEMU_CPU=${QEMU_CPU:-neoverse-n1}
 # What runs: everything that needs neither llama-cpp-python (no aarch64 wheel on PyPI; building it
 # under emulation takes far too long) nor systemd-python (a compile) nor a host systemd. It includes
 # real inference through real daemon subprocesses over their IPC sockets (test_serving,
-# test_bad_input, test_third_party_model). Left out: test_gguf*, test_text_protocol,
+# test_bad_input, test_third_party_model), ONNX text encoders (tokenizers) and vector collections
+# (usearch, SQLite). Left out: test_gguf*, test_text_protocol,
 # test_candidates and test_swap (GGUF models), test_journald and test_systemd_unit (systemd).
 DEFAULT_TESTS="tests/test_protocol.py tests/test_config.py tests/test_models.py
 tests/test_onnx_size.py tests/test_serving.py tests/test_bad_input.py
 tests/test_third_party_model.py tests/test_frame_steps.py tests/test_box_steps.py
-tests/test_pipelines.py tests/test_chains.py tests/test_regions.py tests/test_output_binding.py"
+tests/test_pipelines.py tests/test_chains.py tests/test_regions.py tests/test_output_binding.py
+tests/test_text_encoder.py tests/test_collections.py tests/test_collections_live.py"
 TESTS=${ARM64_TESTS:-$DEFAULT_TESTS}
 # Three tests assume native speed. Emulated, the tests' slow model took 16 s for a batch
 # of 256 rows (0.06 s natively): batches queued behind it outlast the 30 s these tests wait for
 # each reply, and a model's first run misses a 50 ms deadline.
 # And qemu-user hands a process at most the fds its buffer has room for without setting
 # MSG_CTRUNC, so a register with 10 fds reads as one with 8 (still refused, with another message).
+# The budget test fills a collection with thousands of 1024-d vectors until the budget refuses
+# them: emulated HNSW insertion takes longer than the test's 120 s.
 DEFAULT_DESELECT="tests/test_serving.py::test_full_queue_answers_busy_at_once_and_loses_nothing
 tests/test_serving.py::test_slow_model_does_not_block_another_model
 tests/test_serving.py::test_deadline_shorter_than_the_batch_delay_runs_in_time
-tests/test_regions.py::test_malformed_messages_are_answered_and_the_connection_stays"
+tests/test_regions.py::test_malformed_messages_are_answered_and_the_connection_stays
+tests/test_collections_live.py::test_a_collections_index_is_charged_to_the_memory_budget"
 DESELECT=${ARM64_DESELECT-$DEFAULT_DESELECT}
 
 say() { printf '\n== %s\n' "$*"; }
