@@ -184,6 +184,13 @@ class Collection:
         return self.store.count()
 
     @property
+    def indexed(self) -> int:
+        """Items in the index: the committed count, without a scan of SQLite (for the budget,
+        on every upsert)."""
+        with self._lock:
+            return len(self._index)
+
+    @property
     def memory_bytes(self) -> int:
         with self._lock:
             return self._index.memory_bytes

@@ -66,7 +66,7 @@ class Collections:
         collection = await in_fresh_thread(
             Collection.open, name, config.dim, config.metric, self._directory
         )
-        self._charge(collection, collection.count())
+        self._charge(collection, collection.indexed)
         return collection
 
     def _charge(self, collection: Collection, count: int) -> None:
@@ -81,7 +81,7 @@ class Collections:
         not fit the memory budget."""
         budget = self._budget
         if budget is not None:
-            after = collection.count() + len(items)
+            after = collection.indexed + len(items)
             charged = budget.statistics().charged_bytes.get(budget_name(collection.name), 0)
             need = max(estimate_bytes(after, collection.dim) - charged, 0)
             if budget.shortfall(need) > 0:  # also when the index already outgrew the budget
@@ -90,7 +90,7 @@ class Collections:
                     f"{need / MIB:.1f} MiB more, beyond the memory budget"
                 )
         generation = await collection.upsert(items)
-        self._charge(collection, collection.count())
+        self._charge(collection, collection.indexed)
         return generation
 
     def ready(self, name: str) -> Collection | None:
