@@ -156,6 +156,7 @@ class Daemon:
                 config=config.ota,
                 trusted=TrustedKeys(Path(config.ota.trusted_keys)),
                 tasks=self.tasks,
+                collections=self.service.collections,
             )
         self._installer = installer
         self.control = ControlService(
@@ -343,7 +344,7 @@ class Daemon:
     def _recover(self) -> None:
         """Settle what a crash or power cut interrupted, before any model loads (blocking)."""
         self.loader.store.sweep()
-        self.journal.recover(self.loader.store)
+        self.journal.recover(self.loader.store, self.service.collections.directory)
 
     def _declared_models(self) -> dict[str, VersionSpec]:
         """Each declared model's version (blocking); with none declared, the demo, stored on

@@ -113,10 +113,7 @@ class ModelStore:
                 fsync_dir(pointer.parent)
             return
         pointer.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pointer.with_name(f".{CURRENT}.tmp")
-        _write_synced(tmp, f"{version}\n".encode())
-        tmp.replace(pointer)
-        fsync_dir(pointer.parent)
+        write_durably(pointer, f"{version}\n")
 
     def manifest(self, name: str, version: int) -> Manifest:
         path = self.root / name / str(version) / MANIFEST
@@ -267,3 +264,14 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step, on disk when this returns."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    tmp.replace(path)
+    fsync_dir(path.parent)

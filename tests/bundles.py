@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import re
+import subprocess
 import tarfile
 import threading
 import time
@@ -22,7 +23,7 @@ from edged.errors import BadBundle, BadSignature, EdgedError
 from edged.ota import bundle
 from edged.ota.keys import generate, key_id, load_private
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory, store_versions
+from tests.conftest import EDGECTL, DaemonFactory, store_versions
 from tests.models import build_wide_model
 
 #: model "m": x float32[batch, WIDTH] -> y
@@ -97,9 +98,10 @@ def serving(daemon: DaemonProcess) -> int:
 
 
 @contextlib.contextmanager
-def inferring(daemon: DaemonProcess) -> Iterator[dict[str, int]]:
-    """A client inferring on "m" all along; its tally of requests and failures."""
-    tally = {"requests": 0, "failures": 0}
+def calling(daemon: DaemonProcess, call: Callable[[Client], Any]) -> Iterator[dict[str, Any]]:
+    """A client making ``call`` all along; its tally of requests and failures, and the set
+    of what the calls returned."""
+    tally: dict[str, Any] = {"requests": 0, "failures": 0, "seen": set()}
     stop = threading.Event()
 
     def run() -> None:
@@ -107,7 +109,7 @@ def inferring(daemon: DaemonProcess) -> Iterator[dict[str, int]]:
             while not stop.is_set():
                 tally["requests"] += 1
                 try:
-                    client.infer("m", {"x": X})
+                    tally["seen"].add(call(client))
                 except EdgedError:
                     tally["failures"] += 1
 
@@ -118,6 +120,22 @@ def inferring(daemon: DaemonProcess) -> Iterator[dict[str, int]]:
     finally:
         stop.set()
         worker.join(30)
+
+
+def inferring(daemon: DaemonProcess) -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """A client inferring on "m" all along (``calling``)."""
+    return calling(daemon, lambda client: client.infer("m", {"x": X}).version)
+
+
+def killed_during(daemon: DaemonProcess, bundle: Path) -> None:
+    """Install ``bundle`` with edgectl; the daemon dies at its fault point, unanswered."""
+    command = [*EDGECTL, "--control", daemon.control_endpoint, "install", str(bundle)]
+    edgectl = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert daemon.wait(60) == -9, daemon.log()
+    finally:
+        edgectl.kill()
+        edgectl.wait()
 
 
 def history(daemon: DaemonProcess) -> list[dict[str, Any]]:

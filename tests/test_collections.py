@@ -1,6 +1,6 @@
 """Vector collections in process: SQLite as the source of truth, the usearch index derived
-from it, searches with and without metadata filters, and the index rebuilt when it does not
-hold exactly the committed writes."""
+from it, searches with and without metadata filters, and a saved index repaired after a crash
+or rebuilt when it does not read."""
 
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def test_bad_vectors_are_refused(tmp_path: Path) -> None:
     collection.close()
 
 
-def test_the_saved_index_is_reused_only_when_it_holds_every_write(
+def test_a_saved_index_is_reused_and_repaired_after_a_crash(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = vectors(200)
@@ -127,13 +127,25 @@ def test_the_saved_index_is_reused_only_when_it_holds_every_write(
     collection.close()  # saves the index at this generation
     caplog.set_level(logging.INFO, "edged.collections.collection")
     again = Collection.open("c", DIM, "cosine", tmp_path)
-    assert "building its index" not in caplog.text
+    assert "building its index" not in caplog.text and "repairing" not in caplog.text
     assert [hit.id for hit in again.search(data[7], 1)] == ["item7"]
+    moved = vectors(3, seed=2)
     run(again.upsert(items(vectors(5, seed=1), prefix="new")))
-    again.store.close()  # a crash: the saved index misses the last write
+    run(again.upsert([Item(f"item{i}", moved[i], {}) for i in range(3)]))  # replaced: new keys
+    run(again.delete(["item10", "item11"]))
+    again.store.close()  # a crash: the saved index misses the last writes
     reopened = Collection.open("c", DIM, "cosine", tmp_path)
-    assert "building its index from 205 stored items" in caplog.text
+    assert "repairing its saved index: 8 items to add, 5 to remove" in caplog.text
+    assert "building its index" not in caplog.text
+    assert reopened.indexed == reopened.count() == 203
     assert reopened.search(vectors(5, seed=1)[2], 1)[0].id == "new2"
+    assert [reopened.search(moved[i], 1)[0].id for i in range(3)] == ["item0", "item1", "item2"]
+    assert "item10" not in {hit.id for hit in reopened.search(data[10], 20)}
     reopened.close()
+    (tmp_path / "c.usearch").write_bytes(b"torn")  # a saved index that does not read
+    rebuilt = Collection.open("c", DIM, "cosine", tmp_path)
+    assert "building its index from 203 items" in caplog.text
+    assert rebuilt.search(data[7], 1)[0].id == "item7"
+    rebuilt.close()
     with pytest.raises(ValueError, match="dim 16 and metric cosine, not 8 and cosine"):
         Collection.open("c", 8, "cosine", tmp_path)

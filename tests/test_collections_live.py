@@ -113,7 +113,7 @@ def test_acknowledged_writes_survive_a_kill_and_a_clean_restart(
         assert [item["id"] for item in items] == ids[1:]
         np.testing.assert_array_equal(vectors, data[1:])
         assert points.search(data[7], k=1)[0]["id"] == "p7"
-    assert "building its index from 299 stored items" in again.log()
+    assert "building its index from 299 items" in again.log()
     again.stop()
     third = start_daemon(config, workdir=workdir)  # a clean stop saved the index: read back
     with third.client(timeout=30) as client:

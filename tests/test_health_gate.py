@@ -20,10 +20,9 @@ from edged.faults import ENV
 from edged.ota import bundle
 from edged.store import ModelStore
 from edged.testing import DaemonProcess
-from tests.bundles import WIDTH, install, make, serving, signing_keys
+from tests.bundles import WIDTH, install, killed_during, make, serving, signing_keys
 from tests.conftest import DaemonFactory, store_versions
 from tests.models import SLOW_WIDTH, build_one_row_model, build_slow_model, build_wide_model
-from tests.test_ota_recovery import killed_during
 
 WINDOW_S = 30.0
 

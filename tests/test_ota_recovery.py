@@ -3,7 +3,6 @@ restart leaves a consistent store, serves a committed version, and takes the ins
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +10,8 @@ import pytest
 
 from edged.faults import ENV
 from edged.store import STAGING, ModelStore, sha256_of
-from edged.testing import DaemonProcess
-from tests.bundles import WIDTH, install, make, serving, signing_keys
-from tests.conftest import EDGECTL, DaemonFactory, store_versions
+from tests.bundles import WIDTH, install, killed_during, make, serving, signing_keys
+from tests.conftest import DaemonFactory, store_versions
 from tests.models import build_wide_model
 
 #: points at which the install has not committed: a restart rolls it back
@@ -36,17 +34,6 @@ AFTER_COMMIT = ["ota.committed", "store.removing"]
 def config(keys: dict[str, Path]) -> dict[str, Any]:
     ota = {"trusted_keys": str(keys["trusted"]), "keep_versions": 2, "health_window_s": 0.3}
     return {"ota": ota, "models": {"m": {"preload": True}}}
-
-
-def killed_during(daemon: DaemonProcess, bundle: Path) -> None:
-    """Install ``bundle`` with edgectl; the daemon dies at its fault point, unanswered."""
-    command = [*EDGECTL, "--control", daemon.control_endpoint, "install", str(bundle)]
-    edgectl = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        assert daemon.wait(60) == -9, daemon.log()
-    finally:
-        edgectl.kill()
-        edgectl.wait()
 
 
 def assert_consistent(store: ModelStore) -> None:

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
+from edged.collections import snapshots
 from edged.collections.index import VectorIndex
-from edged.collections.store import Item, VectorStore, Written
-from edged.errors import BadRequest
+from edged.collections.store import SCAN_ROWS, Item, VectorStore, Written
+from edged.errors import BadRequest, BusyError
 
 log = logging.getLogger(__name__)
 
@@ -62,33 +63,43 @@ def distances(metric: str, vectors: Array, query: Array) -> Array:
 
 class Collection:
     def __init__(
-        self, name: str, store: VectorStore, index: VectorIndex, metric: str, directory: Path
+        self, name: str, store: VectorStore, index: VectorIndex, metric: str, version: int = 0
     ) -> None:
         self.name = name
+        #: the installed snapshot it serves (``edged.collections.snapshots``); 0: its own
+        self.version = version
         self.store = store
         self.dim = store.dim
         self.metric = metric
         self._index = index
         self._lock = threading.Lock()
-        self._index_path = directory / f"{name}.usearch"
+        self._index_path = store.path.with_suffix(".usearch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"collection-{name}")
+        #: replaced by an installed snapshot: writes go to the collection serving now
+        self._retired = False
 
     @classmethod
-    def open(cls, name: str, dim: int, metric: str, directory: Path) -> Collection:
-        """Open (or create) the collection's files; the saved index if it holds exactly the
-        committed writes, else one rebuilt from SQLite (blocking)."""
+    def open(
+        cls, name: str, dim: int, metric: str, directory: Path, version: int | None = None
+    ) -> Collection:
+        """Open (or create) the collection's files (of snapshot ``version``; by default the
+        installed one); the saved index if it holds exactly the committed writes, else one
+        rebuilt from SQLite (blocking)."""
         directory.mkdir(parents=True, exist_ok=True)
-        store = VectorStore(directory / f"{name}.sqlite3", dim, metric)
-        index_path = directory / f"{name}.usearch"
+        if version is None:
+            version = snapshots.installed(directory, name).version
+        store = VectorStore(snapshots.database(directory, name, version), dim, metric)
+        index_path = store.path.with_suffix(".usearch")
         saved = _saved_generation(index_path)
-        index = VectorIndex.load(index_path, dim, metric) if saved is not None else None
-        count = store.count()
-        if index is None or saved != store.generation or len(index) != count:
-            log.info("collection %s: building its index from %d stored items", name, count)
+        index = VectorIndex.load(index_path, dim, metric)
+        if index is None:
+            log.info("collection %s: building its index from %d items", name, store.count())
             index = VectorIndex.new(dim, metric)
             for keys, vectors in store.scan():
                 index.add(keys, vectors, threads=0)
-        return cls(name, store, index, metric, directory)
+        elif saved != store.generation:
+            _repair(name, index, store)
+        return cls(name, store, index, metric, version)
 
     # -- writes, on the collection's thread -------------------------------------------------
 
@@ -105,6 +116,11 @@ class Collection:
         return len(written.removed)
 
     async def _write(self, write: Any, argument: Any) -> Written:
+        if self._retired:
+            raise BusyError(
+                f"collection {self.name!r} was replaced by an installed snapshot while this "
+                f"write waited; send it again"
+            )
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._writer, self._commit, write, argument)
 
@@ -200,6 +216,7 @@ class Collection:
     def stat(self) -> dict[str, Any]:
         files = [self.store.path, self.store.path.with_name(self.store.path.name + "-wal")]
         return {
+            "version": self.version,
             "count": self.count(),
             "generation": self.store.generation,
             "index_bytes": self.memory_bytes,
@@ -228,11 +245,35 @@ class Collection:
         partial.write_text(json.dumps({"generation": generation}))
         partial.replace(marker)
 
-    def close(self) -> None:
-        """Save the index and close the files (blocking: at shutdown)."""
-        self._writer.submit(self._save).result()
+    def retire(self) -> None:
+        """Take no more writes (on the event loop: before ``close``, when replaced)."""
+        self._retired = True
+
+    def close(self, save: bool = True) -> None:
+        """Finish the writes under way, save the index (unless the collection is being
+        replaced or discarded) and close the files (blocking)."""
+        if save:
+            self._writer.submit(self._save).result()
         self._writer.shutdown()
         self.store.close()
+
+
+def _repair(name: str, index: VectorIndex, store: VectorStore) -> None:
+    """Bring a saved index up to SQLite's writes since (those a crash kept it from saving):
+    keys are never reused, so the keys it lacks are the items to add, and its keys SQLite
+    lacks the items to remove; everything else is already right."""
+    stored, indexed = store.matching({}), index.keys()
+    gone, missing = np.setdiff1d(indexed, stored), np.setdiff1d(stored, indexed)
+    log.info(
+        "collection %s: repairing its saved index: %d items to add, %d to remove",
+        name,
+        len(missing),
+        len(gone),
+    )
+    index.remove(gone.tolist())
+    for start in range(0, len(missing), SCAN_ROWS):
+        keys, vectors = store.vectors(missing[start : start + SCAN_ROWS])
+        index.add(keys, vectors, threads=0)
 
 
 def _saved_generation(index_path: Path) -> int | None:

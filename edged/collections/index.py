@@ -2,12 +2,13 @@
 
 The index is derived data: SQLite holds every vector, so the index can always be rebuilt from
 it. It is saved beside the database with the generation of the writes it holds; at start a
-saved index whose generation matches is read back, any other is rebuilt. usearch imports only
-when a collection opens.
+saved index is read back and, if its generation is behind, repaired from SQLite's writes since;
+one that does not read is rebuilt. usearch imports only when a collection opens.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,10 @@ class VectorIndex:
         if len(keys):
             self._index.add(keys.astype(np.uint64), vectors, threads=threads)
 
+    def keys(self) -> Array:
+        found: Array = np.asarray(self._index.keys, np.int64)
+        return found
+
     def remove(self, keys: list[int]) -> None:
         if keys:
             self._index.remove(np.asarray(keys, np.uint64))
@@ -85,9 +90,12 @@ class VectorIndex:
         return found.keys.astype(np.int64), found.distances.astype(np.float32)
 
     def save(self, path: Path) -> None:
-        """Written aside and renamed: a crash leaves the old file or the new, never half."""
+        """Written aside, synced and renamed: a crash leaves the old file or the new, never
+        half."""
         partial = path.with_suffix(path.suffix + ".partial")
         self._index.save(str(partial))
+        with partial.open("rb+") as written:
+            os.fsync(written.fileno())
         partial.replace(path)
 
     @property

@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edged import faults
 from edged.chains import StepReply
+from edged.collections import snapshots
 from edged.collections.calls import CollectionRequest, as_vectors
 from edged.collections.collection import Collection
 from edged.collections.index import estimate_bytes
@@ -53,7 +55,7 @@ class Collections:
         self._directory = directory
         self._service = service
         self._tasks = tasks
-        self._opening: dict[str, asyncio.Task[Collection]] = {}
+        self._opening: dict[str, asyncio.Future[Collection]] = {}
         self._ids = itertools.count(1)
 
     def start(self) -> None:
@@ -62,19 +64,81 @@ class Collections:
         for name, config in self.configs.items():
             self._opening[name] = self._tasks.start(self._open(name, config), f"open {name}")
 
+    @property
+    def directory(self) -> Path:
+        return self._directory
+
     async def _open(self, name: str, config: CollectionConfig) -> Collection:
-        collection = await in_fresh_thread(
-            Collection.open, name, config.dim, config.metric, self._directory
-        )
+        collection = await in_fresh_thread(self._open_installed, name, config)
         self._charge(collection, collection.indexed)
         return collection
+
+    def _open_installed(self, name: str, config: CollectionConfig) -> Collection:
+        self._directory.mkdir(parents=True, exist_ok=True)
+        snapshots.sweep(self._directory, name)  # what an install left uncommitted
+        return Collection.open(name, config.dim, config.metric, self._directory)
+
+    # -- installing a snapshot (edged.ota.snapshot) ------------------------------------------
+
+    async def prepare(self, name: str, version: int, count: int) -> Collection:
+        """Open the published snapshot ``version`` of ``name`` (``count`` items) and build its
+        index, while the collection serves what it served; charged to the budget beside it."""
+        config = self.configs[name]
+        need = estimate_bytes(count, config.dim)
+        if self._budget is not None and self._budget.shortfall(need) > 0:
+            raise BudgetExceeded(
+                f"collection {name!r}: the snapshot's {count} items need {need / MIB:.1f} MiB "
+                f"beside the index serving now, beyond the memory budget"
+            )
+        collection = await in_fresh_thread(
+            Collection.open, name, config.dim, config.metric, self._directory, version
+        )
+        try:
+            await collection.save_index()  # a restart reads it rather than building it again
+            self._charge(collection, collection.indexed)
+        except BaseException:
+            await in_fresh_thread(collection.close, False)
+            raise
+        return collection
+
+    async def switch(self, new: Collection, sha256: str) -> None:
+        """Commit ``new`` (``prepare``) as the collection a restart serves, serve it, then
+        close the one it replaces and remove its files. Writes the old one acknowledged
+        while ``new`` was prepared go with it: a snapshot replaces the collection whole."""
+        name = new.name
+        old = await self.get(name)
+        installed = await in_fresh_thread(snapshots.installed, self._directory, name)
+        try:
+            await in_fresh_thread(
+                snapshots.commit, self._directory, name, installed.after(new.version, sha256)
+            )
+        except BaseException:
+            await self.discard(new)
+            raise
+        faults.point("collections.committed")
+        switched: asyncio.Future[Collection] = asyncio.get_running_loop().create_future()
+        switched.set_result(new)
+        self._opening[name] = switched
+        old.retire()
+        await in_fresh_thread(old.close, False)
+        if self._budget is not None:
+            self._budget.release(budget_name(name), old.version, 0, report=False)
+        await in_fresh_thread(snapshots.sweep, self._directory, name)
+        log.info("collection %s: now serving snapshot version %d", name, new.version)
+
+    async def discard(self, prepared: Collection) -> None:
+        """Close a prepared snapshot that will not serve, and remove its files."""
+        await in_fresh_thread(prepared.close, False)
+        if self._budget is not None:
+            self._budget.release(budget_name(prepared.name), prepared.version, 0, report=False)
+        await in_fresh_thread(snapshots.sweep, self._directory, prepared.name)
 
     def _charge(self, collection: Collection, count: int) -> None:
         """Charge the index to the memory budget, as a loaded model is: what it holds, or what
         ``count`` items will take, whichever is more."""
         if self._budget is not None:
             held = max(estimate_bytes(count, collection.dim), collection.memory_bytes)
-            self._budget.charge(budget_name(collection.name), 0, held, held)
+            self._budget.charge(budget_name(collection.name), collection.version, held, held)
 
     async def upsert(self, collection: Collection, items: Sequence[Item]) -> int:
         """``collection.upsert``, refused with ``BUDGET_EXCEEDED`` when the items it adds would
@@ -161,7 +225,8 @@ class Collections:
         """Save every open index (its next start reads it rather than rebuilding)."""
         for name, opening in self._opening.items():
             if opening.done() and not opening.cancelled() and opening.exception() is None:
-                await in_fresh_thread(opening.result().close)
+                collection = opening.result()
+                await in_fresh_thread(collection.close)
                 if self._budget is not None:
-                    self._budget.release(budget_name(name), 0, 0, report=False)
+                    self._budget.release(budget_name(name), collection.version, 0, report=False)
             log.info("collection %s closed", name)

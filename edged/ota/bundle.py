@@ -40,8 +40,10 @@ FORMAT = "edged-bundle/1"
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FILES = "files/"
-BACKENDS = ("onnx", "gguf")
-ROLES = ("model", "golden", "pipeline")
+#: what a bundle installs: a model version, or a collection's snapshot (a SQLite database)
+KINDS = ("model", "collection")
+BACKENDS = {"model": ("onnx", "gguf"), "collection": ("sqlite",)}
+ROLES = {"model": ("model", "golden", "pipeline"), "collection": ("collection",)}
 MAX_MANIFEST_BYTES = 1 << 20
 #: a signature is 64 bytes, its JSON about 130: anything larger is not one
 MAX_SIGNATURE_BYTES = 4096
@@ -78,10 +80,15 @@ class Manifest:
     architectures: tuple[str, ...] = ()
     created: str = ""
     format: str = FORMAT
+    #: "model", or "collection": ``name`` is then a declared collection, and the one file its
+    #: snapshot
+    kind: str = "model"
 
     @property
     def model(self) -> BundleFile:
-        return next(f for f in self.files if f.role == "model")
+        """The model file; a collection bundle's snapshot."""
+        main_role = ROLES[self.kind][0]
+        return next(f for f in self.files if f.role == main_role)
 
     @property
     def golden(self) -> BundleFile | None:
@@ -93,6 +100,8 @@ class Manifest:
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
+        if self.kind == "model":  # a model bundle stays readable by an edged without kinds
+            del data["kind"]
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     @classmethod
@@ -114,30 +123,36 @@ class Manifest:
         """The manifest's own consistency (what it says about the device comes later)."""
         if self.format != FORMAT:
             raise BadBundle(f"bundle format {self.format!r}; this edged reads {FORMAT}")
-        text = [self.name, self.min_edged, self.created, *self.architectures]
+        text = [self.name, self.min_edged, self.created, self.kind, *self.architectures]
         text += [value for entry in self.files for value in (entry.path, entry.sha256, entry.role)]
         if not all(isinstance(value, str) for value in text):
             raise BadBundle("the manifest's names, versions, hashes and roles must be strings")
+        if self.kind not in KINDS:
+            raise BadBundle(f"kind {self.kind!r} is not one of {', '.join(KINDS)}")
         if not _FILE_NAME.fullmatch(self.name):
-            raise BadBundle(f"model name {self.name!r} is not a valid model name")
+            raise BadBundle(f"{self.kind} name {self.name!r} is not a valid {self.kind} name")
         if type(self.version) is not int or not 1 <= self.version <= MAX_VERSION:
             raise BadBundle(
                 f"version must be an integer from 1 to {MAX_VERSION}, got {self.version!r}"
             )
-        if self.backend not in BACKENDS:
-            raise BadBundle(f"backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        backends, roles = BACKENDS[self.kind], ROLES[self.kind]
+        if self.backend not in backends:
+            raise BadBundle(
+                f"a {self.kind} bundle's backend {self.backend!r} is not one of "
+                f"{', '.join(backends)}"
+            )
         paths = [f.path for f in self.files]
         if len(set(paths)) != len(paths):
             raise BadBundle("the manifest lists a file twice")
         for entry in self.files:
             if not _FILE_NAME.fullmatch(entry.path):
                 raise BadBundle(f"file name {entry.path!r} is not a plain file name")
-            if entry.role not in ROLES or type(entry.size) is not int or entry.size < 0:
+            if entry.role not in roles or type(entry.size) is not int or entry.size < 0:
                 raise BadBundle(f"file {entry.path!r}: bad role or size")
             if not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
                 raise BadBundle(f"file {entry.path!r}: sha256 must be 64 hex digits")
-        if [f.role for f in self.files].count("model") != 1:
-            raise BadBundle("a bundle holds exactly one model file")
+        if [f.role for f in self.files].count(roles[0]) != 1:
+            raise BadBundle(f"a {self.kind} bundle holds exactly one {roles[0]} file")
         for role, what in (("golden", "golden vectors file"), ("pipeline", "pipeline file")):
             if [f.role for f in self.files].count(role) > 1:
                 raise BadBundle(f"a bundle holds at most one {what}")
@@ -164,9 +179,13 @@ def build(
     pipeline: Path | None = None,
     min_edged: str = "0.0.0",
     architectures: tuple[str, ...] = (),
+    kind: str = "model",
 ) -> Manifest:
-    """Write an unsigned bundle at ``out``; ``sign`` it before shipping."""
-    sources = [(model, "model")] + [
+    """Write an unsigned bundle at ``out``; ``sign`` it before shipping. A ``collection`` bundle
+    carries ``model``, a collection's snapshot (``edgectl collections snapshot``)."""
+    if kind == "collection" and (golden or pipeline):
+        raise BadBundle("a collection bundle carries the collection's snapshot and nothing else")
+    sources = [(model, ROLES[kind][0])] + [
         (path, role) for path, role in ((golden, "golden"), (pipeline, "pipeline")) if path
     ]
     files = tuple(
@@ -174,8 +193,10 @@ def build(
         for source, role in sources
     )
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if kind == "collection":
+        backend = "sqlite"
     backend = backend or ("gguf" if model.suffix.lower() == ".gguf" else "onnx")
-    manifest = Manifest(name, version, backend, files, min_edged, architectures, created)
+    manifest = Manifest(name, version, backend, files, min_edged, architectures, created, kind=kind)
     manifest.check()
     _write(out, manifest.to_bytes(), None, _local_files([source for source, _ in sources]))
     return manifest

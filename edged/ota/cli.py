@@ -19,8 +19,18 @@ def add_commands(commands: Any) -> None:
 
     bundle = commands.add_parser("bundle", help="build, sign, verify and inspect model bundles")
     actions = bundle.add_subparsers(dest="bundle_command", required=True)
-    build = actions.add_parser("build", help="pack a model (and golden vectors) into a bundle")
-    build.add_argument("model", type=Path, help="the model file (.onnx or .gguf)")
+    build = actions.add_parser(
+        "build", help="pack a model (and golden vectors), or a collection's snapshot, into a bundle"
+    )
+    build.add_argument(
+        "model", type=Path, help="the model file (.onnx or .gguf), or with --collection a snapshot"
+    )
+    build.add_argument(
+        "--collection",
+        action="store_true",
+        help="the file is a collection's snapshot (edgectl collections snapshot); --name names "
+        "the collection",
+    )
     build.add_argument("-o", "--output", type=Path, required=True, help="the bundle to write")
     build.add_argument("--name", required=True, help="the model's name on the devices")
     build.add_argument("--version", type=int, required=True, help="higher than any shipped")
@@ -62,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             pipeline=args.pipeline,
             min_edged=args.min_edged,
             architectures=tuple(args.arch),
+            kind="collection" if args.collection else "model",
         )
         return _print(
             {"bundle": str(args.output), "name": manifest.name, "version": manifest.version}

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edged.collections.service import Collections
 from edged.config import OtaConfig, read_pipeline
 from edged.errors import BadBundle, ConfigError, EdgedError, Unhealthy
 from edged.models.budget import MIB
@@ -42,7 +43,9 @@ from edged.ota.bundle import Manifest, check_file_size, verified
 from edged.ota.health import Baseline, HealthGate
 from edged.ota.journal import Journal
 from edged.ota.keys import TrustedKeys
+from edged.ota.snapshot import SnapshotInstaller
 from edged.ota.upload import Uploads
+from edged.ota.verifying import Verifying
 from edged.steps.pipeline import pipeline_path
 from edged.store import ModelStore
 from edged.tasks import TaskGroup
@@ -64,7 +67,9 @@ class Plan(enum.Enum):
     SERVING = "serving"
 
 
-class Installer:
+class Installer(Verifying[Plan]):
+    publish = Plan.PUBLISH
+
     def __init__(
         self,
         registry: Registry,
@@ -75,6 +80,7 @@ class Installer:
         config: OtaConfig,
         trusted: TrustedKeys,
         tasks: TaskGroup,
+        collections: Collections,
     ) -> None:
         self.registry = registry
         self.loader = loader
@@ -83,6 +89,8 @@ class Installer:
         self.trusted = trusted
         self.gate = HealthGate(config)
         self.max_bytes = config.max_bundle_mb * MIB
+        #: installs bundles of collection snapshots
+        self.snapshots = SnapshotInstaller(collections, journal, trusted, self.max_bytes)
         self.keep_versions = config.keep_versions
         #: bundles pushed over the control socket, beside the install records
         self.uploads = Uploads(journal.directory / "uploads", self.max_bytes, tasks)
@@ -118,7 +126,7 @@ class Installer:
             log.info(
                 "%s: %s version %d from %s",
                 record["outcome"],
-                record["model"],
+                record.get("model") or record.get("collection"),
                 record["version"],
                 bundle,
             )
@@ -133,6 +141,9 @@ class Installer:
             self.uploads.remove(sha256)
 
     async def _install(self, bundle: Path, allow_downgrade: bool, record: dict[str, Any]) -> None:
+        if await in_fresh_thread(self._kind, bundle) == "collection":
+            await self.snapshots.install(bundle, allow_downgrade, record)
+            return
         manifest, plan = await in_fresh_thread(self._stage, bundle, allow_downgrade)
         record.update(model=manifest.name, version=manifest.version)
         if plan is Plan.SERVING:
@@ -246,19 +257,18 @@ class Installer:
     def history(self, last: int = 20) -> list[dict[str, Any]]:
         return self.journal.history(last)
 
+    def _kind(self, bundle: Path) -> str:
+        """What the bundle installs, as its verified manifest says (blocking)."""
+        check_file_size(bundle, self.max_bytes)
+        with verified(bundle, self.trusted) as opened:
+            return opened.manifest.kind
+
     def _stage(self, bundle: Path, allow_downgrade: bool) -> tuple[Manifest, Plan]:
         """Verify, decide what the install means (``_plan``) and, for a new version, extract
         it into staging and publish it (blocking)."""
         check_file_size(bundle, self.max_bytes)
         with self.store.staging() as staging:
-            self.journal.begin(bundle, staging)
-            with verified(bundle, self.trusted) as opened:
-                manifest = opened.manifest
-                manifest.check_device()
-                plan = self._plan(manifest, allow_downgrade)
-                if plan is Plan.PUBLISH:
-                    opened.extract(staging, self.max_bytes)
-            self.journal.step("verified", model=manifest.name, version=manifest.version)
+            manifest, plan = self._verify(bundle, staging, allow_downgrade)
             if plan is not Plan.PUBLISH:
                 return manifest, plan
             golden, pipeline, model = manifest.golden, manifest.pipeline, manifest.model

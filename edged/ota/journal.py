@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from edged import faults
-from edged.store import ModelStore, fsync_dir
+from edged.collections import snapshots
+from edged.store import ModelStore, fsync_dir, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class Entry:
     version: int | None = None
     #: whether ``version`` in the store is this install's (a resumed one found it there)
     owns_version: bool = False
+    #: "model", or "collection": ``model`` then names a collection (``edged.ota.snapshot``)
+    kind: str = "model"
 
 
 class Journal:
@@ -65,9 +68,9 @@ class Journal:
         self.directory = directory
         self.entry: Entry | None = None
 
-    def begin(self, bundle: Path, staging: Path) -> None:
+    def begin(self, bundle: Path, staging: Path, kind: str = "model") -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._write(Entry(str(bundle), STEPS[0], time.time(), str(staging)))
+        self._write(Entry(str(bundle), STEPS[0], time.time(), str(staging), kind=kind))
 
     def step(self, step: str, **fields: Any) -> None:
         """Durably mark ``step`` as begun (with what is known by now), then go on."""
@@ -91,7 +94,7 @@ class Journal:
         return {
             "bundle": entry.bundle,
             "started": entry.started,
-            "model": entry.model,
+            entry.kind: entry.model,
             "version": entry.version,
             "step": entry.step,
         }
@@ -117,9 +120,11 @@ class Journal:
         lines = path.read_text().splitlines()[-last:]
         return [json.loads(line) for line in lines if line.strip()]
 
-    def recover(self, store: ModelStore) -> dict[str, Any] | None:
+    def recover(self, store: ModelStore, collections: Path) -> dict[str, Any] | None:
         """Settle an install a crash or power cut interrupted (blocking; before any model
-        loads); returns the outcome recorded, or ``None`` when there was none."""
+        loads); returns the outcome recorded, or ``None`` when there was none. A collection
+        snapshot left published but not committed goes when its collection opens
+        (``edged.collections.snapshots.sweep``)."""
         try:
             entry = Entry(**json.loads((self.directory / JOURNAL).read_text()))
         except FileNotFoundError:
@@ -130,12 +135,17 @@ class Journal:
             return None
         self.entry = entry
         shutil.rmtree(entry.staging, ignore_errors=True)
-        committed = entry.model is not None and store.current(entry.model) == entry.version
+        committed = entry.model is not None and entry.version == (
+            snapshots.installed(collections, entry.model).version
+            if entry.kind == "collection"
+            else store.current(entry.model)
+        )
         record = {**self._status_fields(entry), "recovered": True}
         if entry.step in ("committing", "committed") and committed:
             record.update(outcome="installed")
         else:
-            if entry.owns_version and entry.model is not None and entry.version is not None:
+            owned = entry.owns_version and entry.kind == "model"
+            if owned and entry.model is not None and entry.version is not None:
                 store.remove(entry.model, entry.version)
             reason = f"interrupted at step {entry.step!r} by a restart; rolled back"
             record.update(outcome="rolled_back", code="INTERRUPTED", reason=reason)
@@ -151,14 +161,3 @@ class Journal:
         self.record(record)
         self.end()
         return record
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step, on disk when this returns."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    tmp.replace(path)
-    fsync_dir(path.parent)
