@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edged.collections import snapshots
 from edged.errors import BadRequest, BudgetExceeded, UnknownCollection
 from edged.tinybert import build_tiny_bert
 from tests.conftest import EDGECTL, DaemonFactory, edgectl_json
@@ -216,6 +217,10 @@ def test_edgectl_lists_compacts_and_snapshots_collections(
     edgectl_json(daemon, "collections", "snapshot", "points", "--out", str(out))
     with sqlite3.connect(out) as copy:
         assert copy.execute("SELECT count(*) FROM items").fetchone()[0] == 50
+    assert snapshots.check(out, 4, "l2") == 50  # what a collection bundle may carry
+    stat = edgectl_json(daemon, "collections", "stat", "points")
+    assert stat["action"] == "stat" and stat["collection"]["count"] == 50
+    assert stat["collection"]["version"] == 0
     done = subprocess.run(
         [*EDGECTL, "--control", daemon.control_endpoint, "collections", "compact", "nope"],
         capture_output=True,

@@ -1,6 +1,6 @@
-"""``collections``: the vector collections: list them with their size, or compact one (SQLite's
-VACUUM, then its index saved) or snapshot one (a consistent copy of its database, while it
-keeps serving)."""
+"""``collections``: the vector collections: list them with their size, stat one, compact one
+(SQLite's VACUUM, then its index saved) or snapshot one (a consistent copy of its database,
+while it keeps serving: what a collection bundle carries)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from edged.requests import valid_path
 if TYPE_CHECKING:
     from edged.control.service import ControlService
 
-ACTIONS = ("list", "compact", "snapshot")
+ACTIONS = ("list", "stat", "compact", "snapshot")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +50,7 @@ def collections(
         collection = await served.get(request.name)
         if request.action == "compact":
             await collection.compact()
-        else:
+        elif request.action == "snapshot":
             assert request.out is not None
             await collection.snapshot(Path(request.out))
         return {"collection": await served.stat(request.name), "action": request.action}
@@ -63,7 +63,7 @@ OP = Op(
     CollectionsRequest,
     collections,
     long_running=True,
-    help="vector collections: list, compact NAME, or snapshot NAME --out FILE",
+    help="vector collections: list, stat NAME, compact NAME, or snapshot NAME --out FILE",
     args=(
         arg(
             "action",
@@ -71,9 +71,9 @@ OP = Op(
             default="list",
             choices=ACTIONS,
             metavar="action",
-            help="list (the default), compact or snapshot",
+            help="list (the default), stat, compact or snapshot",
         ),
-        arg("name", nargs="?", help="the collection to compact or snapshot"),
+        arg("name", nargs="?", help="the collection to stat, compact or snapshot"),
         arg("--out", device_path=True, help="snapshot: the database copy to write"),
     ),
 )
