@@ -156,6 +156,37 @@ class EmbedOptions:
 
 
 @dataclass(frozen=True)
+class DriftOptions:
+    """Watching an ONNX model's inputs and outputs for drift from a reference, and for broken
+    data (docs/OPERATIONS.md#drift)."""
+
+    #: the fraction of requests profiled
+    sample: float = field(default=1.0, metadata={"min": 0.0})
+    #: profiled requests a second at most, beyond which requests are sampled less; 0: no cap
+    max_per_s: float = _at_least(200.0, 0.0)
+    #: a version's reference when its bundle shipped none: "traffic" (its first
+    #: ``reference_size`` observations) or "golden" (its golden vectors)
+    reference: str = _choice("traffic", "traffic", "golden")
+    #: observations a reference is made of (from traffic)
+    reference_size: int = _at_least(1000, 20)
+    #: observations in the sliding window compared with the reference
+    window: int = _at_least(500, 20)
+    #: bins per feature, cut at the reference's quantiles
+    bins: int = _at_least(20, 2)
+    #: a feature whose population stability index exceeds this has drifted
+    psi_threshold: float = _at_least(0.25, 0.0)
+    #: a feature whose KS statistic exceeds this has drifted; 0: the critical value at which a
+    #: window of the reference's own distribution exceeds it once in a million checks
+    ks_threshold: float = _at_least(0.0, 0.0)
+    #: the data contract: values a tensor must stay within, tensor name -> [low, high]
+    ranges: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    #: a feature this many times in a row the same value is stuck (a frozen sensor)
+    stuck_after: int = _at_least(50, 2)
+    #: seconds between two journal warnings of the same alarm
+    warn_interval_s: float = _at_least(300.0, 0.0)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     #: the model file; "" serves the newest version in the store, <state>/models/<name>/
     path: str = ""
@@ -186,6 +217,8 @@ class ModelConfig:
     #: texts in, one vector each out (``embed``): an ONNX text encoder's tokenizer and pooling,
     #: or a GGUF embedding model's pooling
     embed: EmbedOptions | None = None
+    #: (ONNX) drift and data-contract monitoring of its inputs and outputs
+    drift: DriftOptions | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -412,6 +445,7 @@ def parse_config(data: dict[str, Any], source: str, base_dir: Path) -> Config:
                 f"{source}: 'models.{name}': preprocess and postprocess apply to ONNX models"
             )
         _check_embed(name, model, source)
+        _check_drift(name, model, source)
     for name, chain in config.chains.items():
         _check_chain(name, chain, config.models, source)
     for name, collection in config.collections.items():
@@ -539,6 +573,22 @@ def _check_embed(name: str, model: ModelConfig, source: str) -> None:
             )
         )
         raise ConfigError(f"{source}: 'models.{name}.embed': {what}")
+
+
+def _check_drift(name: str, model: ModelConfig, source: str) -> None:
+    drift = model.drift
+    if drift is None:
+        return
+    where = f"{source}: 'models.{name}.drift"
+    if model.backend_for(model.path or ".onnx") == "gguf":
+        raise ConfigError(f"{where}': drift monitoring applies to ONNX models")
+    if not 0 < drift.sample <= 1:
+        raise ConfigError(f"{where}.sample' must be above 0 and at most 1, got {drift.sample}")
+    for tensor, bounds in drift.ranges.items():
+        if len(bounds) != 2 or bounds[0] > bounds[1]:
+            raise ConfigError(
+                f"{where}.ranges.{tensor}' must be [low, high] with low <= high, got {list(bounds)}"
+            )
 
 
 def _check_metrics(metrics: MetricsConfig, source: str) -> None:

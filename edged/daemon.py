@@ -32,6 +32,7 @@ from edged.control.ops import socket_tables
 from edged.control.reload import Reloader
 from edged.control.service import ControlService
 from edged.demo import build_demo_model
+from edged.drift.monitor import DriftMonitors
 from edged.errors import ConfigError, ShuttingDown
 from edged.heap import HeapTrimmer
 from edged.http.binding import check_listen
@@ -123,6 +124,8 @@ class Daemon:
         self.loader = ModelLoader(
             self.registry, ModelStore(self.paths.models), self.paths.state / "cache"
         )
+        self.drift = DriftMonitors(self.paths.state / "drift")
+        self.loader.drift = self.drift
         swapper = Swapper(self.registry, self.loader, config.daemon.swap_grace_s)
         reloader = Reloader(config, self.registry, self.loader, swapper, self.tasks)
         data_ops, control_ops = socket_tables()
@@ -141,6 +144,7 @@ class Daemon:
             for name, chain in config.chains.items()
         }
         self.metrics = Metrics(self.registry, self.service.errors, self.service.regions)
+        self.metrics.drift = self.drift
         self.logs = LogRing()
         self.journal = Journal(self.paths.state / "ota")
         installer = None
@@ -240,6 +244,7 @@ class Daemon:
         stack.enter_context(signal_handlers(loop, self.request_stop, self._reload))
         context: zmq.Context[Any] = zmq.Context()
         stack.callback(context.term)
+        stack.callback(self.drift.close)  # after the models close: nothing profiles then
         stack.callback(self.registry.close)
         # before the models close, after the sockets stop: what still runs in the background
         # (a swap, a load, an install) is cancelled, newest first

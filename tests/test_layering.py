@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         ),
     ),
     ("client", ("edged.reach", "edged.shm", "edged.client", "edged.vectors", "edged.testing")),
-    ("models", ("edged.models",)),
+    ("models", ("edged.models", "edged.drift")),
     (
         "serving",
         (

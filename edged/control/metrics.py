@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any, cast
 
+from edged.drift.monitor import ALARMS, DriftMonitors
 from edged.models.latency import Histogram, RequestLatency
 from edged.models.registry import Registry, Runner
 from edged.regions import RegionTable
@@ -30,6 +31,8 @@ class Metrics:
         self.regions = regions
         self.started = time.time()
         self._prometheus: Any = None
+        #: the models' drift monitors, if the daemon has any (``edged.drift``)
+        self.drift: DriftMonitors | None = None
 
     def exposition(self) -> bytes:
         """The Prometheus text format (version 0.0.4) of every metric."""
@@ -155,6 +158,7 @@ class _DaemonCollector:
         yield from (requests, failures, duration, batches, runs, tokens, queued, in_flight, loaded)
         yield from self._memory(GaugeMetricFamily)
         yield from self._regions(GaugeMetricFamily, CounterMetricFamily)
+        yield from self._drift(GaugeMetricFamily, CounterMetricFamily)
         uptime = GaugeMetricFamily("edged_uptime_seconds", "Seconds since the daemon started")
         uptime.add_metric([], time.time() - metrics.started)
         yield uptime
@@ -195,6 +199,45 @@ class _DaemonCollector:
         registrations.add_metric(["registered"], stats.registered)
         registrations.add_metric(["refused"], stats.refused)
         yield from (held, mapped, registrations)
+
+    def _drift(self, gauge: Any, counter: Any) -> Iterator[Any]:
+        monitors = self.metrics.drift
+        if monitors is None:
+            return
+        labels = ["model", "version"]
+        score = gauge(
+            "edged_drift_score",
+            "The largest KS statistic or PSI of any feature against the version's reference",
+            labels=[*labels, "statistic"],
+        )
+        feature = gauge(
+            "edged_drift_feature_score",
+            "Each feature's KS statistic and PSI against the version's reference",
+            labels=[*labels, "feature", "statistic"],
+        )
+        alarm = gauge("edged_drift_alarm", "1 while the alarm is up", labels=[*labels, "kind"])
+        profiled = counter("edged_drift_profiled_requests", "Requests profiled", labels=labels)
+        nonfinite = counter("edged_drift_nonfinite_values", "NaN and Inf values", labels=labels)
+        outside = counter(
+            "edged_drift_out_of_range_values", "Values outside the data contract", labels=labels
+        )
+        for monitor in monitors:
+            report = monitor.report()
+            if "version" not in report:
+                continue
+            key = [monitor.name, str(report["version"])]
+            profiled.add_metric(key, report["profiled"])
+            nonfinite.add_metric(key, report["nonfinite_total"])
+            outside.add_metric(key, report["out_of_range_total"])
+            for kind in ALARMS:
+                alarm.add_metric([*key, kind], 1 if kind in report["alarms"] else 0)
+            rows = report.get("features", [])
+            for statistic in ("ks", "psi"):
+                if rows:
+                    score.add_metric([*key, statistic], max(row[statistic] for row in rows))
+                for row in rows:
+                    feature.add_metric([*key, row["feature"], statistic], row[statistic])
+        yield from (score, feature, alarm, profiled, nonfinite, outside)
 
 
 def _buckets(histogram: Histogram) -> tuple[list[tuple[str, int]], float]:

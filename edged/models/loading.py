@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edged.config import ModelConfig, read_pipeline
+from edged.drift.monitor import DriftMonitors, Tensors
 from edged.errors import BudgetExceeded, ConfigError, ModelLoadError, StoreError
 from edged.logsetup import log_fields
 from edged.models.budget import footprint
@@ -78,6 +79,8 @@ class ModelLoader:
         self.cache_dir = cache_dir
         self._lock = asyncio.Lock()
         self._primed: set[str] = set()
+        #: the drift monitors of models with a ``drift`` table (``edged.drift``), if any
+        self.drift: DriftMonitors | None = None
 
     async def expected_bytes(self, name: str, spec: VersionSpec) -> int:
         """What loading ``spec`` will take, past loads of the model taken into account."""
@@ -104,6 +107,14 @@ class ModelLoader:
             measured = footprint() - before
             budget.charge(name, spec.version, estimate, measured)
         runner = kind.runner(name, spec.version, backend, spec.config, asyncio.get_running_loop())
+        drift = spec.config.drift
+        if drift is not None and self.drift is not None and isinstance(runner, ModelRunner):
+            batched = {
+                tensor.name: bool(tensor.shape) and tensor.shape[0] is None
+                for tensor in backend.signature.inputs + backend.signature.outputs
+            }
+            monitor = self.drift.monitor(name, drift)
+            runner.profile = monitor.profiler(spec.version, spec.config.path, Tensors(batched))
         runner.start()
         fields = log_fields(model=name, version=spec.version)
         log.info("model %s version %d loaded", name, spec.version, extra=fields)

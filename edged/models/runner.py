@@ -276,6 +276,8 @@ class ModelRunner:
         self._idle = IdleWaiters(loop)
         self._counters = _Counters()
         self.latency = RequestLatency()
+        #: sees each reply's inputs and outputs (drift monitoring, ``edged.drift``), if set
+        self.profile: Callable[[Arrays, Outputs], None] | None = None
 
     def start(self) -> None:
         self._thread.start()
@@ -561,6 +563,9 @@ class ModelRunner:
         else:
             for job, outputs in zip(run.jobs, parts, strict=True):
                 self._reply(job, outputs, run)
+            if self.profile is not None:  # after the replies: it only queues them
+                for job, outputs in zip(run.jobs, parts, strict=True):
+                    self.profile(job.inputs, outputs)
         self._observe_run((run.ended_ns - run.started_ns) / 1000, max(run.nbytes, 1))
         c.runs += 1
         c.rows += sum(rows)

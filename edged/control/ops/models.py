@@ -33,7 +33,9 @@ def models(control: ControlService, request: Request, reply: ReplyTo, peer: byte
             "mean_batch": _mean(runner.latency.batch.total, runner.latency.batch.count),
         }
     entries = {}
+    monitors = control.loader.drift
     for slot in registry:
+        monitor = None if monitors is None else monitors.get(slot.name)
         previous = slot.previous
         failure = slot.statistics().error
         entries[slot.name] = {
@@ -56,6 +58,7 @@ def models(control: ControlService, request: Request, reply: ReplyTo, peer: byte
             },
             "versions": traffic.get(slot.name, {}),
             "errors": {code: n for code, n in sorted(errors.get(slot.name, {}).items()) if n},
+            "drift": None if monitor is None else monitor.summary(),
         }
     reply.ok({"models": entries})
 
@@ -85,6 +88,12 @@ def text(fields: Fields) -> str:
                 f"  last load failed: {model['error']['code']}: {model['error']['message']}"
             )
         lines += [f"  warning: {warning}" for warning in model["warnings"]]
+        drift = model["drift"]
+        if drift is not None:
+            worst = drift.get("worst")
+            shown = f", worst {worst['feature']} KS {worst['ks']:.3f}" if worst else ""
+            alarms = "; ".join(f"{k} {', '.join(v)}" for k, v in drift["alarms"].items())
+            lines.append(f"  drift: {drift['state']}{shown}{'; ALARM ' + alarms if alarms else ''}")
     return "\n".join(lines)
 
 

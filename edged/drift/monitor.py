@@ -1,0 +1,424 @@
+"""One model's drift monitor: profiles of its requests, off the request path, against the
+reference of the version that served them.
+
+A runner hands each reply's inputs and outputs to ``Profiler.offer`` on the event loop, which
+only samples (``sample``, at most ``max_per_s`` a second) and queues them: the features, the
+histograms and the alarms are computed on the monitor's own thread, and a full queue drops the
+sample (counted) rather than slow a request. Arrays are held, not copied, until profiled: a
+region's frame the client rewrites meanwhile is profiled as it is then.
+
+Each version has a reference (shipped in its bundle, saved from an earlier run, made from its
+golden vectors, or captured from its first requests and saved) and a sliding window. Alarms,
+each naming its features: ``drift`` (PSI or KS over its threshold), ``nonfinite`` (NaN or Inf
+in the window), ``range`` (values outside the data contract's ``ranges`` in the window) and
+``stuck`` (a feature the same value ``stuck_after`` times in a row). A new alarm is a journal
+WARNING with MODEL and VERSION, at most once per ``warn_interval_s`` per kind.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edged.config import DriftOptions
+from edged.drift.features import Observed, observe, out_of_range
+from edged.drift.reference import Reference
+from edged.drift.window import Scores, Window, ks_critical
+from edged.logsetup import log_fields
+
+log = logging.getLogger(__name__)
+Array = np.ndarray[Any, Any]
+Arrays = Mapping[str, Array]
+#: profiles waiting for the monitor's thread; beyond, samples are dropped
+MAX_PENDING = 64
+#: versions of a model watched at once (the serving one, a canary's, a shadow's)
+MAX_VERSIONS = 3
+ALARMS = ("drift", "nonfinite", "range", "stuck")
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """What the profiler knows of a version's tensors: whether each one's leading axis is a
+    batch (``edged.drift.features.observe``)."""
+
+    batched: dict[str, bool]
+
+
+@dataclass
+class VersionProfile:
+    version: int
+    tensors: Tensors
+    reference: Reference | None = None
+    #: observations gathered for a reference from traffic: each request's features and values
+    gathered: list[tuple[tuple[str, ...], Array]] = field(default_factory=list)
+    gathered_rows: int = 0
+    window: Window | None = None
+    scores: Scores | None = None
+    #: each feature's side: "input" or "output"
+    sides: dict[str, str] = field(default_factory=dict)
+    #: the recent requests' (rows, non-finite values per feature, values out of range)
+    recent: deque[tuple[int, Counter[str], int]] = field(default_factory=deque)
+    recent_rows: int = 0
+    #: per feature: its last value and how many times in a row it had it
+    runs: dict[str, tuple[float, int]] = field(default_factory=dict)
+    nonfinite_total: int = 0
+    out_of_range_total: int = 0
+    profiled: int = 0
+    #: alarm kind -> the features (tensors, for range) it names now
+    alarms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+class DriftMonitor:
+    def __init__(self, name: str, options: DriftOptions, directory: Path) -> None:
+        self.name = name
+        self.options = options
+        #: where the versions' references are saved
+        self.directory = directory
+        self._versions: dict[int, VersionProfile] = {}
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue[tuple[VersionProfile, Arrays, Arrays] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._allowance = options.max_per_s
+        self._last_offer = time.monotonic()
+        self._warned: dict[str, float] = {}
+        self.dropped = 0
+        #: sees every profiled request while an alarm is up (sample capture), if set
+        self.on_alarm: Callable[[int, Arrays, Arrays], None] | None = None
+
+    # -- on the event loop ----------------------------------------------------------------
+
+    def profiler(
+        self, version: int, model_path: str, tensors: Tensors
+    ) -> Callable[[Arrays, Arrays], None]:
+        """The hook a runner of ``version`` calls with each reply's inputs and outputs."""
+        profile = self._profile(version, model_path, tensors)
+
+        def offer(inputs: Arrays, outputs: Arrays) -> None:
+            if self._sampled():
+                self._queue.put((profile, inputs, outputs))
+
+        return offer
+
+    def _sampled(self) -> bool:
+        options = self.options
+        if options.sample < 1 and random.random() >= options.sample:
+            return False
+        if options.max_per_s:
+            now = time.monotonic()
+            self._allowance = min(
+                options.max_per_s, self._allowance + (now - self._last_offer) * options.max_per_s
+            )
+            self._last_offer = now
+            if self._allowance < 1:
+                return False
+            self._allowance -= 1
+        if self._queue.qsize() >= MAX_PENDING:
+            self.dropped += 1
+            return False
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=f"drift-{self.name}")
+            self._thread.daemon = True
+            self._thread.start()
+        return True
+
+    def _profile(self, version: int, model_path: str, tensors: Tensors) -> VersionProfile:
+        with self._lock:
+            profile = self._versions.get(version)
+            if profile is None:
+                profile = VersionProfile(version, tensors)
+                profile.reference = self._stored_reference(version, model_path)
+                if profile.reference is not None:
+                    profile.window = Window(profile.reference, self.options.window)
+                self._versions[version] = profile
+                for old in sorted(self._versions)[:-MAX_VERSIONS]:
+                    del self._versions[old]
+            return profile
+
+    def _stored_reference(self, version: int, model_path: str) -> Reference | None:
+        """The version's reference from its bundle, an earlier run or its golden vectors."""
+        candidates = [
+            (Path(model_path).with_suffix(".reference.json"), "bundle"),
+            (self._saved(version), None),
+        ]
+        for path, source in candidates:
+            if path.is_file():
+                try:
+                    return Reference.load(path, source)
+                except ValueError as exc:
+                    log.error("model %s: %s", self.name, exc)
+        golden = Path(model_path).with_suffix(".golden.npz")
+        if self.options.reference == "golden" and golden.is_file():
+            return self._golden_reference(version, golden)
+        return None
+
+    def _saved(self, version: int) -> Path:
+        return self.directory / f"{version}.reference.json"
+
+    def _golden_reference(self, version: int, golden: Path) -> Reference | None:
+        with np.load(golden) as vectors:
+            arrays = {key.split(".", 1)[1]: vectors[key] for key in vectors.files}
+        parts = [part for name, array in arrays.items() if (part := observe(name, array, True))]
+        reference = Reference.build(
+            [n for p in parts for n in p.names],
+            np.concatenate([p.values for p in parts], axis=1) if parts else np.empty((0, 0)),
+            self.options.bins,
+            "golden",
+        )
+        reference.save(self._saved(version))
+        return reference
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(5)
+
+    # -- on the monitor's thread -----------------------------------------------------------
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            profile, inputs, outputs = item
+            try:
+                self._observe(profile, inputs, outputs)
+            except Exception:  # a profile must never take the monitor down
+                log.exception("model %s: profiling a request failed", self.name)
+            del item, inputs, outputs  # not held while waiting: they may be a region's
+
+    def _observe(self, profile: VersionProfile, inputs: Arrays, outputs: Arrays) -> None:
+        tensors = profile.tensors
+        observed: list[Observed] = []
+        for side, arrays in (("input", inputs), ("output", outputs)):
+            for name, array in arrays.items():
+                part = observe(name, array, tensors.batched.get(name, True))
+                if part is not None:
+                    observed.append(part)
+                    if part.names[0] not in profile.sides:
+                        profile.sides.update(dict.fromkeys(part.names, side))
+        rows = max((len(part.values) for part in observed), default=0)
+        parts = [(part.names, part.values) for part in observed]
+        nonfinite: Counter[str] = Counter()
+        for part in observed:
+            for index in np.flatnonzero(part.nonfinite):
+                nonfinite[part.names[index]] += int(part.nonfinite[index])
+        outside = out_of_range(inputs, self.options.ranges) if self.options.ranges else 0
+        with self._lock:
+            profile.profiled += 1
+            self._recent(profile, rows, nonfinite, outside)
+            self._runs(profile, parts)
+            if profile.reference is None:
+                self._gather(profile, parts, rows)
+            elif (
+                profile.window is not None
+                and profile.window.add(parts, rows)
+                and profile.window.full
+            ):
+                profile.scores = profile.window.scores()
+            alarms = self._alarms(profile)
+        self._announce(profile, alarms)
+        if alarms and self.on_alarm is not None:
+            self.on_alarm(profile.version, inputs, outputs)
+
+    def _recent(
+        self, profile: VersionProfile, rows: int, nonfinite: Counter[str], outside: int
+    ) -> None:
+        profile.recent.append((rows, nonfinite, outside))
+        profile.recent_rows += rows
+        profile.nonfinite_total += sum(nonfinite.values())
+        profile.out_of_range_total += outside
+        while len(profile.recent) > 1 and profile.recent_rows > self.options.window:
+            profile.recent_rows -= profile.recent.popleft()[0]
+
+    def _runs(self, profile: VersionProfile, parts: list[tuple[tuple[str, ...], Array]]) -> None:
+        runs = profile.runs
+        for names, values in parts:
+            for column, name in enumerate(names):
+                last, count = runs.get(name, (np.nan, 0))
+                for value in values[:, column].tolist():
+                    if value == last:
+                        count += 1
+                    else:
+                        last, count = value, 1
+                runs[name] = (last, count)
+
+    def _gather(
+        self, profile: VersionProfile, parts: list[tuple[tuple[str, ...], Array]], rows: int
+    ) -> None:
+        layout = tuple(name for names, _ in parts for name in names)
+        if profile.gathered and layout != profile.gathered[0][0]:
+            return  # another layout than the first request's (a dynamic axis): not comparable
+        profile.gathered.append((layout, np.concatenate([v for _, v in parts], axis=1)))
+        profile.gathered_rows += rows
+        if profile.gathered_rows < self.options.reference_size:
+            return
+        names = profile.gathered[0][0]
+        values = np.concatenate([values for _, values in profile.gathered])
+        profile.reference = Reference.build(names, values, self.options.bins, "traffic")
+        profile.gathered, profile.gathered_rows = [], 0
+        profile.window = Window(profile.reference, self.options.window)
+        try:
+            profile.reference.save(self._saved(profile.version))
+        except OSError as exc:
+            log.error("model %s: cannot save its drift reference: %s", self.name, exc)
+        log.info(
+            "model %s version %d: drift reference captured from %d observations",
+            self.name,
+            profile.version,
+            profile.reference.count,
+            extra=log_fields(model=self.name, version=profile.version),
+        )
+
+    def _alarms(self, profile: VersionProfile) -> dict[str, tuple[str, ...]]:
+        options = self.options
+        found: dict[str, tuple[str, ...]] = {}
+        scores, reference = profile.scores, profile.reference
+        if scores is not None and reference is not None:
+            ks_limit = options.ks_threshold or ks_critical(options.window, reference.count)
+            over = (scores.ks > ks_limit) | (scores.psi > options.psi_threshold)
+            if over.any():
+                order = np.argsort(-scores.ks[over], kind="stable")
+                found["drift"] = tuple(np.array(scores.names)[over][order].tolist())
+        nonfinite: Counter[str] = Counter()
+        for _, counts, _ in profile.recent:
+            nonfinite.update(counts)
+        if nonfinite:
+            found["nonfinite"] = tuple(name for name, _ in nonfinite.most_common())
+        if any(outside for _, _, outside in profile.recent):
+            found["range"] = tuple(sorted(options.ranges))
+        stuck = [
+            name
+            for name, (_, count) in profile.runs.items()
+            if count >= options.stuck_after
+            and (
+                reference is None
+                or name not in reference.features
+                or reference.features[name].std > 0
+            )
+        ]
+        if stuck:
+            found["stuck"] = tuple(sorted(stuck))
+        previous, profile.alarms = profile.alarms, found
+        return {kind: names for kind, names in found.items() if names != previous.get(kind)}
+
+    def _announce(self, profile: VersionProfile, changed: dict[str, tuple[str, ...]]) -> None:
+        """A journal WARNING for each alarm that is new or names other features now, at most
+        once per ``warn_interval_s`` per kind."""
+        now = time.monotonic()
+        for kind, names in changed.items():
+            last = self._warned.get(kind)
+            if last is not None and now - last < self.options.warn_interval_s:
+                continue
+            self._warned[kind] = now
+            log.warning(
+                "model %s version %d: %s alarm on %s%s",
+                self.name,
+                profile.version,
+                kind,
+                ", ".join(names[:5]),
+                f" and {len(names) - 5} more" if len(names) > 5 else "",
+                extra=log_fields(
+                    model=self.name, version=profile.version, code=f"DRIFT_{kind.upper()}"
+                ),
+            )
+
+    # -- what operators see ----------------------------------------------------------------
+
+    def report(self, version: int | None = None) -> dict[str, Any]:
+        """The version's profile (the newest watched by default): ``edgectl drift``."""
+        with self._lock:
+            if not self._versions:
+                return {"model": self.name, "state": "no requests profiled yet"}
+            profile = self._versions[version if version in self._versions else max(self._versions)]
+            return self._report(profile)
+
+    def _report(self, profile: VersionProfile) -> dict[str, Any]:
+        options, reference, scores = self.options, profile.reference, profile.scores
+        ks_limit = options.ks_threshold or (
+            ks_critical(options.window, reference.count) if reference else 0.0
+        )
+        found: dict[str, Any] = {
+            "model": self.name,
+            "version": profile.version,
+            "state": (
+                "gathering a reference"
+                if reference is None
+                else "filling the window"
+                if scores is None
+                else "watching"
+            ),
+            "profiled": profile.profiled,
+            "dropped": self.dropped,
+            "reference": {
+                "source": reference.source if reference else None,
+                "observations": reference.count if reference else profile.gathered_rows,
+                "wanted": options.reference_size,
+            },
+            "thresholds": {"ks": ks_limit, "psi": options.psi_threshold},
+            "alarms": dict(profile.alarms),
+            "nonfinite_total": profile.nonfinite_total,
+            "out_of_range_total": profile.out_of_range_total,
+        }
+        if scores is not None and reference is not None and len(scores.names):
+            worst = int(np.argmax(scores.ks))
+            found["worst"] = {
+                "feature": scores.names[worst],
+                "ks": float(scores.ks[worst]),
+                "psi": float(scores.psi[worst]),
+            }
+            found["features"] = [
+                {
+                    "feature": name,
+                    "side": profile.sides.get(name, "input"),
+                    "ks": float(scores.ks[i]),
+                    "psi": float(scores.psi[i]),
+                    "mean": float(scores.mean[i]),
+                    "reference_mean": reference.features[name].mean,
+                    "reference_std": reference.features[name].std,
+                    "run": profile.runs.get(name, (0.0, 0))[1],
+                }
+                for i, name in enumerate(scores.names)
+            ]
+        return found
+
+    def summary(self) -> dict[str, Any]:
+        """A line for ``edgectl models``: the state, the worst feature and the alarms."""
+        report = self.report()
+        return {key: report[key] for key in ("state", "worst", "alarms") if key in report}
+
+
+class DriftMonitors:
+    """The daemon's monitors, one per model with a ``drift`` table, their references saved
+    under ``directory/<model>/``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._monitors: dict[str, DriftMonitor] = {}
+
+    def monitor(self, name: str, options: DriftOptions) -> DriftMonitor:
+        """The model's monitor, made anew when its options changed (a reload)."""
+        found = self._monitors.get(name)
+        if found is None or found.options != options:
+            if found is not None:
+                found.close()
+            found = self._monitors[name] = DriftMonitor(name, options, self.directory / name)
+        return found
+
+    def get(self, name: str) -> DriftMonitor | None:
+        return self._monitors.get(name)
+
+    def __iter__(self) -> Iterator[DriftMonitor]:
+        return iter(list(self._monitors.values()))
+
+    def close(self) -> None:
+        for monitor in self._monitors.values():
+            monitor.close()
