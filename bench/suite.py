@@ -15,7 +15,7 @@ from typing import Any
 
 import psutil
 
-from bench import frames, lifecycle, llm, llm_serving, overload, swap, vectors
+from bench import drift, frames, lifecycle, llm, llm_serving, overload, swap, vectors
 from bench.echo import echo_caller
 from bench.harness import (
     ROOT,
@@ -570,6 +570,45 @@ def rtt_image_shm(ctx: Context) -> list[Row]:
     return [Row("rtt_image_shm", "p50_rtt", "us", p50["shm"], "frames", p50["frames"])]
 
 
+def drift_detect(ctx: Context) -> list[Row]:
+    """Requests until a 0.5-sigma shift of one feature is flagged (median of 5 streams; target
+    <= 2000) and drift alarms in 100 000 stationary requests (target 0), through the daemon
+    with every request profiled."""
+    model = ctx.model_path(TINY)
+    found = drift.detection(ctx.workdir / "drift", model)
+    stationary = drift.false_alarms(ctx.workdir / "drift-stationary", model, 100_000)
+    return [
+        Row("drift_detect", "requests", "", found, "target", 2000),
+        Row(
+            "drift_false_alarms",
+            "alarms",
+            "",
+            stationary["alarms"],
+            "requests profiled",
+            stationary["profiled"],
+        ),
+    ]
+
+
+def drift_overhead(ctx: Context) -> list[Row]:
+    """rtt_tiny and rtt_image with drift monitoring on (its defaults: at most 200 requests a
+    second profiled; and every request profiled) over off (target <= 1.03)."""
+    rows = []
+    with ExitStack() as stack:
+        daemons: dict[str, Target] = {}
+        for label, options in (("on", {}), ("all", {"max_per_s": 0})):
+            models = {w.model: {**ctx.declaration(w), "drift": options} for w in WORKLOADS}
+            config = {"models": models}
+            daemon = stack.enter_context(DaemonProcess(ctx.workdir / f"drift-{label}", config))
+            daemons[label] = (edged_caller, daemon.endpoint)
+        for workload in WORKLOADS:
+            p50 = ctx.p50s(workload, {"off": ctx.edged, **daemons})
+            name = f"drift_overhead_{workload.name}"
+            rows.append(Row(name, "p50_rtt", "us", p50["on"], "drift off", p50["off"]))
+            rows.append(Row(f"{name}_all", "p50_rtt", "us", p50["all"], "drift off", p50["off"]))
+    return rows
+
+
 BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "rtt_tiny": functools.partial(rtt, workload=TINY),
     "rtt_image": functools.partial(rtt, workload=IMAGE),
@@ -587,6 +626,8 @@ BENCHMARKS: dict[str, Callable[[Context], list[Row]]] = {
     "embed_onnx": embed_onnx,
     "search_100k": search_100k,
     "upsert_rate": upsert_rate,
+    "drift_detect": drift_detect,
+    "drift_overhead": drift_overhead,
     "budget_accuracy": budget_accuracy,
     "load_time": load_time,
     "swap_p99": swap_p99,

@@ -184,6 +184,12 @@ class DriftOptions:
     stuck_after: int = _at_least(50, 2)
     #: seconds between two journal warnings of the same alarm
     warn_interval_s: float = _at_least(300.0, 0.0)
+    #: MiB of profiled requests' inputs and outputs kept on the device for retraining, under
+    #: <state>/capture/<model>/, the oldest removed first; 0: none kept
+    capture_mb: int = _at_least(0, 0)
+    #: which profiled requests are kept: "drift" (while an alarm is up) or "always"; ``edgectl
+    #: capture MODEL --for SECONDS`` keeps all of them for a while
+    capture: str = _choice("drift", "drift", "always")
 
 
 @dataclass(frozen=True)
@@ -330,6 +336,9 @@ class OtaConfig:
     health_max_latency_ratio: float = _at_least(3.0, 1.0)
     #: fewer requests than this in the window cannot judge: the version is committed unjudged
     health_min_requests: int = _at_least(20, 1)
+    #: the gate also fails a version whose outputs drifted from the reference of the version it
+    #: replaced (a model with a ``drift`` table; its thresholds), docs/OTA.md#health-gate
+    health_output_drift: bool = False
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from edged.config import parse_config
-from edged.drift.features import observe
+from edged.drift.features import Layout, observe
 from edged.drift.reference import Reference
 from edged.drift.window import Window, ks_critical
 from edged.errors import ConfigError
@@ -156,18 +156,22 @@ def test_drift_config_is_checked(tmp_path: Path) -> None:
 
 def test_features_of_tables_images_and_wide_tensors() -> None:
     image = np.random.default_rng(0).random((2, 3, 16, 16)).astype(np.float32)
-    found = observe("img", image, True)
+    found = observe("img", image)
     assert found is not None and found.names[:2] == ("img[0].mean", "img[0].std")
     np.testing.assert_allclose(found.values[:, 0], image[:, 0].mean(axis=(1, 2)), rtol=1e-6)
-    last = observe("img", np.moveaxis(image, 1, -1), True)  # NHWC: the same features
+    last = observe("img", np.moveaxis(image, 1, -1))  # NHWC: the same features
     assert last is not None and last.names == found.names
     np.testing.assert_allclose(last.values, found.values, rtol=1e-6)
-    wide = observe("e", np.ones((4, 384), np.float32), True)
+    wide = observe("e", np.ones((4, 384), np.float32))
     assert wide is not None and wide.names == ("e.mean", "e.std", "e.min", "e.max")
-    assert observe("s", np.array(["a"]), True) is None
+    assert observe("s", np.array(["a"])) is None
+    tokens = observe("ids", np.ones((2, 7), np.int64), Layout.of(["batch", "tokens"]))
+    assert tokens is not None and tokens.names == ("ids.mean", "ids.std", "ids.min", "ids.max")
+    assert Layout.of([None, 3]) == Layout(rows=True, variable=False)
+    assert Layout.of([1, 3]) == Layout(rows=False, variable=False)
     table = np.ones((3, 4))
     table[1, 2] = np.inf
-    found = observe("t", table, True)
+    found = observe("t", table)
     assert found is not None and found.nonfinite.tolist() == [0, 0, 1, 0]
     assert np.isnan(found.values[1, 2])
 

@@ -216,6 +216,7 @@ class _DaemonCollector:
             labels=[*labels, "feature", "statistic"],
         )
         alarm = gauge("edged_drift_alarm", "1 while the alarm is up", labels=[*labels, "kind"])
+        raised = counter("edged_drift_alarms_raised", "Alarms raised", labels=[*labels, "kind"])
         profiled = counter("edged_drift_profiled_requests", "Requests profiled", labels=labels)
         nonfinite = counter("edged_drift_nonfinite_values", "NaN and Inf values", labels=labels)
         outside = counter(
@@ -231,13 +232,14 @@ class _DaemonCollector:
             outside.add_metric(key, report["out_of_range_total"])
             for kind in ALARMS:
                 alarm.add_metric([*key, kind], 1 if kind in report["alarms"] else 0)
+                raised.add_metric([*key, kind], report["raised"].get(kind, {}).get("count", 0))
             rows = report.get("features", [])
             for statistic in ("ks", "psi"):
                 if rows:
                     score.add_metric([*key, statistic], max(row[statistic] for row in rows))
                 for row in rows:
                     feature.add_metric([*key, row["feature"], statistic], row[statistic])
-        yield from (score, feature, alarm, profiled, nonfinite, outside)
+        yield from (score, feature, alarm, raised, profiled, nonfinite, outside)
 
 
 def _buckets(histogram: Histogram) -> tuple[list[tuple[str, int]], float]:

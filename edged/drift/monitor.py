@@ -1,10 +1,10 @@
 """One model's drift monitor: profiles of its requests, off the request path, against the
 reference of the version that served them.
 
-A runner hands each reply's inputs and outputs to ``Profiler.offer`` on the event loop, which
-only samples (``sample``, at most ``max_per_s`` a second) and queues them: the features, the
-histograms and the alarms are computed on the monitor's own thread, and a full queue drops the
-sample (counted) rather than slow a request. Arrays are held, not copied, until profiled: a
+A runner hands each reply's inputs and outputs to the hook ``profiler`` made for it, on the
+event loop, which only samples (``sample``, at most ``max_per_s`` a second) and queues them:
+the features, the histograms and the alarms are computed on the monitor's own thread, and a
+full queue drops the sample (counted) rather than slow a request. Arrays are held, not copied, until profiled: a
 region's frame the client rewrites meanwhile is profiled as it is then.
 
 Each version has a reference (shipped in its bundle, saved from an earlier run, made from its
@@ -12,7 +12,9 @@ golden vectors, or captured from its first requests and saved) and a sliding win
 each naming its features: ``drift`` (PSI or KS over its threshold), ``nonfinite`` (NaN or Inf
 in the window), ``range`` (values outside the data contract's ``ranges`` in the window) and
 ``stuck`` (a feature the same value ``stuck_after`` times in a row). A new alarm is a journal
-WARNING with MODEL and VERSION, at most once per ``warn_interval_s`` per kind.
+WARNING with MODEL and VERSION, at most once per ``warn_interval_s`` per kind. With
+``capture_mb``, profiled requests are kept on disk while an alarm is up, always, or for a while
+on request (``edged.drift.capture``).
 """
 
 from __future__ import annotations
@@ -30,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from edged.config import DriftOptions
-from edged.drift.features import Observed, observe, out_of_range
+from edged.config import MIB, DriftOptions
+from edged.drift.capture import Capture
+from edged.drift.features import Layout, Observed, observe, out_of_range
 from edged.drift.reference import Reference
-from edged.drift.window import Scores, Window, ks_critical
+from edged.drift.window import Scores, Window, ks_critical, psi_limit
 from edged.logsetup import log_fields
 
 log = logging.getLogger(__name__)
@@ -48,10 +51,9 @@ ALARMS = ("drift", "nonfinite", "range", "stuck")
 
 @dataclass(frozen=True)
 class Tensors:
-    """What the profiler knows of a version's tensors: whether each one's leading axis is a
-    batch (``edged.drift.features.observe``)."""
+    """What the profiler knows of a version's tensors: each one's declared layout."""
 
-    batched: dict[str, bool]
+    layouts: dict[str, Layout]
 
 
 @dataclass
@@ -76,10 +78,31 @@ class VersionProfile:
     profiled: int = 0
     #: alarm kind -> the features (tensors, for range) it names now
     alarms: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: alarm kind -> how many times it was raised, and at which profiled request last
+    raised: dict[str, int] = field(default_factory=dict)
+    raised_at: dict[str, int] = field(default_factory=dict)
+    #: the version it followed, and a window of its outputs binned as that version's reference
+    #: (the health gate's comparison of a new version with the one it replaced)
+    versus: tuple[int, Window] | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A new version's outputs against the reference of the version it followed."""
+
+    against: int
+    observations: int
+    worst: str
+    ks: float
+    psi: float
+    ks_threshold: float
+    drifted: bool
 
 
 class DriftMonitor:
-    def __init__(self, name: str, options: DriftOptions, directory: Path) -> None:
+    def __init__(
+        self, name: str, options: DriftOptions, directory: Path, capture_directory: Path
+    ) -> None:
         self.name = name
         self.options = options
         #: where the versions' references are saved
@@ -94,8 +117,12 @@ class DriftMonitor:
         self._last_offer = time.monotonic()
         self._warned: dict[str, float] = {}
         self.dropped = 0
-        #: sees every profiled request while an alarm is up (sample capture), if set
-        self.on_alarm: Callable[[int, Arrays, Arrays], None] | None = None
+        #: recent requests kept on disk for retraining (``capture_mb``); ``None``: off
+        self.capture = (
+            Capture(capture_directory, options.capture_mb * MIB) if options.capture_mb else None
+        )
+        #: ``capture_for``'s deadline, on ``time.monotonic()``
+        self._capture_until = 0.0
 
     # -- on the event loop ----------------------------------------------------------------
 
@@ -141,10 +168,29 @@ class DriftMonitor:
                 profile.reference = self._stored_reference(version, model_path)
                 if profile.reference is not None:
                     profile.window = Window(profile.reference, self.options.window)
+                profile.versus = self._versus()
                 self._versions[version] = profile
                 for old in sorted(self._versions)[:-MAX_VERSIONS]:
                     del self._versions[old]
             return profile
+
+    def _versus(self) -> tuple[int, Window] | None:
+        """A window on a new version's outputs, binned as the newest watched version's
+        reference (the one it follows) has them."""
+        known = [p for p in self._versions.values() if p.reference is not None and p.sides]
+        if not known:
+            return None
+        previous = max(known, key=lambda profile: profile.version)
+        assert previous.reference is not None
+        outputs = {
+            name: feature
+            for name, feature in previous.reference.features.items()
+            if previous.sides.get(name) == "output"
+        }
+        if not outputs:
+            return None
+        reference = Reference(outputs, f"version {previous.version}", previous.reference.count)
+        return previous.version, Window(reference, self.options.window)
 
     def _stored_reference(self, version: int, model_path: str) -> Reference | None:
         """The version's reference from its bundle, an earlier run or its golden vectors."""
@@ -169,7 +215,7 @@ class DriftMonitor:
     def _golden_reference(self, version: int, golden: Path) -> Reference | None:
         with np.load(golden) as vectors:
             arrays = {key.split(".", 1)[1]: vectors[key] for key in vectors.files}
-        parts = [part for name, array in arrays.items() if (part := observe(name, array, True))]
+        parts = [part for name, array in arrays.items() if (part := observe(name, array))]
         reference = Reference.build(
             [n for p in parts for n in p.names],
             np.concatenate([p.values for p in parts], axis=1) if parts else np.empty((0, 0)),
@@ -183,6 +229,12 @@ class DriftMonitor:
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(5)
+
+    def capture_for(self, seconds: float) -> float:
+        """Capture every profiled request for ``seconds`` from now, whatever the mode; the
+        unix time it ends."""
+        self._capture_until = time.monotonic() + seconds
+        return time.time() + seconds
 
     # -- on the monitor's thread -----------------------------------------------------------
 
@@ -200,7 +252,7 @@ class DriftMonitor:
         observed: list[Observed] = []
         for side, arrays in (("input", inputs), ("output", outputs)):
             for name, array in arrays.items():
-                part = observe(name, array, tensors.batched.get(name, True))
+                part = observe(name, array, tensors.layouts.get(name, Layout()))
                 if part is not None:
                     observed.append(part)
                     if part.names[0] not in profile.sides:
@@ -216,6 +268,8 @@ class DriftMonitor:
             profile.profiled += 1
             self._recent(profile, rows, nonfinite, outside)
             self._runs(profile, parts)
+            if profile.versus is not None:
+                profile.versus[1].add(parts, rows)
             if profile.reference is None:
                 self._gather(profile, parts, rows)
             elif (
@@ -226,8 +280,12 @@ class DriftMonitor:
                 profile.scores = profile.window.scores()
             alarms = self._alarms(profile)
         self._announce(profile, alarms)
-        if alarms and self.on_alarm is not None:
-            self.on_alarm(profile.version, inputs, outputs)
+        if self.capture is not None and (
+            self.options.capture == "always"
+            or profile.alarms
+            or time.monotonic() < self._capture_until
+        ):
+            self.capture.write(profile.version, inputs, outputs, profile.alarms)
 
     def _recent(
         self, profile: VersionProfile, rows: int, nonfinite: Counter[str], outside: int
@@ -284,7 +342,8 @@ class DriftMonitor:
         scores, reference = profile.scores, profile.reference
         if scores is not None and reference is not None:
             ks_limit = options.ks_threshold or ks_critical(options.window, reference.count)
-            over = (scores.ks > ks_limit) | (scores.psi > options.psi_threshold)
+            psi = psi_limit(options.psi_threshold, options.window, reference.count, options.bins)
+            over = (scores.ks > ks_limit) | (scores.psi > psi)
             if over.any():
                 order = np.argsort(-scores.ks[over], kind="stable")
                 found["drift"] = tuple(np.array(scores.names)[over][order].tolist())
@@ -308,6 +367,9 @@ class DriftMonitor:
         if stuck:
             found["stuck"] = tuple(sorted(stuck))
         previous, profile.alarms = profile.alarms, found
+        for kind in found.keys() - previous.keys():
+            profile.raised[kind] = profile.raised.get(kind, 0) + 1
+            profile.raised_at[kind] = profile.profiled
         return {kind: names for kind, names in found.items() if names != previous.get(kind)}
 
     def _announce(self, profile: VersionProfile, changed: dict[str, tuple[str, ...]]) -> None:
@@ -327,7 +389,9 @@ class DriftMonitor:
                 ", ".join(names[:5]),
                 f" and {len(names) - 5} more" if len(names) > 5 else "",
                 extra=log_fields(
-                    model=self.name, version=profile.version, code=f"DRIFT_{kind.upper()}"
+                    model=self.name,
+                    version=profile.version,
+                    code="DRIFT" if kind == "drift" else f"DATA_{kind.upper()}",
                 ),
             )
 
@@ -363,10 +427,22 @@ class DriftMonitor:
                 "observations": reference.count if reference else profile.gathered_rows,
                 "wanted": options.reference_size,
             },
-            "thresholds": {"ks": ks_limit, "psi": options.psi_threshold},
+            "thresholds": {
+                "ks": ks_limit,
+                "psi": psi_limit(
+                    options.psi_threshold,
+                    options.window,
+                    reference.count if reference else options.reference_size,
+                    options.bins,
+                ),
+            },
             "alarms": dict(profile.alarms),
             "nonfinite_total": profile.nonfinite_total,
             "out_of_range_total": profile.out_of_range_total,
+            "raised": {
+                kind: {"count": count, "last_at_request": profile.raised_at[kind]}
+                for kind, count in profile.raised.items()
+            },
         }
         if scores is not None and reference is not None and len(scores.names):
             worst = int(np.argmax(scores.ks))
@@ -390,6 +466,33 @@ class DriftMonitor:
             ]
         return found
 
+    def versus(self, version: int) -> Comparison | None:
+        """How ``version``'s outputs compare with the reference of the version it followed,
+        once a chunk of its window filled."""
+        with self._lock:
+            profile = self._versions.get(version)
+            if profile is None or profile.versus is None:
+                return None
+            against, window = profile.versus
+            scores = window.scores()
+        observed = int(scores.count.max(initial=0))
+        if not observed:
+            return None
+        worst = int(np.argmax(scores.ks))
+        reference = window.reference_count
+        ks_limit = self.options.ks_threshold or ks_critical(observed, reference)
+        psi = psi_limit(self.options.psi_threshold, observed, reference, self.options.bins)
+        drifted = bool(scores.ks[worst] > ks_limit or scores.psi.max() > psi)
+        return Comparison(
+            against,
+            observed,
+            scores.names[worst],
+            float(scores.ks[worst]),
+            float(scores.psi.max()),
+            ks_limit,
+            drifted,
+        )
+
     def summary(self) -> dict[str, Any]:
         """A line for ``edgectl models``: the state, the worst feature and the alarms."""
         report = self.report()
@@ -410,7 +513,10 @@ class DriftMonitors:
         if found is None or found.options != options:
             if found is not None:
                 found.close()
-            found = self._monitors[name] = DriftMonitor(name, options, self.directory / name)
+            capture = self.directory.parent / "capture" / name  # <state>/capture/<model>
+            found = self._monitors[name] = DriftMonitor(
+                name, options, self.directory / name, capture
+            )
         return found
 
     def get(self, name: str) -> DriftMonitor | None:

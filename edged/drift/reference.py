@@ -103,3 +103,33 @@ def _feature(entry: dict[str, Any]) -> FeatureReference:
     return FeatureReference(
         edges, shares, float(entry["mean"]), float(entry["std"]), int(entry["count"])
     )
+
+
+def from_samples(model: Path, inputs: dict[str, Array], bins: int) -> Reference:
+    """A reference for ``model`` from sample inputs (its training or validation data, on the
+    machine that builds its bundle): the inputs and the outputs the model gives for them."""
+    import onnxruntime as ort
+
+    from edged.drift.features import Layout, observe
+
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    layouts = {
+        tensor.name: Layout.of(tensor.shape)
+        for tensor in [*session.get_inputs(), *session.get_outputs()]
+    }
+    rows = len(next(iter(inputs.values())))
+    step = 256 if all(layouts[name].rows for name in inputs) else rows
+    columns: list[str] = []
+    chunks: list[Array] = []
+    for start in range(0, rows, step):
+        feed = {name: array[start : start + step] for name, array in inputs.items()}
+        outputs = dict(zip(names, session.run(names, feed), strict=True))
+        parts = [
+            part
+            for name, array in (*feed.items(), *outputs.items())
+            if (part := observe(name, array, layouts.get(name, Layout()))) is not None
+        ]
+        columns = [name for part in parts for name in part.names]
+        chunks.append(np.concatenate([part.values for part in parts], axis=1))
+    return Reference.build(columns, np.concatenate(chunks), bins, "bundle")

@@ -34,6 +34,14 @@ def ks_critical(window: int, reference: int) -> float:
     return c * math.sqrt((window + reference) / (window * reference))
 
 
+def psi_limit(threshold: float, window: int, reference: int, bins: int) -> float:
+    """``threshold`` plus the PSI that sampling alone gives a window and a reference of these
+    sizes (``(n m / (n + m)) PSI`` is about chi-square with ``bins - 1`` degrees of freedom;
+    its mean plus five standard deviations): without it, small windows would cry wolf."""
+    freedom = max(bins - 1, 1)
+    return threshold + (freedom + 5 * math.sqrt(2 * freedom)) * (1 / window + 1 / reference)
+
+
 @dataclass(frozen=True)
 class Scores:
     names: tuple[str, ...]
@@ -55,6 +63,8 @@ class Window:
             self._edges[i, : len(feature.edges)] = feature.edges
             self._shares[i, : len(feature.shares)] = feature.shares
         self.size = size
+        #: observations the reference was made of (what a KS threshold depends on)
+        self.reference_count = reference.count
         self._chunk_rows = max(1, size // CHUNKS)
         self._counts = np.zeros((CHUNKS, len(features), bins), np.int64)
         self._sums = np.zeros((CHUNKS, len(features)))

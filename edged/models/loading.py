@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from edged.config import ModelConfig, read_pipeline
+from edged.drift.features import Layout
 from edged.drift.monitor import DriftMonitors, Tensors
 from edged.errors import BudgetExceeded, ConfigError, ModelLoadError, StoreError
 from edged.logsetup import log_fields
@@ -109,12 +110,12 @@ class ModelLoader:
         runner = kind.runner(name, spec.version, backend, spec.config, asyncio.get_running_loop())
         drift = spec.config.drift
         if drift is not None and self.drift is not None and isinstance(runner, ModelRunner):
-            batched = {
-                tensor.name: bool(tensor.shape) and tensor.shape[0] is None
+            layouts = {
+                tensor.name: Layout.of(tensor.shape)
                 for tensor in backend.signature.inputs + backend.signature.outputs
             }
             monitor = self.drift.monitor(name, drift)
-            runner.profile = monitor.profiler(spec.version, spec.config.path, Tensors(batched))
+            runner.profile = monitor.profiler(spec.version, spec.config.path, Tensors(layouts))
         runner.start()
         fields = log_fields(model=name, version=spec.version)
         log.info("model %s version %d loaded", name, spec.version, extra=fields)

@@ -43,7 +43,7 @@ FILES = "files/"
 #: what a bundle installs: a model version, or a collection's snapshot (a SQLite database)
 KINDS = ("model", "collection")
 BACKENDS = {"model": ("onnx", "gguf"), "collection": ("sqlite",)}
-ROLES = {"model": ("model", "golden", "pipeline"), "collection": ("collection",)}
+ROLES = {"model": ("model", "golden", "pipeline", "reference"), "collection": ("collection",)}
 MAX_MANIFEST_BYTES = 1 << 20
 #: a signature is 64 bytes, its JSON about 130: anything larger is not one
 MAX_SIGNATURE_BYTES = 4096
@@ -97,6 +97,10 @@ class Manifest:
     @property
     def pipeline(self) -> BundleFile | None:
         return next((f for f in self.files if f.role == "pipeline"), None)
+
+    @property
+    def reference(self) -> BundleFile | None:
+        return next((f for f in self.files if f.role == "reference"), None)
 
     def to_bytes(self) -> bytes:
         data = asdict(self)
@@ -153,7 +157,11 @@ class Manifest:
                 raise BadBundle(f"file {entry.path!r}: sha256 must be 64 hex digits")
         if [f.role for f in self.files].count(roles[0]) != 1:
             raise BadBundle(f"a {self.kind} bundle holds exactly one {roles[0]} file")
-        for role, what in (("golden", "golden vectors file"), ("pipeline", "pipeline file")):
+        for role, what in (
+            ("golden", "golden vectors file"),
+            ("pipeline", "pipeline file"),
+            ("reference", "drift reference"),
+        ):
             if [f.role for f in self.files].count(role) > 1:
                 raise BadBundle(f"a bundle holds at most one {what}")
 
@@ -177,16 +185,19 @@ def build(
     backend: str | None = None,
     golden: Path | None = None,
     pipeline: Path | None = None,
+    reference: Path | None = None,
     min_edged: str = "0.0.0",
     architectures: tuple[str, ...] = (),
     kind: str = "model",
 ) -> Manifest:
     """Write an unsigned bundle at ``out``; ``sign`` it before shipping. A ``collection`` bundle
     carries ``model``, a collection's snapshot (``edgectl collections snapshot``)."""
-    if kind == "collection" and (golden or pipeline):
+    if kind == "collection" and (golden or pipeline or reference):
         raise BadBundle("a collection bundle carries the collection's snapshot and nothing else")
     sources = [(model, ROLES[kind][0])] + [
-        (path, role) for path, role in ((golden, "golden"), (pipeline, "pipeline")) if path
+        (path, role)
+        for path, role in ((golden, "golden"), (pipeline, "pipeline"), (reference, "reference"))
+        if path
     ]
     files = tuple(
         BundleFile(source.name, source.stat().st_size, sha256_of(source), role)

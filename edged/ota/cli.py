@@ -38,6 +38,9 @@ def add_commands(commands: Any) -> None:
     build.add_argument(
         "--pipeline", type=Path, help="the version's preprocess/postprocess (.toml, docs/CONFIG.md)"
     )
+    build.add_argument(
+        "--reference", type=Path, help="its drift reference (.json: edged bundle reference)"
+    )
     build.add_argument("--backend", choices=("onnx", "gguf"), help="default: by file suffix")
     build.add_argument("--min-edged", default="0.0.0", help="the oldest edged that may install")
     build.add_argument(
@@ -49,6 +52,15 @@ def add_commands(commands: Any) -> None:
     verify = actions.add_parser("verify", help="check a bundle against trusted public keys")
     verify.add_argument("bundle", type=Path)
     verify.add_argument("--trusted", type=Path, required=True, help="a directory of NAME.pub")
+    reference = actions.add_parser(
+        "reference", help="a model's drift reference from sample inputs, for --reference"
+    )
+    reference.add_argument("model", type=Path, help="the ONNX model")
+    reference.add_argument(
+        "--inputs", type=Path, required=True, help="sample inputs: an .npz, one array per input"
+    )
+    reference.add_argument("-o", "--output", type=Path, required=True, help="the .json to write")
+    reference.add_argument("--bins", type=int, default=20, help="bins per feature (default 20)")
     inspect = actions.add_parser("inspect", help="show a bundle's manifest (nothing trusted)")
     inspect.add_argument("bundle", type=Path)
 
@@ -70,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend,
             golden=args.golden,
             pipeline=args.pipeline,
+            reference=args.reference,
             min_edged=args.min_edged,
             architectures=tuple(args.arch),
             kind="collection" if args.collection else "model",
@@ -77,12 +90,27 @@ def run(args: argparse.Namespace) -> int:
         return _print(
             {"bundle": str(args.output), "name": manifest.name, "version": manifest.version}
         )
+    if action == "reference":
+        return _reference(args)
     if action == "sign":
         return _print({"bundle": str(args.bundle), "signed_by": bundle.sign(args.bundle, args.key)})
     if action == "verify":
         manifest = bundle.verify(args.bundle, keys.TrustedKeys(args.trusted))
         return _print({"ok": True, "name": manifest.name, "version": manifest.version})
     return _print(bundle.inspect(args.bundle))
+
+
+def _reference(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from edged.drift.reference import from_samples
+
+    with np.load(args.inputs) as samples:
+        inputs = {name: samples[name] for name in samples.files}
+    reference = from_samples(args.model, inputs, args.bins)
+    reference.save(args.output)
+    found = {"features": len(reference.features), "rows": reference.count}
+    return _print({"reference": str(args.output), **found})
 
 
 def _print(fields: dict[str, Any]) -> int:

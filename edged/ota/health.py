@@ -7,6 +7,9 @@ the flip the new version's requests are watched: more failures than
 median or p99 latency above ``ota.health_max_latency_ratio`` times the old version's, fails the
 gate and the install rolls back. With fewer than ``ota.health_min_requests`` requests there is
 nothing to judge, and the version is committed unjudged (a device idle at night still updates).
+With ``ota.health_output_drift``, a model watched for drift also fails the gate when the new
+version's outputs drifted from the reference of the version it replaced (``edged.drift``): a
+version that answers, fast, but differently.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edged.config import OtaConfig
+from edged.drift.monitor import DriftMonitor
 from edged.models.generation import GenerationStatistics
 from edged.models.registry import Runner
 from edged.models.runner import RunnerStatistics
@@ -69,12 +73,18 @@ class HealthGate:
         self.max_error_rate = config.health_max_error_rate
         self.max_latency_ratio = config.health_max_latency_ratio
         self.min_requests = config.health_min_requests
+        self.output_drift = config.health_output_drift
 
     async def watch(
-        self, runner: Runner, baseline: Baseline, serving: Callable[[], bool]
+        self,
+        runner: Runner,
+        baseline: Baseline,
+        serving: Callable[[], bool],
+        drift: DriftMonitor | None = None,
     ) -> Verdict:
         """Watch ``runner`` for the window, or until it fails or stops ``serving`` (an
-        operator swapped it out: then there is nothing left to judge)."""
+        operator swapped it out: then there is nothing left to judge); ``drift``: the model's
+        drift monitor, if it has one."""
         start = runner.statistics()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.window_s
@@ -85,7 +95,26 @@ class HealthGate:
             verdict = self._errors(runner, start, baseline)
             if verdict is not None:
                 return verdict
-        return self._errors(runner, start, baseline) or self._latency(runner, start, baseline)
+        return (
+            self._errors(runner, start, baseline)
+            or self._drift(runner, start, baseline, drift)
+            or self._latency(runner, start, baseline)
+        )
+
+    def _drift(
+        self, runner: Runner, start: Statistics, baseline: Baseline, drift: DriftMonitor | None
+    ) -> Verdict | None:
+        if not self.output_drift or drift is None:
+            return None
+        found = drift.versus(runner.version)
+        if found is None or not found.drifted:
+            return None
+        reason = (
+            f"its outputs drifted from version {found.against}'s: {found.worst} KS "
+            f"{found.ks:.3f} (threshold {found.ks_threshold:.3f}), PSI {found.psi:.3f}, over "
+            f"{found.observations} observations"
+        )
+        return self._verdict(runner, start, baseline, reason, healthy=False)
 
     def _errors(self, runner: Runner, start: Statistics, baseline: Baseline) -> Verdict | None:
         requests, failures = _since(runner, start)

@@ -34,6 +34,7 @@ from typing import Any
 
 from edged.collections.service import Collections
 from edged.config import OtaConfig, read_pipeline
+from edged.drift.reference import Reference
 from edged.errors import BadBundle, ConfigError, EdgedError, Unhealthy
 from edged.models.budget import MIB
 from edged.models.loading import ModelLoader, in_fresh_thread
@@ -182,7 +183,9 @@ class Installer(Verifying[Plan]):
         runner = slot.runner
         if runner is None or self.gate.window_s == 0:
             return
-        verdict = await self.gate.watch(runner, baseline, lambda: slot.runner is runner)
+        monitors = self.loader.drift
+        drift = None if monitors is None else monitors.get(slot.name)
+        verdict = await self.gate.watch(runner, baseline, lambda: slot.runner is runner, drift)
         record["health"] = verdict.fields()
         if verdict.healthy:
             return
@@ -274,6 +277,14 @@ class Installer(Verifying[Plan]):
             golden, pipeline, model = manifest.golden, manifest.pipeline, manifest.model
             if golden is not None:  # where a swap looks for them: beside the model file
                 (staging / golden.path).rename((staging / model.path).with_suffix(".golden.npz"))
+            reference = manifest.reference
+            if reference is not None:  # where the drift monitor looks: beside the model file
+                shipped_reference = (staging / model.path).with_suffix(".reference.json")
+                (staging / reference.path).rename(shipped_reference)
+                try:
+                    Reference.load(shipped_reference)
+                except ValueError as exc:
+                    raise BadBundle(f"the bundle's drift reference is not valid: {exc}") from None
             if pipeline is not None:  # checked now: a bad one is the bundle's fault
                 shipped = pipeline_path(str(staging / model.path))
                 (staging / pipeline.path).rename(shipped)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 from edged.control.ops import (
     canary,
     cancel,
+    capture,
     collections,
     config,
     describe,
@@ -62,6 +63,7 @@ CONTROL_OPS: dict[str, Op[ControlService, Any]] = {
     "install": install.OP,
     "collections": collections.OP,
     "drift": drift.OP,
+    "capture": capture.OP,
     "upload": upload.OP,
     "cancel": cancel.OP,
     "ping": ping.OP,
