@@ -163,7 +163,7 @@ class DriftOptions:
     #: the fraction of requests profiled
     sample: float = field(default=1.0, metadata={"min": 0.0})
     #: profiled requests a second at most, beyond which requests are sampled less; 0: no cap
-    max_per_s: float = _at_least(200.0, 0.0)
+    max_per_s: float = _at_least(50.0, 0.0)
     #: a version's reference when its bundle shipped none: "traffic" (its first
     #: ``reference_size`` observations) or "golden" (its golden vectors)
     reference: str = _choice("traffic", "traffic", "golden")

@@ -186,7 +186,7 @@ def test_window_scores_follow_a_shift_and_stay_low_without_one() -> None:
         for _ in range(50):
             values = rng.standard_normal((10, 4))
             values[:, 1] += shift
-            window.add([(names, values)], 10)
+            window.add(names, values)
         scores = window.scores()
         assert window.full and (scores.ks[1] > limit) == flagged, scores.ks
         assert (scores.ks[[0, 2, 3]] < limit).all()

@@ -4,8 +4,8 @@ reference of the version that served them.
 A runner hands each reply's inputs and outputs to the hook ``profiler`` made for it, on the
 event loop, which only samples (``sample``, at most ``max_per_s`` a second) and queues them:
 the features, the histograms and the alarms are computed on the monitor's own thread, and a
-full queue drops the sample (counted) rather than slow a request. Arrays are held, not copied, until profiled: a
-region's frame the client rewrites meanwhile is profiled as it is then.
+full queue drops the sample (counted) rather than slow a request. Arrays are held, not copied,
+until profiled: a region's frame the client rewrites meanwhile is profiled as it is then.
 
 Each version has a reference (shipped in its bundle, saved from an earlier run, made from its
 golden vectors, or captured from its first requests and saved) and a sliding window. Alarms,
@@ -56,6 +56,31 @@ class Tensors:
     layouts: dict[str, Layout]
 
 
+class Runs:
+    """How many times in a row each feature had its last value (a stuck sensor's sign)."""
+
+    def __init__(self) -> None:
+        self.names: tuple[str, ...] = ()
+        self._last = np.empty(0)
+        self._count = np.empty(0, np.int64)
+
+    def add(self, names: tuple[str, ...], values: Array) -> None:
+        if names != self.names:  # another layout: start again
+            self.names = names
+            self._last = np.full(len(names), np.nan)
+            self._count = np.zeros(len(names), np.int64)
+        for row in values:
+            same = row == self._last
+            self._count = np.where(same, self._count + 1, 1)
+            self._last = row
+
+    def longer_than(self, count: int) -> list[str]:
+        return [self.names[i] for i in np.flatnonzero(self._count > count)]
+
+    def of(self, name: str) -> int:
+        return int(self._count[self.names.index(name)]) if name in self.names else 0
+
+
 @dataclass
 class VersionProfile:
     version: int
@@ -66,13 +91,18 @@ class VersionProfile:
     gathered_rows: int = 0
     window: Window | None = None
     scores: Scores | None = None
+    #: the features whose scores are over a threshold, the worst first
+    drifted: tuple[str, ...] = ()
     #: each feature's side: "input" or "output"
     sides: dict[str, str] = field(default_factory=dict)
-    #: the recent requests' (rows, non-finite values per feature, values out of range)
+    #: the recent requests' (rows, non-finite values per feature, values out of range), and
+    #: their sums (kept as they come and go: an alarm check must not walk the window)
     recent: deque[tuple[int, Counter[str], int]] = field(default_factory=deque)
     recent_rows: int = 0
+    recent_nonfinite: Counter[str] = field(default_factory=Counter)
+    recent_outside: int = 0
     #: per feature: its last value and how many times in a row it had it
-    runs: dict[str, tuple[float, int]] = field(default_factory=dict)
+    runs: Runs = field(default_factory=Runs)
     nonfinite_total: int = 0
     out_of_range_total: int = 0
     profiled: int = 0
@@ -113,8 +143,8 @@ class DriftMonitor:
             queue.SimpleQueue()
         )
         self._thread: threading.Thread | None = None
-        self._allowance = options.max_per_s
-        self._last_offer = time.monotonic()
+        #: when the next request may be profiled (``_sampled``), on ``time.monotonic()``
+        self._next_at = 0.0
         self._warned: dict[str, float] = {}
         self.dropped = 0
         #: recent requests kept on disk for retraining (``capture_mb``); ``None``: off
@@ -139,18 +169,19 @@ class DriftMonitor:
         return offer
 
     def _sampled(self) -> bool:
+        """Whether to profile this request: each with the chance ``sample``, and at most
+        ``max_per_s`` a second: after a profile, the next waits a random time (exponential,
+        ``1 / max_per_s`` on average), so a busy model is sampled at random rather than every
+        n-th request (a pattern that can beat with the traffic's) and with no burst after an
+        idle spell."""
         options = self.options
         if options.sample < 1 and random.random() >= options.sample:
             return False
         if options.max_per_s:
             now = time.monotonic()
-            self._allowance = min(
-                options.max_per_s, self._allowance + (now - self._last_offer) * options.max_per_s
-            )
-            self._last_offer = now
-            if self._allowance < 1:
+            if now < self._next_at:
                 return False
-            self._allowance -= 1
+            self._next_at = now + random.expovariate(options.max_per_s)
         if self._queue.qsize() >= MAX_PENDING:
             self.dropped += 1
             return False
@@ -257,27 +288,30 @@ class DriftMonitor:
                     observed.append(part)
                     if part.names[0] not in profile.sides:
                         profile.sides.update(dict.fromkeys(part.names, side))
-        rows = max((len(part.values) for part in observed), default=0)
-        parts = [(part.names, part.values) for part in observed]
+        names, values = _side_by_side(observed)
+        rows = len(values)
         nonfinite: Counter[str] = Counter()
         for part in observed:
+            if not part.nonfinite.any():
+                continue
             for index in np.flatnonzero(part.nonfinite):
                 nonfinite[part.names[index]] += int(part.nonfinite[index])
         outside = out_of_range(inputs, self.options.ranges) if self.options.ranges else 0
         with self._lock:
             profile.profiled += 1
             self._recent(profile, rows, nonfinite, outside)
-            self._runs(profile, parts)
+            profile.runs.add(names, values)
             if profile.versus is not None:
-                profile.versus[1].add(parts, rows)
+                profile.versus[1].add(names, values)
             if profile.reference is None:
-                self._gather(profile, parts, rows)
+                self._gather(profile, names, values)
             elif (
                 profile.window is not None
-                and profile.window.add(parts, rows)
+                and profile.window.add(names, values)
                 and profile.window.full
             ):
                 profile.scores = profile.window.scores()
+                profile.drifted = self._drifted(profile.scores, profile.window.reference_count)
             alarms = self._alarms(profile)
         self._announce(profile, alarms)
         if self.capture is not None and (
@@ -292,31 +326,24 @@ class DriftMonitor:
     ) -> None:
         profile.recent.append((rows, nonfinite, outside))
         profile.recent_rows += rows
+        profile.recent_outside += outside
         profile.nonfinite_total += sum(nonfinite.values())
         profile.out_of_range_total += outside
+        if nonfinite:
+            profile.recent_nonfinite.update(nonfinite)
         while len(profile.recent) > 1 and profile.recent_rows > self.options.window:
-            profile.recent_rows -= profile.recent.popleft()[0]
+            gone_rows, gone_nonfinite, gone_outside = profile.recent.popleft()
+            profile.recent_rows -= gone_rows
+            profile.recent_outside -= gone_outside
+            if gone_nonfinite:
+                profile.recent_nonfinite.subtract(gone_nonfinite)
+                profile.recent_nonfinite = +profile.recent_nonfinite  # drop the zeros
 
-    def _runs(self, profile: VersionProfile, parts: list[tuple[tuple[str, ...], Array]]) -> None:
-        runs = profile.runs
-        for names, values in parts:
-            for column, name in enumerate(names):
-                last, count = runs.get(name, (np.nan, 0))
-                for value in values[:, column].tolist():
-                    if value == last:
-                        count += 1
-                    else:
-                        last, count = value, 1
-                runs[name] = (last, count)
-
-    def _gather(
-        self, profile: VersionProfile, parts: list[tuple[tuple[str, ...], Array]], rows: int
-    ) -> None:
-        layout = tuple(name for names, _ in parts for name in names)
-        if profile.gathered and layout != profile.gathered[0][0]:
+    def _gather(self, profile: VersionProfile, names: tuple[str, ...], values: Array) -> None:
+        if profile.gathered and names != profile.gathered[0][0]:
             return  # another layout than the first request's (a dynamic axis): not comparable
-        profile.gathered.append((layout, np.concatenate([v for _, v in parts], axis=1)))
-        profile.gathered_rows += rows
+        profile.gathered.append((names, values))
+        profile.gathered_rows += len(values)
         if profile.gathered_rows < self.options.reference_size:
             return
         names = profile.gathered[0][0]
@@ -336,29 +363,29 @@ class DriftMonitor:
             extra=log_fields(model=self.name, version=profile.version),
         )
 
+    def _drifted(self, scores: Scores, reference: int) -> tuple[str, ...]:
+        """The features over a threshold, the worst (by KS) first."""
+        options = self.options
+        ks_limit = options.ks_threshold or ks_critical(options.window, reference)
+        psi = psi_limit(options.psi_threshold, options.window, reference, options.bins)
+        over = (scores.ks > ks_limit) | (scores.psi > psi)
+        order = np.argsort(-scores.ks[over], kind="stable")
+        return tuple(np.array(scores.names)[over][order].tolist())
+
     def _alarms(self, profile: VersionProfile) -> dict[str, tuple[str, ...]]:
         options = self.options
         found: dict[str, tuple[str, ...]] = {}
-        scores, reference = profile.scores, profile.reference
-        if scores is not None and reference is not None:
-            ks_limit = options.ks_threshold or ks_critical(options.window, reference.count)
-            psi = psi_limit(options.psi_threshold, options.window, reference.count, options.bins)
-            over = (scores.ks > ks_limit) | (scores.psi > psi)
-            if over.any():
-                order = np.argsort(-scores.ks[over], kind="stable")
-                found["drift"] = tuple(np.array(scores.names)[over][order].tolist())
-        nonfinite: Counter[str] = Counter()
-        for _, counts, _ in profile.recent:
-            nonfinite.update(counts)
-        if nonfinite:
-            found["nonfinite"] = tuple(name for name, _ in nonfinite.most_common())
-        if any(outside for _, _, outside in profile.recent):
+        reference = profile.reference
+        if profile.drifted:
+            found["drift"] = profile.drifted
+        if profile.recent_nonfinite:
+            found["nonfinite"] = tuple(n for n, _ in profile.recent_nonfinite.most_common())
+        if profile.recent_outside:
             found["range"] = tuple(sorted(options.ranges))
         stuck = [
             name
-            for name, (_, count) in profile.runs.items()
-            if count >= options.stuck_after
-            and (
+            for name in profile.runs.longer_than(options.stuck_after - 1)
+            if (
                 reference is None
                 or name not in reference.features
                 or reference.features[name].std > 0
@@ -460,7 +487,7 @@ class DriftMonitor:
                     "mean": float(scores.mean[i]),
                     "reference_mean": reference.features[name].mean,
                     "reference_std": reference.features[name].std,
-                    "run": profile.runs.get(name, (0.0, 0))[1],
+                    "run": profile.runs.of(name),
                 }
                 for i, name in enumerate(scores.names)
             ]
@@ -497,6 +524,23 @@ class DriftMonitor:
         """A line for ``edgectl models``: the state, the worst feature and the alarms."""
         report = self.report()
         return {key: report[key] for key in ("state", "worst", "alarms") if key in report}
+
+
+def _side_by_side(observed: list[Observed]) -> tuple[tuple[str, ...], Array]:
+    """Every tensor's features as one matrix [rows, features]; a tensor with fewer rows than
+    the others (one not batched) is NaN below them, as a value not observed."""
+    names = tuple(name for part in observed for name in part.names)
+    rows = max((len(part.values) for part in observed), default=0)
+    if all(len(part.values) == rows for part in observed):
+        return names, np.hstack([part.values for part in observed]) if observed else np.empty(
+            (0, 0)
+        )
+    values = np.full((rows, len(names)), np.nan)
+    column = 0
+    for part in observed:
+        values[: len(part.values), column : column + len(part.names)] = part.values
+        column += len(part.names)
+    return names, values
 
 
 class DriftMonitors:

@@ -11,7 +11,6 @@ reference's and the window's shares compared bin by bin) and the Kolmogorov-Smir
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,21 +74,20 @@ class Window:
         self._chunks_filled = 0
         self._columns: dict[tuple[str, ...], tuple[Array, Array]] = {}
 
-    def add(self, parts: Sequence[tuple[tuple[str, ...], Array]], rows: int) -> bool:
-        """Bin one request's observations: per tensor, its features' names and values [rows,
-        features] (``rows`` of them); whether a chunk filled (the scores moved)."""
-        for names, values in parts:
-            observed, ours = self._align(names)
-            if not len(ours) or not len(values):
-                continue
+    def add(self, names: tuple[str, ...], values: Array) -> bool:
+        """Bin one request's observations ``values`` [rows, features named ``names``] (NaN:
+        not observed); whether a chunk filled (the scores moved)."""
+        observed, ours = self._align(names)
+        if len(ours) and len(values):
             picked = values[:, observed]
             finite = ~np.isnan(picked)
-            bins = (self._edges[ours][None] <= np.nan_to_num(picked)[:, :, None]).sum(axis=2)
+            known = np.where(finite, picked, 0.0)
+            bins = (self._edges[ours][None] <= known[:, :, None]).sum(axis=2)
             flat = (ours[None, :] * self._counts.shape[2] + bins)[finite]
             chunk = self._counts[self._chunk].reshape(-1)
             chunk += np.bincount(flat, minlength=chunk.size)
-            self._sums[self._chunk, ours] += np.where(finite, picked, 0).sum(axis=0)
-        self._rows_in_chunk += rows
+            self._sums[self._chunk, ours] += known.sum(axis=0)
+        self._rows_in_chunk += len(values)
         if self._rows_in_chunk < self._chunk_rows:
             return False
         self._total += self._counts[self._chunk]
