@@ -18,7 +18,7 @@ from edged.drift.reference import Reference
 from edged.drift.window import Window, ks_critical
 from edged.errors import ConfigError
 from edged.testing import DaemonProcess
-from tests.conftest import DaemonFactory, edgectl_json
+from tests.conftest import DaemonFactory, edgectl_json, store_versions
 from tests.models import build_wide_model
 from tests.test_metrics import samples
 
@@ -191,3 +191,23 @@ def test_window_scores_follow_a_shift_and_stay_low_without_one() -> None:
         assert window.full and (scores.ks[1] > limit) == flagged, scores.ks
         assert (scores.ks[[0, 2, 3]] < limit).all()
     assert scores.mean[1] == pytest.approx(0.5, abs=0.15)
+
+
+def test_a_reference_made_from_golden_vectors_watches_from_the_first_request(
+    start_daemon: DaemonFactory, tmp_path: Path
+) -> None:
+    import onnxruntime as ort
+
+    model = build_wide_model(tmp_path / "wide.onnx", WIDTH, 1)
+    x = np.random.default_rng(4).standard_normal((300, WIDTH)).astype(np.float32)
+    y = ort.InferenceSession(str(model)).run(None, {"x": x})[0]
+    golden = tmp_path / "wide.golden.npz"
+    np.savez(golden, **{"input.x": x, "output.y": y})
+    workdir = tmp_path / "d"
+    store_versions(workdir, "m", [model], **{model.name: golden})
+    drift = DRIFT | {"reference": "golden"}
+    daemon = start_daemon({"models": {"m": {"preload": True, "drift": drift}}}, workdir=workdir)
+    send(daemon, 1, seed=1)
+    found = report(daemon, 1)
+    assert found["reference"]["source"] == "golden" and found["reference"]["observations"] == 300
+    assert found["state"] == "filling the window"
