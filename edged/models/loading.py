@@ -42,10 +42,13 @@ class BackendKind:
     estimate: Callable[[ModelConfig], int]
     #: the loaded model (blocking), given a directory for what it may cache across loads
     load: Callable[[ModelConfig, Path], Any]
-    #: what schedules requests on it
-    runner: Callable[[str, int, Any, ModelConfig, asyncio.AbstractEventLoop], Runner]
+    #: what schedules requests on it: (name, version, backend, config, loop), and for a kind
+    #: with ``layouts``, ``profile=`` the drift monitor's hook
+    runner: Callable[..., Runner]
     #: the runtime's one-time start-up (blocking), run before the kind's first measured load
     prime: Callable[[], None] = lambda: None
+    #: a loaded model's tensors as drift monitoring sees them; ``None``: not monitored
+    layouts: Callable[[Any], dict[str, Layout]] | None = None
 
 
 BACKENDS: dict[str, BackendKind] = {
@@ -56,6 +59,10 @@ BACKENDS: dict[str, BackendKind] = {
         ),
         runner=ModelRunner,
         prime=OnnxBackend.prime,
+        layouts=lambda backend: {
+            tensor.name: Layout.of(tensor.shape)
+            for tensor in backend.signature.inputs + backend.signature.outputs
+        },
     ),
     "gguf": BackendKind(
         estimate=lambda config: GgufBackend.estimate(Path(config.path), config.gguf),
@@ -107,15 +114,13 @@ class ModelLoader:
             backend = await in_fresh_thread(_open_backend, name, spec.config, self.cache_dir)
             measured = footprint() - before
             budget.charge(name, spec.version, estimate, measured)
-        runner = kind.runner(name, spec.version, backend, spec.config, asyncio.get_running_loop())
-        drift = spec.config.drift
-        if drift is not None and self.drift is not None and isinstance(runner, ModelRunner):
-            layouts = {
-                tensor.name: Layout.of(tensor.shape)
-                for tensor in backend.signature.inputs + backend.signature.outputs
-            }
+        drift, extra = spec.config.drift, {}
+        if drift is not None and self.drift is not None and kind.layouts is not None:
             monitor = self.drift.monitor(name, drift)
-            runner.profile = monitor.profiler(spec.version, spec.config.path, Tensors(layouts))
+            tensors = Tensors(kind.layouts(backend))
+            extra["profile"] = monitor.profiler(spec.version, spec.config.path, tensors)
+        loop = asyncio.get_running_loop()
+        runner = kind.runner(name, spec.version, backend, spec.config, loop, **extra)
         runner.start()
         fields = log_fields(model=name, version=spec.version)
         log.info("model %s version %d loaded", name, spec.version, extra=fields)

@@ -253,6 +253,8 @@ class ModelRunner:
         backend: Backend,
         config: ModelConfig,
         loop: asyncio.AbstractEventLoop,
+        *,
+        profile: Callable[[Arrays, Outputs], None] | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -277,7 +279,7 @@ class ModelRunner:
         self._counters = _Counters()
         self.latency = RequestLatency()
         #: sees each reply's inputs and outputs (drift monitoring, ``edged.drift``), if set
-        self.profile: Callable[[Arrays, Outputs], None] | None = None
+        self.profile = profile
 
     def start(self) -> None:
         self._thread.start()
