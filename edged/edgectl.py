@@ -22,10 +22,10 @@ from edged.client import Client, CurveKeys
 from edged.control.ops import CONTROL_OPS
 from edged.control.ops.install import DOWNGRADE_ARG
 from edged.control.ops.logs import log_line
-from edged.errors import ClientTimeout, ConfigError, EdgedError
+from edged.errors import ConfigError, EdgedError
 from edged.opunit import Arg
 from edged.paths import default_control_endpoint
-from edged.store import sha256_of
+from edged.pushing import PROBE_EVERY_S, push
 
 EXIT_FAILURE = 1
 DEFAULT_TIMEOUT_S = 5.0
@@ -34,11 +34,6 @@ LONG_TIMEOUT_S = 300.0
 HEADER = ("v", "id", "ok", "trace")
 #: the control ops that are commands, in the registry's order
 COMMANDS = {name: op for name, op in CONTROL_OPS.items() if op.help}
-#: ``push``: new connections tried after a lost one, each resuming the upload
-PUSH_RETRIES = 5
-#: while waiting for a long command's reply, ping the daemon this often (seconds) on a fresh
-#: connection, so that one that died mid-install is reported at once, not after LONG_TIMEOUT_S
-PROBE_EVERY_S = 2.0
 
 
 @quiet_broken_pipe
@@ -165,64 +160,15 @@ def _run(client: Client, args: argparse.Namespace) -> dict[str, Any]:
     wait = {"timeout": timeout, "probe_every": PROBE_EVERY_S if op.long_running else None}
     fields = {key: getattr(args, key) for key in args.wire_keys}
     if args.command == "push":
-        fields["upload"] = _push(client, args, timeout)
+        fields["upload"] = push(
+            client,
+            Path(args.bundle),
+            chunk_bytes=args.chunk_kib * 1024,
+            timeout=args.timeout,
+            patience=timeout,
+        )
     given = {key: value for key, value in fields.items() if value is not False}
     return client.command(op.name, **given, **wait)
-
-
-def _push(client: Client, args: argparse.Namespace, patience: float) -> str:
-    """Upload the bundle, resuming where the daemon's copy ends after a lost connection (the
-    client reconnects after a timeout); returns its sha256, which names the upload."""
-    bundle = Path(args.bundle)
-    try:
-        sha256, size = sha256_of(bundle), bundle.stat().st_size
-    except OSError as exc:
-        raise EdgedError(f"cannot read the bundle: {exc}") from None
-    retries = 0
-    while True:
-        try:
-            client.command("ping")  # a daemon still down is found within --timeout
-            _send_rest(client, bundle, sha256, size, args=args, patience=patience)
-            return sha256
-        except ClientTimeout as exc:
-            retries += 1
-            if retries > PUSH_RETRIES:
-                raise
-            print(f"edgectl: {exc}; resuming the upload", file=sys.stderr)
-
-
-def _send_rest(
-    client: Client,
-    bundle: Path,
-    sha256: str,
-    size: int,
-    *,
-    args: argparse.Namespace,
-    patience: float,
-) -> None:
-    """Ask the daemon how much of the bundle it has, then send the rest a chunk at a time. A
-    request that may complete the upload (the question, the last chunk) waits ``patience``:
-    its reply comes once the daemon has verified the whole bundle."""
-    progress = client.command(
-        "upload", sha256=sha256, size=size, timeout=patience, probe_every=PROBE_EVERY_S
-    )
-    with bundle.open("rb") as data:
-        data.seek(progress["received"])
-        while not progress["complete"]:
-            offset = progress["received"]
-            piece = data.read(args.chunk_kib * 1024)
-            if not piece:
-                raise EdgedError(f"{bundle} changed while it was sent: push it again")
-            last = offset + len(piece) >= size
-            progress = client.command(
-                "upload",
-                sha256=sha256,
-                size=size,
-                offset=offset,
-                data=piece,
-                timeout=patience if last else args.timeout,
-                probe_every=PROBE_EVERY_S if last else None,
-            )
 
 
 def _logs(client: Client, args: argparse.Namespace) -> int:

@@ -36,7 +36,17 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edged.steps",
         ),
     ),
-    ("client", ("edged.reach", "edged.shm", "edged.client", "edged.vectors", "edged.testing")),
+    (
+        "client",
+        (
+            "edged.reach",
+            "edged.shm",
+            "edged.client",
+            "edged.vectors",
+            "edged.pushing",
+            "edged.testing",
+        ),
+    ),
     ("models", ("edged.models", "edged.drift")),
     (
         "serving",
@@ -55,7 +65,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("operations", ("edged.control",)),
     ("lifecycle", ("edged.daemon",)),
-    ("entry points", ("edged.cli", "edged.edgectl", "edged.__main__")),
+    ("entry points", ("edged.cli", "edged.edgectl", "edged.mender_module", "edged.__main__")),
 ]
 #: what the client side may import: a sensor process never loads the daemon's code
 CLIENT_MAY_IMPORT = {"basics", "client"}
