@@ -360,6 +360,12 @@ fi
 install -d -m 0755 "$DESTDIR/usr/local/bin"
 ln -sfn "$PREFIX/bin/edged" "$DESTDIR/usr/local/bin/edged"
 ln -sfn "$PREFIX/bin/edgectl" "$DESTDIR/usr/local/bin/edgectl"
+# Mender's update module for edged bundles, where the Mender client looks for update modules
+# (docs/OTA.md#mender); harmless on a device without Mender
+install -d -m 0755 "$DESTDIR/usr/share/mender/modules/v3"
+printf '#!/bin/sh\nexec %s/bin/python -m edged.mender_module "$@"\n' "$PREFIX" \
+    >"$DESTDIR/usr/share/mender/modules/v3/edged-bundle"
+chmod 0755 "$DESTDIR/usr/share/mender/modules/v3/edged-bundle"
 
 if [[ -n $DESTDIR ]]; then
     say "staged under $DESTDIR; on the device, after copying it to /:"
