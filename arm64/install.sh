@@ -345,6 +345,9 @@ chmod -R a+rX "$VENV"
 
 say "systemd files"
 install -D -m 0644 "$SRC/systemd/edged.service" "$DESTDIR/usr/local/lib/systemd/system/edged.service"
+for unit in edged-textfile.service edged-textfile.timer; do  # off until enabled
+    install -D -m 0644 "$SRC/systemd/$unit" "$DESTDIR/usr/local/lib/systemd/system/$unit"
+done
 install -D -m 0644 "$SRC/systemd/edged.sysusers" "$DESTDIR/usr/local/lib/sysusers.d/edged.conf"
 install -D -m 0644 "$SRC/systemd/edged.tmpfiles" "$DESTDIR/usr/local/lib/tmpfiles.d/edged.conf"
 install -d -m 0755 "$DESTDIR/etc/edged"

@@ -26,6 +26,7 @@ from edged.errors import ConfigError, EdgedError
 from edged.opunit import Arg
 from edged.paths import default_control_endpoint
 from edged.pushing import PROBE_EVERY_S, push
+from edged.textfile import textfile, write
 
 EXIT_FAILURE = 1
 DEFAULT_TIMEOUT_S = 5.0
@@ -47,6 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "keys":
         return _keys(args)
     endpoint, curve = _connection(parser, args)
+    if args.command == "textfile":
+        return _textfile(endpoint, curve, args)
     try:
         with Client(endpoint, timeout=args.timeout, curve=curve) as client:
             client.command("ping")  # a daemon that is down is reported within --timeout
@@ -59,6 +62,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     _print(args, reply)
     return EXIT_FAILURE if _partly_failed(args.command, reply) else 0
+
+
+def _textfile(endpoint: str, curve: CurveKeys | None, args: argparse.Namespace) -> int:
+    """Write the metrics file; a daemon that does not answer is written down as such (and is
+    the command's failure)."""
+    try:
+        with Client(endpoint, timeout=args.timeout, curve=curve) as client:
+            exposition: str | None = client.command("metrics")["text"]
+    except EdgedError as exc:
+        print(f"edgectl: {exc}; writing edged_up 0", file=sys.stderr)
+        exposition = None
+    write(Path(args.path), textfile(exposition))
+    return 0 if exposition is not None else EXIT_FAILURE
 
 
 def _partly_failed(command: str, reply: dict[str, Any]) -> bool:
@@ -88,6 +104,12 @@ def _parser() -> argparse.ArgumentParser:
         "--chunk-kib", type=int, default=1024, help="KiB per upload message (default 1024)"
     )
     _arguments(push, (DOWNGRADE_ARG,))
+    textfile = command(
+        "textfile",
+        "write the metrics for node_exporter's textfile collector (edged_up 0 if no answer)",
+    )
+    textfile.add_argument("path", help="the .prom file, in the collector's directory")
+    _arguments(textfile, ())
     keys = command("keys", "make a CurveZMQ key pair for remote control")
     keys.add_argument(
         "action",

@@ -44,6 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "edged.client",
             "edged.vectors",
             "edged.pushing",
+            "edged.textfile",
             "edged.testing",
         ),
     ),
