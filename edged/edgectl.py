@@ -26,7 +26,8 @@ from edged.errors import ConfigError, EdgedError
 from edged.opunit import Arg
 from edged.paths import default_control_endpoint
 from edged.pushing import PROBE_EVERY_S, push
-from edged.textfile import textfile, write
+from edged.store import write_durably
+from edged.textfile import textfile
 
 EXIT_FAILURE = 1
 DEFAULT_TIMEOUT_S = 5.0
@@ -73,7 +74,7 @@ def _textfile(endpoint: str, curve: CurveKeys | None, args: argparse.Namespace) 
     except EdgedError as exc:
         print(f"edgectl: {exc}; writing edged_up 0", file=sys.stderr)
         exposition = None
-    write(Path(args.path), textfile(exposition))
+    write_durably(Path(args.path), textfile(exposition))
     return 0 if exposition is not None else EXIT_FAILURE
 
 

@@ -6,15 +6,14 @@ scrape or one agent's remote write that buffers while the device is offline
 node_exporter refuses a textfile metric that collides with one of its own, and it exports its
 own ``process_*`` metrics: the daemon's are renamed ``edged_process_*``. ``edged_up`` says
 whether the daemon answered: a file written while it was down holds that alone, rather than the
-last figures, which would look current. The file is written aside and renamed, so the collector
-never reads half of one.
+last figures, which would look current. The file is replaced in one step
+(``edged.store.write_durably``: its temporary name does not end in .prom), so the collector never
+reads half of one.
 """
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 
 #: the families node_exporter exports under the same names
 _COLLIDING = re.compile(r"^(# (?:HELP|TYPE) )?(process_)", re.MULTILINE)
@@ -28,13 +27,3 @@ def textfile(exposition: str | None) -> str:
         return f"{UP}edged_up 0\n"
     renamed = _COLLIDING.sub(r"\1edged_\2", exposition)
     return f"{renamed.rstrip()}\n{UP}edged_up 1\n"
-
-
-def write(path: Path, contents: str) -> None:
-    """Replace ``path`` in one step (a name that does not end in .prom until it is whole)."""
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("w") as out:
-        out.write(contents)
-        out.flush()
-        os.fsync(out.fileno())
-    partial.replace(path)
