@@ -13,9 +13,9 @@ PYTHON310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10
 PORTABLE310 := build/python3.10
 # Debian/Ubuntu packages the build and tests need: libsystemd's headers for systemd-python,
 # systemd-analyze for the unit's tests, libzmq and msgpack-c for the C client example, Mender's
-# client and artifact tool for the update module's tests, node_exporter for the textfile's
+# client and artifact tool for the update module's tests, node_exporter and swupdate for theirs
 SYSTEM_PACKAGES := libsystemd-dev pkg-config gcc make systemd libzmq3-dev libmsgpack-dev \
-	mender-client mender-artifact prometheus-node-exporter
+	mender-client mender-artifact prometheus-node-exporter swupdate
 # llama.cpp builds for the build machine's CPU by default (-march=native); a CPU that advertises
 # AMX or AVX-512 inside a VM that does not enable them then dies on SIGILL at the first decode.
 # On x86-64 build for AVX2/FMA/F16C instead (every x86-64 CPU of the last decade); elsewhere keep
@@ -35,7 +35,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	@if ! pkg-config --exists libsystemd libzmq msgpack 2>/dev/null || \
 		! command -v systemd-analyze >/dev/null || ! command -v mender-artifact >/dev/null || \
-		! command -v prometheus-node-exporter >/dev/null; then \
+		! command -v prometheus-node-exporter >/dev/null || ! command -v swupdate >/dev/null; then \
 		apt-get update && apt-get install -y --no-install-recommends $(SYSTEM_PACKAGES); fi
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/pip install -q -e '.[dev,gguf,systemd]'
 	# test-only: silero-vad ships real ONNX models; its torch dependency is not needed for them

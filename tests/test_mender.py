@@ -14,21 +14,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 
 from edged.faults import ENV
-from edged.ota import bundle
 from edged.testing import DaemonProcess
-from tests.bundles import calling, history, signing_keys
-from tests.conftest import DaemonFactory, store_versions
-from tests.models import SLOW_WIDTH, build_slow_model
+from tests.bundles import history
+from tests.conftest import DaemonFactory
+from tests.fleet import Device, serving, traffic
 
 MODULES = Path("/usr/share/mender/modules/v3")
 DEVICE = "edged-test"
-X = np.ones((1, SLOW_WIDTH), np.float32)
 
 pytestmark = pytest.mark.skipif(
     not (shutil.which("mender") and shutil.which("mender-artifact") and MODULES.is_dir())
@@ -103,51 +99,20 @@ def artifact(tmp_path: Path, source: Path, name: str) -> Path:
     return out
 
 
-class Device:
-    """A daemon serving "m" version 1 (a small model of ``build_slow_model``), trusting the
-    test's keys, and the device's Mender client; ``env`` goes to the daemon."""
-
-    def __init__(
-        self, start_daemon: DaemonFactory, tmp_path: Path, env: dict[str, str] | None = None
-    ) -> None:
-        self.tmp = tmp_path
-        self.keys = signing_keys(tmp_path)
-        store_versions(tmp_path / "d", "m", [build_slow_model(tmp_path / "v1.onnx", layers=1)])
-        ota = {
-            "trusted_keys": str(self.keys["trusted"]),
-            "health_window_s": 2.0,
-            "health_min_requests": 5,
-        }
-        self.config = {"ota": ota, "models": {"m": {"preload": True}}}
-        self.daemon = start_daemon(self.config, workdir=tmp_path / "d", env=env)
-        self.mender = Mender(tmp_path / "mender", self.daemon)
-
-    def update(self, version: int, layers: int, key: str = "private") -> Path:
-        """The Mender Artifact of a bundle of "m" ``version`` (``layers`` deep), signed by
-        ``key``."""
-        model = build_slow_model(self.tmp / f"v{version}-{layers}.onnx", layers=layers)
-        signed = self.tmp / f"m-{version}-{layers}-{key}.bundle"
-        bundle.build(signed, "m", version, model)
-        bundle.sign(signed, self.keys[key])
-        return artifact(self.tmp, signed, f"edged-m-{version}-{layers}-{key}")
-
-
-def serving(daemon: DaemonProcess) -> int:
-    with daemon.client() as client:
-        return client.infer("m", {"x": X}).version
-
-
-def traffic(daemon: DaemonProcess) -> Any:
-    return calling(daemon, lambda client: client.infer("m", {"x": X}).version)
+def update(device: Device, version: int, layers: int, key: str = "private") -> Path:
+    """The Mender Artifact of ``device.bundle``."""
+    return artifact(
+        device.tmp, device.bundle(version, layers, key), f"edged-m-{version}-{layers}-{key}"
+    )
 
 
 def test_mender_installs_an_edged_bundle_and_commits_it(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
     device = Device(start_daemon, tmp_path)
-    daemon, mender = device.daemon, device.mender
+    daemon, mender = device.daemon, Mender(tmp_path / "mender", device.daemon)
     with traffic(daemon) as tally:
-        done = mender.run("install", str(device.update(2, layers=2)))
+        done = mender.run("install", str(update(device, 2, layers=2)))
         assert done.returncode == 0, done.stderr
         assert serving(daemon) == 2  # installed, past edged's health gate
         committed = mender.run("commit")
@@ -156,7 +121,7 @@ def test_mender_installs_an_edged_bundle_and_commits_it(
     assert mender.artifact() == "edged-m-2-2-private"
     assert history(daemon)[-1]["outcome"] == "installed"
     # a second update, rolled back by Mender after its install: edged's rollback
-    assert mender.run("install", str(device.update(3, layers=3))).returncode == 0
+    assert mender.run("install", str(update(device, 3, layers=3))).returncode == 0
     assert serving(daemon) == 3
     rolled = mender.run("rollback")
     assert rolled.returncode == 0, rolled.stderr
@@ -167,8 +132,8 @@ def test_a_bundle_failing_the_health_gate_fails_the_mender_install(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
     device = Device(start_daemon, tmp_path)
-    daemon, mender = device.daemon, device.mender
-    slow = device.update(2, layers=200)
+    daemon, mender = device.daemon, Mender(tmp_path / "mender", device.daemon)
+    slow = update(device, 2, layers=200)
     with traffic(daemon) as tally:
         while 1 not in tally["seen"] or tally["requests"] < 50:  # a latency baseline
             time.sleep(0.01)
@@ -183,12 +148,12 @@ def test_tampered_artifacts_and_untrusted_bundles_are_refused(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
     device = Device(start_daemon, tmp_path)
-    daemon, mender = device.daemon, device.mender
-    untrusted = mender.run("install", str(device.update(2, layers=2, key="stranger")))
+    daemon, mender = device.daemon, Mender(tmp_path / "mender", device.daemon)
+    untrusted = mender.run("install", str(update(device, 2, layers=2, key="stranger")))
     assert untrusted.returncode != 0 and "BAD_SIGNATURE" in untrusted.stderr, untrusted.stderr
     with daemon.control() as control:
         assert control.command("history")["installs"] == []  # refused before the daemon installs
-    raw = bytearray(device.update(2, layers=2).read_bytes())
+    raw = bytearray(update(device, 2, layers=2).read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # inside the payload: its checksum in the Artifact no longer holds
     tampered = tmp_path / "tampered.mender"
     tampered.write_bytes(bytes(raw))
@@ -201,9 +166,9 @@ def test_a_power_cut_mid_install_leaves_mender_and_edged_agreeing(
     start_daemon: DaemonFactory, tmp_path: Path
 ) -> None:
     device = Device(start_daemon, tmp_path, env={ENV: "ota.gating"})
-    doomed, mender = device.daemon, device.mender
-    update = device.update(2, layers=2)
-    installing = mender.start("install", str(update))
+    doomed, mender = device.daemon, Mender(tmp_path / "mender", device.daemon)
+    second = update(device, 2, layers=2)
+    installing = mender.start("install", str(second))
     try:
         assert doomed.wait(120) == -9, doomed.log()  # the power cut: the daemon dies ...
     finally:
@@ -218,6 +183,6 @@ def test_a_power_cut_mid_install_leaves_mender_and_edged_agreeing(
     assert mender.artifact() == "factory"
     mender.run("rollback")  # settles an update Mender had in progress, if any
     assert mender.artifact() == "factory" and serving(daemon) == 1
-    assert mender.run("install", str(update)).returncode == 0  # the retry takes
+    assert mender.run("install", str(second)).returncode == 0  # the retry takes
     assert mender.run("commit").returncode == 0
     assert mender.artifact() == "edged-m-2-2-private" and serving(daemon) == 2
