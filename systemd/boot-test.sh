@@ -761,6 +761,23 @@ check_ota_inbox() {
     note="signed ota v2 through the inbox: serving v2, bundle in done/, history says installed"
 }
 
+check_fleet_agents() {
+    local usage prom status=0
+    # Mender's update module: where the client looks, running the venv's edged
+    usage=$(ct /usr/share/mender/modules/v3/edged-bundle 2>&1) || status=$?
+    [[ $status == 2 && $usage == *"usage: edged-bundle STATE FILES"* ]] ||
+        { why="the Mender module did not run: ${usage:-no output}"; return 1; }
+    # the textfile timer's service, once, into node_exporter's directory
+    try "cannot make node_exporter's textfile directory" \
+        ct mkdir -p /var/lib/prometheus/node-exporter || return 1
+    try "edged-textfile.service failed" ct systemctl start edged-textfile.service || return 1
+    prom=$(ct cat /var/lib/prometheus/node-exporter/edged.prom) ||
+        { why="edged-textfile.service wrote no edged.prom"; return 1; }
+    [[ $prom == *"edged_up 1"* && $prom == *edged_process_resident_memory_bytes* ]] ||
+        { why="edged.prom lacks edged_up 1 or the renamed process metrics"; return 1; }
+    note="the Mender module runs; edged-textfile.service wrote edged_up 1"
+}
+
 # first_record SINCE PATTERN JOURNALCTL-ARGS...: the first journal record since SINCE (epoch
 # seconds) matching PATTERN (awk), as "EPOCH.USEC host ident: message"; 1 when there is none.
 first_record() {
@@ -840,6 +857,7 @@ check watchdog-hang check_watchdog_hang
 check watchdog-blocked-loop check_watchdog_blocked_loop
 check stuck-run check_stuck_run
 check ota-inbox check_ota_inbox
+check fleet-agents check_fleet_agents
 check stop-drains check_stop
 finish checks
 begin "reboot"
