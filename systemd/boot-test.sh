@@ -773,6 +773,8 @@ check_fleet_agents() {
     try "edged-textfile.service failed" ct systemctl start edged-textfile.service || return 1
     prom=$(ct cat /var/lib/prometheus/node-exporter/edged.prom) ||
         { why="edged-textfile.service wrote no edged.prom"; return 1; }
+    echo "$prom" | grep -E '^edged_(up|process_resident)' || true
+    ct journalctl -u edged-textfile.service -o cat --no-pager | tail -3
     [[ $prom == *"edged_up 1"* && $prom == *edged_process_resident_memory_bytes* ]] ||
         { why="edged.prom lacks edged_up 1 or the renamed process metrics"; return 1; }
     note="the Mender module runs; edged-textfile.service wrote edged_up 1"
