@@ -145,6 +145,7 @@ class DriftMonitor:
         self._thread: threading.Thread | None = None
         #: when the next request may be profiled (``_sampled``), on ``time.monotonic()``
         self._next_at = 0.0
+        self._closed = False
         self._warned: dict[str, float] = {}
         self.dropped = 0
         #: recent requests kept on disk for retraining (``capture_mb``); ``None``: off
@@ -175,7 +176,7 @@ class DriftMonitor:
         n-th request (a pattern that can beat with the traffic's) and with no burst after an
         idle spell."""
         options = self.options
-        if options.sample < 1 and random.random() >= options.sample:
+        if self._closed or (options.sample < 1 and random.random() >= options.sample):
             return False
         if options.max_per_s:
             now = time.monotonic()
@@ -257,6 +258,8 @@ class DriftMonitor:
         return reference
 
     def close(self) -> None:
+        """Profile no more (a runner still retiring offers in vain), and end the thread."""
+        self._closed = True
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(5)
