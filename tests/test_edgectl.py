@@ -141,12 +141,12 @@ def test_a_public_key_as_client_key_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_every_command_comes_from_the_control_registry(capsys: pytest.CaptureFixture[str]) -> None:
     """edgectl offers each control op that has help, with the op's own arguments, and no
-    command that is not an op (besides the local push and keys)."""
+    command that is not an op (besides the local push, textfile and keys)."""
     with pytest.raises(SystemExit):
         edgectl_main(["--help"])
     listed = capsys.readouterr().out.split("{", 1)[1].split("}", 1)[0].split(",")
     commands = [name for name, op in CONTROL_OPS.items() if op.help]
-    assert listed == [*commands, "push", "keys"]
+    assert listed == [*commands, "push", "textfile", "keys"]
     for name in commands:
         with pytest.raises(SystemExit):
             edgectl_main([name, "--help"])
